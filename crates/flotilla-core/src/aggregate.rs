@@ -1,0 +1,232 @@
+//! Aggregation rules: plain functions over parameter collections.
+//!
+//! Sums run in f64 and in the order given, so the result does not depend on how many threads
+//! trained the clients (the engine sorts replies by client id before folding them).
+
+use crate::{CoreError, ParamSet, Tensor};
+
+/// One client's contribution: its parameters and its weight (usually its example count).
+#[derive(Debug, Clone, Copy)]
+pub struct Contribution<'a> {
+    /// Parameters sent by the client (possibly only a subset of the model).
+    pub params: &'a ParamSet,
+    /// Non-negative weight.
+    pub weight: f64,
+}
+
+fn check_weights(contribs: &[Contribution<'_>]) -> Result<(), CoreError> {
+    if contribs.is_empty() {
+        return Err(CoreError::Aggregation("no contribution to aggregate".into()));
+    }
+    if let Some(c) = contribs.iter().find(|c| !c.weight.is_finite() || c.weight < 0.0) {
+        return Err(CoreError::Aggregation(format!("weight {} is not a finite non-negative number", c.weight)));
+    }
+    if contribs.iter().map(|c| c.weight).sum::<f64>() <= 0.0 {
+        return Err(CoreError::Aggregation("weights sum to zero".into()));
+    }
+    Ok(())
+}
+
+/// FedAvg: Σ wᵢ xᵢ / Σ wᵢ for every tensor. All contributions must share one layout.
+pub fn weighted_mean(contribs: &[Contribution<'_>]) -> Result<ParamSet, CoreError> {
+    check_weights(contribs)?;
+    let first = contribs[0].params;
+    for c in &contribs[1..] {
+        first.check_same_layout(c.params)?;
+    }
+    let total: f64 = contribs.iter().map(|c| c.weight).sum();
+    let mut out = Vec::with_capacity(first.len());
+    for (ti, t) in first.iter().enumerate() {
+        let mut acc = vec![0f64; t.numel()];
+        for c in contribs {
+            let ct = c.params.iter().nth(ti).expect("layout checked");
+            for (a, v) in acc.iter_mut().zip(&ct.data) {
+                *a += c.weight * f64::from(*v);
+            }
+        }
+        out.push(Tensor {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+            data: acc.into_iter().map(|a| (a / total) as f32).collect(),
+        });
+    }
+    ParamSet::from_tensors(out)
+}
+
+/// How tensors that only some contributions hold are averaged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Support {
+    /// Average over every contribution; a contribution lacking a tensor counts with the
+    /// current global value (FlexTrain's rule: untrained blocks are filled with the global).
+    All,
+    /// Average each tensor only over the contributions that hold it (HeteroFL-style);
+    /// a tensor nobody holds keeps its global value.
+    Holders,
+}
+
+/// Weighted mean where contributions may hold any subset of the global tensors (same shapes).
+pub fn weighted_mean_partial(
+    global: &ParamSet,
+    contribs: &[Contribution<'_>],
+    support: Support,
+) -> Result<ParamSet, CoreError> {
+    check_weights(contribs)?;
+    for c in contribs {
+        for t in c.params.iter() {
+            let g = global.get(&t.name).ok_or_else(|| {
+                CoreError::Incompatible(format!("tensor `{}` is not part of the global model", t.name))
+            })?;
+            if g.shape != t.shape {
+                return Err(CoreError::Incompatible(format!(
+                    "tensor `{}` has shape {:?}, global has {:?}",
+                    t.name, t.shape, g.shape
+                )));
+            }
+        }
+    }
+    let mut out = global.clone();
+    for g in out.iter_mut() {
+        let mut acc = vec![0f64; g.numel()];
+        let mut total = 0.0;
+        for c in contribs {
+            match c.params.get(&g.name) {
+                Some(t) => {
+                    total += c.weight;
+                    for (a, v) in acc.iter_mut().zip(&t.data) {
+                        *a += c.weight * f64::from(*v);
+                    }
+                }
+                None if support == Support::All => {
+                    total += c.weight;
+                    for (a, v) in acc.iter_mut().zip(&g.data) {
+                        *a += c.weight * f64::from(*v);
+                    }
+                }
+                None => {}
+            }
+        }
+        if total > 0.0 {
+            for (dst, a) in g.data.iter_mut().zip(acc) {
+                *dst = (a / total) as f32;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Coordinate-wise median (robust to a minority of broken or hostile clients; ignores weights).
+pub fn coordinate_median(contribs: &[Contribution<'_>]) -> Result<ParamSet, CoreError> {
+    robust(contribs, |vals| {
+        let n = vals.len();
+        if n % 2 == 1 {
+            vals[n / 2]
+        } else {
+            0.5 * (vals[n / 2 - 1] + vals[n / 2])
+        }
+    })
+}
+
+/// Coordinate-wise trimmed mean: drops the `trim` smallest and largest values per coordinate.
+pub fn trimmed_mean(contribs: &[Contribution<'_>], trim: usize) -> Result<ParamSet, CoreError> {
+    if 2 * trim >= contribs.len() {
+        return Err(CoreError::Aggregation(format!(
+            "trimming {trim} from each side needs more than {} contributions",
+            2 * trim
+        )));
+    }
+    robust(contribs, |vals| {
+        let kept = &vals[trim..vals.len() - trim];
+        kept.iter().sum::<f32>() / kept.len() as f32
+    })
+}
+
+fn robust(contribs: &[Contribution<'_>], pick: impl Fn(&[f32]) -> f32) -> Result<ParamSet, CoreError> {
+    check_weights(contribs)?;
+    let first = contribs[0].params;
+    for c in &contribs[1..] {
+        first.check_same_layout(c.params)?;
+    }
+    let mut out = first.clone();
+    let mut column = Vec::with_capacity(contribs.len());
+    for (ti, t) in out.iter_mut().enumerate() {
+        let sources: Vec<&Tensor> = contribs.iter().map(|c| c.params.iter().nth(ti).expect("layout checked")).collect();
+        for (j, dst) in t.data.iter_mut().enumerate() {
+            column.clear();
+            column.extend(sources.iter().map(|s| s.data[j]));
+            column.sort_by(f32::total_cmp);
+            *dst = pick(&column);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(vals: &[(&str, Vec<f32>)]) -> ParamSet {
+        ParamSet::from_tensors(
+            vals.iter()
+                .map(|(n, v)| Tensor::new(*n, vec![v.len()], v.clone()).unwrap())
+                .collect(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn weighted_mean_is_exact_on_hand_made_tensors() {
+        let a = set(&[("w", vec![1.0, 2.0]), ("b", vec![0.0])]);
+        let b = set(&[("w", vec![4.0, -2.0]), ("b", vec![3.0])]);
+        let out = weighted_mean(&[
+            Contribution { params: &a, weight: 1.0 },
+            Contribution { params: &b, weight: 2.0 },
+        ])
+        .unwrap();
+        assert_eq!(out.get("w").unwrap().data, vec![3.0, -2.0 / 3.0]);
+        assert_eq!(out.get("b").unwrap().data, vec![2.0]);
+    }
+
+    #[test]
+    fn weighted_mean_rejects_bad_input() {
+        let a = set(&[("w", vec![1.0, 2.0])]);
+        let b = set(&[("w", vec![1.0])]);
+        assert!(weighted_mean(&[]).is_err());
+        assert!(weighted_mean(&[Contribution { params: &a, weight: 1.0 }, Contribution { params: &b, weight: 1.0 }]).is_err());
+        assert!(weighted_mean(&[Contribution { params: &a, weight: f64::NAN }]).is_err());
+        assert!(weighted_mean(&[Contribution { params: &a, weight: 0.0 }]).is_err());
+    }
+
+    #[test]
+    fn partial_support_rules() {
+        let global = set(&[("a", vec![10.0]), ("b", vec![10.0])]);
+        let full = set(&[("a", vec![0.0]), ("b", vec![0.0])]);
+        let shallow = set(&[("a", vec![4.0])]);
+        let c = [
+            Contribution { params: &full, weight: 1.0 },
+            Contribution { params: &shallow, weight: 1.0 },
+        ];
+        let all = weighted_mean_partial(&global, &c, Support::All).unwrap();
+        assert_eq!(all.get("a").unwrap().data, vec![2.0]);
+        assert_eq!(all.get("b").unwrap().data, vec![5.0]); // shallow client counts with global 10
+        let holders = weighted_mean_partial(&global, &c, Support::Holders).unwrap();
+        assert_eq!(holders.get("b").unwrap().data, vec![0.0]);
+        // nobody holds `b`: keeps the global value
+        let only = weighted_mean_partial(&global, &c[1..], Support::Holders).unwrap();
+        assert_eq!(only.get("b").unwrap().data, vec![10.0]);
+        // with everyone at full depth both rules equal FedAvg
+        let fedavg = weighted_mean(&[c[0], Contribution { params: &full, weight: 3.0 }]).unwrap();
+        let p = weighted_mean_partial(&global, &[c[0], Contribution { params: &full, weight: 3.0 }], Support::All).unwrap();
+        assert_eq!(fedavg, p);
+    }
+
+    #[test]
+    fn robust_rules_ignore_an_outlier() {
+        let honest: Vec<ParamSet> = (0..4).map(|i| set(&[("w", vec![i as f32])])).collect();
+        let evil = set(&[("w", vec![1e9])]);
+        let mut c: Vec<Contribution> = honest.iter().map(|p| Contribution { params: p, weight: 1.0 }).collect();
+        c.push(Contribution { params: &evil, weight: 1.0 });
+        assert_eq!(coordinate_median(&c).unwrap().get("w").unwrap().data, vec![2.0]);
+        assert_eq!(trimmed_mean(&c, 1).unwrap().get("w").unwrap().data, vec![2.0]);
+        assert!(trimmed_mean(&c, 3).is_err());
+    }
+}

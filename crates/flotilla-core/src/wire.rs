@@ -1,0 +1,492 @@
+//! Messages between the server half and the client half of a method, and their encoding.
+//!
+//! The messages are protobuf (schema in `proto/flotilla.proto`, derived here with `prost`),
+//! so the simulator measures exactly the bytes the network driver sends: the size of a
+//! message is `prost::Message::encoded_len`. Tensors travel as name + shape + dtype + encoded
+//! bytes; the encodings are:
+//! - dense: every value, f32 little-endian;
+//! - masked: only the values at the active positions of a named [`Mask`], in ascending index
+//!   order (the mask itself travels separately, and only when the receiver lacks it).
+
+use crate::{CoreError, Tensor};
+use std::collections::HashMap;
+
+/// Version of the message schema; peers with another version are refused.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Upper bound on the values of one tensor accepted from the wire (1 Gi values, 4 GiB).
+pub const MAX_TENSOR_VALUES: u64 = 1 << 30;
+
+/// Value encoding of a tensor on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum Encoding {
+    /// All values, f32 little-endian.
+    Dense = 0,
+    /// Values at the active positions of a mask, f32 little-endian.
+    Masked = 1,
+}
+
+/// Element type of a tensor on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum DType {
+    /// 32-bit IEEE float.
+    F32 = 0,
+}
+
+/// A tensor on the wire.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TensorMsg {
+    /// PyTorch-style name.
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// Dimensions.
+    #[prost(uint64, repeated, tag = "2")]
+    pub shape: Vec<u64>,
+    /// Element type.
+    #[prost(enumeration = "DType", tag = "3")]
+    pub dtype: i32,
+    /// Value encoding.
+    #[prost(enumeration = "Encoding", tag = "4")]
+    pub encoding: i32,
+    /// Encoded values.
+    #[prost(bytes = "vec", tag = "5")]
+    pub data: Vec<u8>,
+    /// For masked tensors: the name of the mask giving the active positions.
+    #[prost(string, tag = "6")]
+    pub mask: String,
+}
+
+/// Encoding of a mask on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum MaskEncoding {
+    /// One bit per position, least significant bit first.
+    Bitmap = 0,
+    /// Gaps between consecutive active indices as LEB128 varints.
+    DeltaIndices = 1,
+}
+
+/// A binary mask on the wire.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct MaskMsg {
+    /// Mask name (usually the name of the tensor it applies to).
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// Number of positions.
+    #[prost(uint64, tag = "2")]
+    pub len: u64,
+    /// How `data` is encoded.
+    #[prost(enumeration = "MaskEncoding", tag = "3")]
+    pub encoding: i32,
+    /// Encoded mask.
+    #[prost(bytes = "vec", tag = "4")]
+    pub data: Vec<u8>,
+}
+
+/// Server → client: one task of one phase of a round.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TaskMsg {
+    /// [`PROTOCOL_VERSION`] of the sender.
+    #[prost(uint32, tag = "1")]
+    pub protocol_version: u32,
+    /// Round number, from 1.
+    #[prost(uint64, tag = "2")]
+    pub round: u64,
+    /// Phase within the round, from 0.
+    #[prost(uint32, tag = "3")]
+    pub phase: u32,
+    /// Client the task is for.
+    #[prost(uint64, tag = "4")]
+    pub client: u64,
+    /// What to do, interpreted by the method's client half (e.g. `train`).
+    #[prost(string, tag = "5")]
+    pub kind: String,
+    /// Model architecture and view, JSON.
+    #[prost(string, tag = "6")]
+    pub model_json: String,
+    /// Local training recipe, JSON.
+    #[prost(string, tag = "7")]
+    pub recipe_json: String,
+    /// Tensors sent to the client.
+    #[prost(message, repeated, tag = "8")]
+    pub tensors: Vec<TensorMsg>,
+    /// Masks the client does not hold yet.
+    #[prost(message, repeated, tag = "9")]
+    pub masks: Vec<MaskMsg>,
+    /// Method-specific options, JSON.
+    #[prost(string, tag = "10")]
+    pub options_json: String,
+}
+
+/// Resources a client measured while executing a task.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ResourceMsg {
+    /// Heap high-water mark during the task, measured by the counting allocator.
+    #[prost(uint64, tag = "1")]
+    pub peak_memory_bytes: u64,
+    /// Analytic memory estimate of the task.
+    #[prost(uint64, tag = "2")]
+    pub estimated_memory_bytes: u64,
+    /// Training FLOPs from the per-layer formulas.
+    #[prost(double, tag = "3")]
+    pub flops: f64,
+    /// Wall time of the task on the client.
+    #[prost(double, tag = "4")]
+    pub wall_time_s: f64,
+}
+
+/// Client → server: the reply to one task.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ReplyMsg {
+    /// [`PROTOCOL_VERSION`] of the sender.
+    #[prost(uint32, tag = "1")]
+    pub protocol_version: u32,
+    /// Round of the task.
+    #[prost(uint64, tag = "2")]
+    pub round: u64,
+    /// Phase of the task.
+    #[prost(uint32, tag = "3")]
+    pub phase: u32,
+    /// Replying client.
+    #[prost(uint64, tag = "4")]
+    pub client: u64,
+    /// Local examples used (the aggregation weight of FedAvg-style rules).
+    #[prost(uint64, tag = "5")]
+    pub num_examples: u64,
+    /// Tensors sent back.
+    #[prost(message, repeated, tag = "6")]
+    pub tensors: Vec<TensorMsg>,
+    /// Scalar metrics (e.g. `train_loss`).
+    #[prost(map = "string, double", tag = "7")]
+    pub metrics: HashMap<String, f64>,
+    /// Measured resources.
+    #[prost(message, optional, tag = "8")]
+    pub resources: Option<ResourceMsg>,
+}
+
+/// A binary mask over the values of one tensor (true = active).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Mask {
+    /// Mask name.
+    pub name: String,
+    /// One flag per position.
+    pub active: Vec<bool>,
+}
+
+impl Mask {
+    /// A mask with every position active.
+    pub fn full(name: impl Into<String>, len: usize) -> Self {
+        Self {
+            name: name.into(),
+            active: vec![true; len],
+        }
+    }
+
+    /// Number of active positions.
+    pub fn count_active(&self) -> usize {
+        self.active.iter().filter(|a| **a).count()
+    }
+
+    /// Encodes as bitmap or delta indices, whichever is smaller.
+    pub fn encode(&self) -> MaskMsg {
+        let bitmap = encode_bitmap(&self.active);
+        let delta = encode_delta(&self.active);
+        let (encoding, data) = if delta.len() < bitmap.len() {
+            (MaskEncoding::DeltaIndices, delta)
+        } else {
+            (MaskEncoding::Bitmap, bitmap)
+        };
+        MaskMsg {
+            name: self.name.clone(),
+            len: self.active.len() as u64,
+            encoding: encoding as i32,
+            data,
+        }
+    }
+
+    /// Decodes and validates a mask from the wire.
+    pub fn decode(msg: &MaskMsg) -> Result<Mask, CoreError> {
+        if msg.len > MAX_TENSOR_VALUES {
+            return Err(CoreError::InvalidMessage(format!(
+                "mask `{}` claims {} positions, over the limit of {MAX_TENSOR_VALUES}",
+                msg.name, msg.len
+            )));
+        }
+        let len = msg.len as usize;
+        let active = match MaskEncoding::try_from(msg.encoding) {
+            Ok(MaskEncoding::Bitmap) => {
+                if msg.data.len() != len.div_ceil(8) {
+                    return Err(CoreError::InvalidMessage(format!(
+                        "mask `{}`: bitmap of {} bytes for {len} positions",
+                        msg.name,
+                        msg.data.len()
+                    )));
+                }
+                (0..len).map(|i| msg.data[i / 8] >> (i % 8) & 1 == 1).collect()
+            }
+            Ok(MaskEncoding::DeltaIndices) => decode_delta(&msg.data, len)
+                .map_err(|e| CoreError::InvalidMessage(format!("mask `{}`: {e}", msg.name)))?,
+            Err(_) => {
+                return Err(CoreError::InvalidMessage(format!(
+                    "mask `{}`: unknown encoding {}",
+                    msg.name, msg.encoding
+                )));
+            }
+        };
+        Ok(Mask {
+            name: msg.name.clone(),
+            active,
+        })
+    }
+}
+
+fn encode_bitmap(active: &[bool]) -> Vec<u8> {
+    let mut out = vec![0u8; active.len().div_ceil(8)];
+    for (i, a) in active.iter().enumerate() {
+        if *a {
+            out[i / 8] |= 1 << (i % 8);
+        }
+    }
+    out
+}
+
+fn encode_delta(active: &[bool]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut prev = 0usize;
+    let mut first = true;
+    for (i, a) in active.iter().enumerate() {
+        if *a {
+            // First index is absolute, the rest are gaps minus one (gaps are >= 1).
+            let gap = if first { i } else { i - prev - 1 };
+            first = false;
+            prev = i;
+            let mut v = gap as u64;
+            loop {
+                let byte = (v & 0x7f) as u8;
+                v >>= 7;
+                if v == 0 {
+                    out.push(byte);
+                    break;
+                }
+                out.push(byte | 0x80);
+            }
+        }
+    }
+    out
+}
+
+fn decode_delta(data: &[u8], len: usize) -> Result<Vec<bool>, String> {
+    let mut active = vec![false; len];
+    let mut pos = 0usize;
+    let mut next: Option<usize> = None;
+    while pos < data.len() {
+        let mut v: u64 = 0;
+        let mut shift = 0;
+        loop {
+            let byte = *data.get(pos).ok_or("truncated varint")?;
+            pos += 1;
+            if shift >= 63 {
+                return Err("varint too long".into());
+            }
+            v |= u64::from(byte & 0x7f) << shift;
+            shift += 7;
+            if byte & 0x80 == 0 {
+                break;
+            }
+        }
+        let idx = match next {
+            None => v as usize,
+            Some(n) => n.checked_add(v as usize).ok_or("index overflow")?,
+        };
+        if idx >= len {
+            return Err(format!("index {idx} out of range for {len} positions"));
+        }
+        active[idx] = true;
+        next = Some(idx + 1);
+    }
+    Ok(active)
+}
+
+fn f32s_to_bytes<'a>(values: impl Iterator<Item = &'a f32>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+/// Encodes a tensor with every value.
+pub fn encode_dense(t: &Tensor) -> TensorMsg {
+    TensorMsg {
+        name: t.name.clone(),
+        shape: t.shape.iter().map(|d| *d as u64).collect(),
+        dtype: DType::F32 as i32,
+        encoding: Encoding::Dense as i32,
+        data: f32s_to_bytes(t.data.iter()),
+        mask: String::new(),
+    }
+}
+
+/// Encodes only the values of `t` at the active positions of `mask`.
+pub fn encode_masked(t: &Tensor, mask: &Mask) -> Result<TensorMsg, CoreError> {
+    if mask.active.len() != t.numel() {
+        return Err(CoreError::Incompatible(format!(
+            "mask `{}` has {} positions, tensor `{}` has {} values",
+            mask.name,
+            mask.active.len(),
+            t.name,
+            t.numel()
+        )));
+    }
+    let values = t.data.iter().zip(&mask.active).filter(|(_, a)| **a).map(|(v, _)| v);
+    Ok(TensorMsg {
+        name: t.name.clone(),
+        shape: t.shape.iter().map(|d| *d as u64).collect(),
+        dtype: DType::F32 as i32,
+        encoding: Encoding::Masked as i32,
+        data: f32s_to_bytes(values),
+        mask: mask.name.clone(),
+    })
+}
+
+/// Decodes and validates a tensor; masked tensors look their mask up in `masks`, and their
+/// inactive positions decode as zero.
+pub fn decode_tensor(msg: &TensorMsg, masks: &HashMap<String, Mask>) -> Result<Tensor, CoreError> {
+    let bad = |what: String| CoreError::InvalidMessage(format!("tensor `{}`: {what}", msg.name));
+    if DType::try_from(msg.dtype) != Ok(DType::F32) {
+        return Err(bad(format!("unsupported dtype {}", msg.dtype)));
+    }
+    let mut numel: u64 = 1;
+    for d in &msg.shape {
+        numel = numel
+            .checked_mul(*d)
+            .filter(|n| *n <= MAX_TENSOR_VALUES)
+            .ok_or_else(|| bad(format!("shape {:?} is too large", msg.shape)))?;
+    }
+    let numel = numel as usize;
+    let shape: Vec<usize> = msg.shape.iter().map(|d| *d as usize).collect();
+    let read = |bytes: &[u8], n: usize| -> Result<Vec<f32>, CoreError> {
+        if bytes.len() != n * 4 {
+            return Err(bad(format!("{} bytes of data for {n} f32 values", bytes.len())));
+        }
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    };
+    let data = match Encoding::try_from(msg.encoding) {
+        Ok(Encoding::Dense) => read(&msg.data, numel)?,
+        Ok(Encoding::Masked) => {
+            let mask = masks
+                .get(&msg.mask)
+                .ok_or_else(|| bad(format!("refers to unknown mask `{}`", msg.mask)))?;
+            if mask.active.len() != numel {
+                return Err(bad(format!(
+                    "mask `{}` has {} positions for {numel} values",
+                    mask.name,
+                    mask.active.len()
+                )));
+            }
+            let values = read(&msg.data, mask.count_active())?;
+            let mut it = values.into_iter();
+            mask.active
+                .iter()
+                .map(|a| if *a { it.next().unwrap_or(0.0) } else { 0.0 })
+                .collect()
+        }
+        Err(_) => return Err(bad(format!("unknown encoding {}", msg.encoding))),
+    };
+    Tensor::new(msg.name.clone(), shape, data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    #[test]
+    fn dense_round_trip_is_exact_and_overhead_small() {
+        let data: Vec<f32> = (0..10_000).map(|i| (i as f32).sin()).collect();
+        let t = Tensor::new("fc.weight", vec![100, 100], data).unwrap();
+        let msg = encode_dense(&t);
+        let back = decode_tensor(&msg, &HashMap::new()).unwrap();
+        assert_eq!(back, t);
+        let wire = msg.encoded_len();
+        assert!(wire >= 40_000 && wire < 40_100, "wire {wire}");
+    }
+
+    #[test]
+    fn masked_sends_only_active_values() {
+        let t = Tensor::new("w", vec![2, 4], vec![1., 2., 3., 4., 5., 6., 7., 8.]).unwrap();
+        let mask = Mask {
+            name: "w".into(),
+            active: vec![true, false, false, true, false, false, false, true],
+        };
+        let msg = encode_masked(&t, &mask).unwrap();
+        assert_eq!(msg.data.len(), 3 * 4);
+        let masks = HashMap::from([("w".to_string(), mask)]);
+        let back = decode_tensor(&msg, &masks).unwrap();
+        assert_eq!(back.data, vec![1., 0., 0., 4., 0., 0., 0., 8.]);
+        // unknown mask is an error, not a panic
+        assert!(decode_tensor(&msg, &HashMap::new()).is_err());
+    }
+
+    #[test]
+    fn mask_picks_smaller_encoding_and_round_trips() {
+        let mut sparse = Mask::full("m", 10_000);
+        sparse.active.iter_mut().enumerate().for_each(|(i, a)| *a = i % 97 == 0);
+        let enc = sparse.encode();
+        assert_eq!(enc.encoding, MaskEncoding::DeltaIndices as i32);
+        assert_eq!(Mask::decode(&enc).unwrap(), sparse);
+        let mut dense = Mask::full("m", 10_001);
+        dense.active[17] = false;
+        let enc = dense.encode();
+        assert_eq!(enc.encoding, MaskEncoding::Bitmap as i32);
+        assert_eq!(enc.data.len(), 1251);
+        assert_eq!(Mask::decode(&enc).unwrap(), dense);
+    }
+
+    #[test]
+    fn malformed_tensors_are_errors() {
+        let t = Tensor::new("w", vec![3], vec![1., 2., 3.]).unwrap();
+        let mut msg = encode_dense(&t);
+        msg.data.pop();
+        assert!(decode_tensor(&msg, &HashMap::new()).is_err());
+        let mut msg = encode_dense(&t);
+        msg.shape = vec![u64::MAX, 2];
+        assert!(decode_tensor(&msg, &HashMap::new()).is_err());
+        let mut msg = encode_dense(&t);
+        msg.dtype = 7;
+        assert!(decode_tensor(&msg, &HashMap::new()).is_err());
+        let bad_mask = MaskMsg {
+            name: "m".into(),
+            len: 4,
+            encoding: MaskEncoding::DeltaIndices as i32,
+            data: vec![0x80, 0x80],
+        };
+        assert!(Mask::decode(&bad_mask).is_err());
+        let out_of_range = MaskMsg {
+            name: "m".into(),
+            len: 4,
+            encoding: MaskEncoding::DeltaIndices as i32,
+            data: vec![9],
+        };
+        assert!(Mask::decode(&out_of_range).is_err());
+    }
+
+    #[test]
+    fn truncated_protobuf_is_an_error() {
+        let t = Tensor::new("w", vec![3], vec![1., 2., 3.]).unwrap();
+        let reply = ReplyMsg {
+            protocol_version: PROTOCOL_VERSION,
+            round: 1,
+            tensors: vec![encode_dense(&t)],
+            ..Default::default()
+        };
+        let bytes = reply.encode_to_vec();
+        assert!(ReplyMsg::decode(&bytes[..bytes.len() - 3]).is_err());
+        assert_eq!(ReplyMsg::decode(bytes.as_slice()).unwrap(), reply);
+    }
+}
