@@ -16,10 +16,18 @@ pub struct Contribution<'a> {
 
 fn check_weights(contribs: &[Contribution<'_>]) -> Result<(), CoreError> {
     if contribs.is_empty() {
-        return Err(CoreError::Aggregation("no contribution to aggregate".into()));
+        return Err(CoreError::Aggregation(
+            "no contribution to aggregate".into(),
+        ));
     }
-    if let Some(c) = contribs.iter().find(|c| !c.weight.is_finite() || c.weight < 0.0) {
-        return Err(CoreError::Aggregation(format!("weight {} is not a finite non-negative number", c.weight)));
+    if let Some(c) = contribs
+        .iter()
+        .find(|c| !c.weight.is_finite() || c.weight < 0.0)
+    {
+        return Err(CoreError::Aggregation(format!(
+            "weight {} is not a finite non-negative number",
+            c.weight
+        )));
     }
     if contribs.iter().map(|c| c.weight).sum::<f64>() <= 0.0 {
         return Err(CoreError::Aggregation("weights sum to zero".into()));
@@ -74,7 +82,10 @@ pub fn weighted_mean_partial(
     for c in contribs {
         for t in c.params.iter() {
             let g = global.get(&t.name).ok_or_else(|| {
-                CoreError::Incompatible(format!("tensor `{}` is not part of the global model", t.name))
+                CoreError::Incompatible(format!(
+                    "tensor `{}` is not part of the global model",
+                    t.name
+                ))
             })?;
             if g.shape != t.shape {
                 return Err(CoreError::Incompatible(format!(
@@ -140,7 +151,10 @@ pub fn trimmed_mean(contribs: &[Contribution<'_>], trim: usize) -> Result<ParamS
     })
 }
 
-fn robust(contribs: &[Contribution<'_>], pick: impl Fn(&[f32]) -> f32) -> Result<ParamSet, CoreError> {
+fn robust(
+    contribs: &[Contribution<'_>],
+    pick: impl Fn(&[f32]) -> f32,
+) -> Result<ParamSet, CoreError> {
     check_weights(contribs)?;
     let first = contribs[0].params;
     for c in &contribs[1..] {
@@ -149,7 +163,10 @@ fn robust(contribs: &[Contribution<'_>], pick: impl Fn(&[f32]) -> f32) -> Result
     let mut out = first.clone();
     let mut column = Vec::with_capacity(contribs.len());
     for (ti, t) in out.iter_mut().enumerate() {
-        let sources: Vec<&Tensor> = contribs.iter().map(|c| c.params.iter().nth(ti).expect("layout checked")).collect();
+        let sources: Vec<&Tensor> = contribs
+            .iter()
+            .map(|c| c.params.iter().nth(ti).expect("layout checked"))
+            .collect();
         for (j, dst) in t.data.iter_mut().enumerate() {
             column.clear();
             column.extend(sources.iter().map(|s| s.data[j]));
@@ -178,8 +195,14 @@ mod tests {
         let a = set(&[("w", vec![1.0, 2.0]), ("b", vec![0.0])]);
         let b = set(&[("w", vec![4.0, -2.0]), ("b", vec![3.0])]);
         let out = weighted_mean(&[
-            Contribution { params: &a, weight: 1.0 },
-            Contribution { params: &b, weight: 2.0 },
+            Contribution {
+                params: &a,
+                weight: 1.0,
+            },
+            Contribution {
+                params: &b,
+                weight: 2.0,
+            },
         ])
         .unwrap();
         assert_eq!(out.get("w").unwrap().data, vec![3.0, -2.0 / 3.0]);
@@ -191,9 +214,33 @@ mod tests {
         let a = set(&[("w", vec![1.0, 2.0])]);
         let b = set(&[("w", vec![1.0])]);
         assert!(weighted_mean(&[]).is_err());
-        assert!(weighted_mean(&[Contribution { params: &a, weight: 1.0 }, Contribution { params: &b, weight: 1.0 }]).is_err());
-        assert!(weighted_mean(&[Contribution { params: &a, weight: f64::NAN }]).is_err());
-        assert!(weighted_mean(&[Contribution { params: &a, weight: 0.0 }]).is_err());
+        assert!(
+            weighted_mean(&[
+                Contribution {
+                    params: &a,
+                    weight: 1.0
+                },
+                Contribution {
+                    params: &b,
+                    weight: 1.0
+                }
+            ])
+            .is_err()
+        );
+        assert!(
+            weighted_mean(&[Contribution {
+                params: &a,
+                weight: f64::NAN
+            }])
+            .is_err()
+        );
+        assert!(
+            weighted_mean(&[Contribution {
+                params: &a,
+                weight: 0.0
+            }])
+            .is_err()
+        );
     }
 
     #[test]
@@ -202,8 +249,14 @@ mod tests {
         let full = set(&[("a", vec![0.0]), ("b", vec![0.0])]);
         let shallow = set(&[("a", vec![4.0])]);
         let c = [
-            Contribution { params: &full, weight: 1.0 },
-            Contribution { params: &shallow, weight: 1.0 },
+            Contribution {
+                params: &full,
+                weight: 1.0,
+            },
+            Contribution {
+                params: &shallow,
+                weight: 1.0,
+            },
         ];
         let all = weighted_mean_partial(&global, &c, Support::All).unwrap();
         assert_eq!(all.get("a").unwrap().data, vec![2.0]);
@@ -214,8 +267,26 @@ mod tests {
         let only = weighted_mean_partial(&global, &c[1..], Support::Holders).unwrap();
         assert_eq!(only.get("b").unwrap().data, vec![10.0]);
         // with everyone at full depth both rules equal FedAvg
-        let fedavg = weighted_mean(&[c[0], Contribution { params: &full, weight: 3.0 }]).unwrap();
-        let p = weighted_mean_partial(&global, &[c[0], Contribution { params: &full, weight: 3.0 }], Support::All).unwrap();
+        let fedavg = weighted_mean(&[
+            c[0],
+            Contribution {
+                params: &full,
+                weight: 3.0,
+            },
+        ])
+        .unwrap();
+        let p = weighted_mean_partial(
+            &global,
+            &[
+                c[0],
+                Contribution {
+                    params: &full,
+                    weight: 3.0,
+                },
+            ],
+            Support::All,
+        )
+        .unwrap();
         assert_eq!(fedavg, p);
     }
 
@@ -223,10 +294,25 @@ mod tests {
     fn robust_rules_ignore_an_outlier() {
         let honest: Vec<ParamSet> = (0..4).map(|i| set(&[("w", vec![i as f32])])).collect();
         let evil = set(&[("w", vec![1e9])]);
-        let mut c: Vec<Contribution> = honest.iter().map(|p| Contribution { params: p, weight: 1.0 }).collect();
-        c.push(Contribution { params: &evil, weight: 1.0 });
-        assert_eq!(coordinate_median(&c).unwrap().get("w").unwrap().data, vec![2.0]);
-        assert_eq!(trimmed_mean(&c, 1).unwrap().get("w").unwrap().data, vec![2.0]);
+        let mut c: Vec<Contribution> = honest
+            .iter()
+            .map(|p| Contribution {
+                params: p,
+                weight: 1.0,
+            })
+            .collect();
+        c.push(Contribution {
+            params: &evil,
+            weight: 1.0,
+        });
+        assert_eq!(
+            coordinate_median(&c).unwrap().get("w").unwrap().data,
+            vec![2.0]
+        );
+        assert_eq!(
+            trimmed_mean(&c, 1).unwrap().get("w").unwrap().data,
+            vec![2.0]
+        );
         assert!(trimmed_mean(&c, 3).is_err());
     }
 }

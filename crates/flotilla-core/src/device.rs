@@ -68,7 +68,10 @@ impl DeviceProfile {
             )));
         }
         if self.memory_bytes == 0 {
-            return Err(CoreError::Fleet(format!("device tier `{}`: `memory` must be above zero", self.tier)));
+            return Err(CoreError::Fleet(format!(
+                "device tier `{}`: `memory` must be above zero",
+                self.tier
+            )));
         }
         Ok(())
     }
@@ -159,22 +162,42 @@ impl TierSpec {
 
 /// Assigns tiers to `num_clients` clients: exact counts by largest remainder, then a seeded
 /// shuffle so that tiers are not correlated with client ids (and so with data partitions).
-pub fn assign_tiers(tiers: &[TierSpec], num_clients: usize, seed: u64) -> Result<Vec<DeviceProfile>, CoreError> {
+pub fn assign_tiers(
+    tiers: &[TierSpec],
+    num_clients: usize,
+    seed: u64,
+) -> Result<Vec<DeviceProfile>, CoreError> {
     if tiers.is_empty() {
         return Err(CoreError::Fleet("a fleet needs at least one tier".into()));
     }
-    if let Some(t) = tiers.iter().find(|t| !(t.share.is_finite() && t.share >= 0.0)) {
-        return Err(CoreError::Fleet(format!("tier `{}`: `share` must be a non-negative number, got {}", t.name, t.share)));
+    if let Some(t) = tiers
+        .iter()
+        .find(|t| !(t.share.is_finite() && t.share >= 0.0))
+    {
+        return Err(CoreError::Fleet(format!(
+            "tier `{}`: `share` must be a non-negative number, got {}",
+            t.name, t.share
+        )));
     }
     let total: f64 = tiers.iter().map(|t| t.share).sum();
     if total <= 0.0 {
         return Err(CoreError::Fleet("tier shares sum to zero".into()));
     }
-    let profiles = tiers.iter().map(TierSpec::profile).collect::<Result<Vec<_>, _>>()?;
-    let exact: Vec<f64> = tiers.iter().map(|t| t.share / total * num_clients as f64).collect();
+    let profiles = tiers
+        .iter()
+        .map(TierSpec::profile)
+        .collect::<Result<Vec<_>, _>>()?;
+    let exact: Vec<f64> = tiers
+        .iter()
+        .map(|t| t.share / total * num_clients as f64)
+        .collect();
     let mut counts: Vec<usize> = exact.iter().map(|e| e.floor() as usize).collect();
     let mut order: Vec<usize> = (0..tiers.len()).collect();
-    order.sort_by(|&a, &b| (exact[b] - exact[b].floor()).total_cmp(&(exact[a] - exact[a].floor())).then(a.cmp(&b)));
+    order.sort_by(|&a, &b| {
+        (exact[b] - exact[b].floor())
+            .total_cmp(&(exact[a] - exact[a].floor()))
+            .then(a.cmp(&b))
+    });
     let missing = num_clients - counts.iter().sum::<usize>();
     for &i in order.iter().take(missing) {
         counts[i] += 1;
@@ -184,7 +207,12 @@ pub fn assign_tiers(tiers: &[TierSpec], num_clients: usize, seed: u64) -> Result
         .zip(&profiles)
         .flat_map(|(&n, p)| std::iter::repeat_n(p.clone(), n))
         .collect();
-    out.shuffle(&mut crate::seed::rng(seed, 0, 0, crate::seed::Purpose::Fleet));
+    out.shuffle(&mut crate::seed::rng(
+        seed,
+        0,
+        0,
+        crate::seed::Purpose::Fleet,
+    ));
     Ok(out)
 }
 
@@ -205,25 +233,51 @@ pub fn load_fleet_csv(path: &Path) -> Result<Vec<DeviceProfile>, CoreError> {
 /// Parses the CSV format of [`load_fleet_csv`].
 pub fn parse_fleet_csv(text: &str) -> Result<Vec<DeviceProfile>, String> {
     const HEADER: [&str; 8] = [
-        "client", "tier", "memory_mib", "gflops", "uplink_mbps", "downlink_mbps", "dropout", "availability",
+        "client",
+        "tier",
+        "memory_mib",
+        "gflops",
+        "uplink_mbps",
+        "downlink_mbps",
+        "dropout",
+        "availability",
     ];
-    let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty() && !l.starts_with('#'));
-    let (_, header) = lines.next().ok_or("the fleet CSV is empty; it needs a header line")?;
+    let mut lines = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty() && !l.starts_with('#'));
+    let (_, header) = lines
+        .next()
+        .ok_or("the fleet CSV is empty; it needs a header line")?;
     let cols: Vec<&str> = header.split(',').map(str::trim).collect();
     if cols != HEADER {
-        return Err(format!("the header must be `{}`, found `{header}`", HEADER.join(",")));
+        return Err(format!(
+            "the header must be `{}`, found `{header}`",
+            HEADER.join(",")
+        ));
     }
     let mut rows: Vec<Option<DeviceProfile>> = Vec::new();
     for (lineno, line) in lines {
         let at = |msg: String| format!("line {}: {msg}", lineno + 1);
         let f: Vec<&str> = line.split(',').map(str::trim).collect();
         if f.len() != HEADER.len() {
-            return Err(at(format!("expected {} fields, found {}", HEADER.len(), f.len())));
+            return Err(at(format!(
+                "expected {} fields, found {}",
+                HEADER.len(),
+                f.len()
+            )));
         }
         let num = |i: usize| -> Result<f64, String> {
-            f[i].parse::<f64>().map_err(|_| at(format!("`{}` must be a number, found `{}`", HEADER[i], f[i])))
+            f[i].parse::<f64>().map_err(|_| {
+                at(format!(
+                    "`{}` must be a number, found `{}`",
+                    HEADER[i], f[i]
+                ))
+            })
         };
-        let client: usize = f[0].parse().map_err(|_| at(format!("`client` must be a client index, found `{}`", f[0])))?;
+        let client: usize = f[0]
+            .parse()
+            .map_err(|_| at(format!("`client` must be a client index, found `{}`", f[0])))?;
         let tier = TierSpec {
             name: f[1].to_string(),
             share: 1.0,
@@ -244,7 +298,9 @@ pub fn parse_fleet_csv(text: &str) -> Result<Vec<DeviceProfile>, String> {
     }
     rows.into_iter()
         .enumerate()
-        .map(|(i, p)| p.ok_or_else(|| format!("client {i} is missing; rows must list clients 0..N-1")))
+        .map(|(i, p)| {
+            p.ok_or_else(|| format!("client {i} is missing; rows must list clients 0..N-1"))
+        })
         .collect()
 }
 
@@ -314,7 +370,11 @@ mod tests {
         assert_eq!(f[1].availability, vec![true, false]);
         assert!(parse_fleet_csv("client,tier\n").is_err());
         let missing = "client,tier,memory_mib,gflops,uplink_mbps,downlink_mbps,dropout,availability\n1,a,1,1,1,1,,\n";
-        assert!(parse_fleet_csv(missing).unwrap_err().contains("client 0 is missing"));
+        assert!(
+            parse_fleet_csv(missing)
+                .unwrap_err()
+                .contains("client 0 is missing")
+        );
         let bad = "client,tier,memory_mib,gflops,uplink_mbps,downlink_mbps,dropout,availability\n0,a,x,1,1,1,,\n";
         assert!(parse_fleet_csv(bad).unwrap_err().contains("line 2"));
     }

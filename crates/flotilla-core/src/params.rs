@@ -20,7 +20,11 @@ pub struct Tensor {
 
 impl Tensor {
     /// Builds a tensor, checking that the data fits the shape.
-    pub fn new(name: impl Into<String>, shape: Vec<usize>, data: Vec<f32>) -> Result<Self, CoreError> {
+    pub fn new(
+        name: impl Into<String>,
+        shape: Vec<usize>,
+        data: Vec<f32>,
+    ) -> Result<Self, CoreError> {
         let name = name.into();
         let expected: usize = shape.iter().product();
         if expected != data.len() {
@@ -140,13 +144,19 @@ impl ParamSet {
 
     /// The tensor with this name, or an error naming it.
     pub fn require(&self, name: &str) -> Result<&Tensor, CoreError> {
-        self.get(name).ok_or_else(|| CoreError::Missing(name.to_string()))
+        self.get(name)
+            .ok_or_else(|| CoreError::Missing(name.to_string()))
     }
 
     /// The sub-collection of tensors whose name satisfies `keep`, in canonical order.
     pub fn filter(&self, keep: impl Fn(&str) -> bool) -> ParamSet {
         ParamSet {
-            tensors: self.tensors.iter().filter(|t| keep(&t.name)).cloned().collect(),
+            tensors: self
+                .tensors
+                .iter()
+                .filter(|t| keep(&t.name))
+                .cloned()
+                .collect(),
         }
     }
 
@@ -239,7 +249,8 @@ mod tests {
 
     #[test]
     fn overwrite_checks_names_and_shapes() {
-        let mut p = ParamSet::from_tensors(vec![t("a", vec![2], 0.0), t("b", vec![3], 0.0)]).unwrap();
+        let mut p =
+            ParamSet::from_tensors(vec![t("a", vec![2], 0.0), t("b", vec![3], 0.0)]).unwrap();
         let part = ParamSet::from_tensors(vec![t("b", vec![3], 5.0)]).unwrap();
         p.overwrite_with(&part).unwrap();
         assert_eq!(p.get("b").unwrap().data, vec![5.0; 3]);

@@ -10,12 +10,24 @@ const ORDER_KEY: &str = "flotilla.order";
 
 /// Serialises a collection to safetensors bytes (f32 little-endian). `metadata` is stored in
 /// the header (e.g. the model spec), with the canonical tensor order.
-pub fn to_bytes(params: &ParamSet, metadata: Option<HashMap<String, String>>) -> Result<Vec<u8>, CoreError> {
+pub fn to_bytes(
+    params: &ParamSet,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>, CoreError> {
     let mut metadata = metadata.unwrap_or_default();
-    metadata.insert(ORDER_KEY.into(), params.names().collect::<Vec<_>>().join("\n"));
+    metadata.insert(
+        ORDER_KEY.into(),
+        params.names().collect::<Vec<_>>().join("\n"),
+    );
     let raw: Vec<(String, Vec<u8>, Vec<usize>)> = params
         .iter()
-        .map(|t| (t.name.clone(), t.data.iter().flat_map(|v| v.to_le_bytes()).collect(), t.shape.clone()))
+        .map(|t| {
+            (
+                t.name.clone(),
+                t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                t.shape.clone(),
+            )
+        })
         .collect();
     let views = raw
         .iter()
@@ -25,14 +37,17 @@ pub fn to_bytes(params: &ParamSet, metadata: Option<HashMap<String, String>>) ->
                 .map_err(|e| CoreError::Incompatible(format!("tensor `{name}`: {e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    safetensors::serialize(views, Some(metadata)).map_err(|e| CoreError::Incompatible(e.to_string()))
+    safetensors::serialize(views, Some(metadata))
+        .map_err(|e| CoreError::Incompatible(e.to_string()))
 }
 
 /// Parses safetensors bytes. Tensors come back in the canonical order recorded by
 /// [`to_bytes`], or, for files written elsewhere, in the order of their offsets.
 pub fn from_bytes(bytes: &[u8]) -> Result<(ParamSet, HashMap<String, String>), CoreError> {
-    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| CoreError::InvalidMessage(e.to_string()))?;
-    let st = SafeTensors::deserialize(bytes).map_err(|e| CoreError::InvalidMessage(e.to_string()))?;
+    let (_, meta) =
+        SafeTensors::read_metadata(bytes).map_err(|e| CoreError::InvalidMessage(e.to_string()))?;
+    let st =
+        SafeTensors::deserialize(bytes).map_err(|e| CoreError::InvalidMessage(e.to_string()))?;
     let mut named: Vec<(usize, Tensor)> = Vec::new();
     for (name, view) in st.tensors() {
         if view.dtype() != Dtype::F32 {
@@ -53,8 +68,11 @@ pub fn from_bytes(bytes: &[u8]) -> Result<(ParamSet, HashMap<String, String>), C
     let order = metadata.remove(ORDER_KEY);
     match order {
         Some(order) => {
-            let rank: HashMap<&str, usize> = order.split('\n').enumerate().map(|(i, n)| (n, i)).collect();
-            named.sort_by_key(|(o, t)| (rank.get(t.name.as_str()).copied().unwrap_or(usize::MAX), *o));
+            let rank: HashMap<&str, usize> =
+                order.split('\n').enumerate().map(|(i, n)| (n, i)).collect();
+            named.sort_by_key(|(o, t)| {
+                (rank.get(t.name.as_str()).copied().unwrap_or(usize::MAX), *o)
+            });
         }
         None => named.sort_by_key(|(o, _)| *o),
     }
@@ -65,7 +83,10 @@ pub fn from_bytes(bytes: &[u8]) -> Result<(ParamSet, HashMap<String, String>), C
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder, then a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CoreError> {
     use std::io::Write;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = dir.join(format!(".{file_name}.tmp{}", std::process::id()));
     let mut f = std::fs::File::create(&tmp).map_err(|e| CoreError::io(&tmp, e))?;
@@ -76,7 +97,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CoreError> {
 }
 
 /// Saves a collection as a safetensors file, atomically.
-pub fn save(path: &Path, params: &ParamSet, metadata: Option<HashMap<String, String>>) -> Result<(), CoreError> {
+pub fn save(
+    path: &Path,
+    params: &ParamSet,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<(), CoreError> {
     write_atomic(path, &to_bytes(params, metadata)?)
 }
 
@@ -99,7 +124,12 @@ mod tests {
     #[test]
     fn round_trip_is_bit_identical_and_keeps_order() {
         let p = ParamSet::from_tensors(vec![
-            Tensor::new("z.weight", vec![2, 3], vec![1.5, -0.0, f32::MIN_POSITIVE, 3.0, 4.0, 5.0]).unwrap(),
+            Tensor::new(
+                "z.weight",
+                vec![2, 3],
+                vec![1.5, -0.0, f32::MIN_POSITIVE, 3.0, 4.0, 5.0],
+            )
+            .unwrap(),
             Tensor::new("a.bias", vec![2], vec![7.0, 8.0]).unwrap(),
         ])
         .unwrap();
@@ -109,18 +139,25 @@ mod tests {
         save(&path, &p, Some(meta.clone())).unwrap();
         let (back, m) = load(&path).unwrap();
         assert_eq!(back, p);
-        assert_eq!(back.get("z.weight").unwrap().data[1].to_bits(), (-0.0f32).to_bits());
+        assert_eq!(
+            back.get("z.weight").unwrap().data[1].to_bits(),
+            (-0.0f32).to_bits()
+        );
         assert_eq!(m, meta);
     }
 
     #[test]
     fn truncated_file_is_a_clear_error() {
-        let p = ParamSet::from_tensors(vec![Tensor::new("w", vec![4], vec![1.0; 4]).unwrap()]).unwrap();
+        let p =
+            ParamSet::from_tensors(vec![Tensor::new("w", vec![4], vec![1.0; 4]).unwrap()]).unwrap();
         let bytes = to_bytes(&p, None).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.safetensors");
         std::fs::write(&path, &bytes[..bytes.len() - 5]).unwrap();
         let err = load(&path).unwrap_err().to_string();
-        assert!(err.contains("m.safetensors") && err.contains("truncated"), "{err}");
+        assert!(
+            err.contains("m.safetensors") && err.contains("truncated"),
+            "{err}"
+        );
     }
 }

@@ -60,6 +60,9 @@ mod tests {
         assert_ne!(base, derive(1, 2, 4, Purpose::Shuffle));
         assert_ne!(base, derive(1, 2, 3, Purpose::Dropout));
         // round and client must not be interchangeable
-        assert_ne!(derive(1, 2, 3, Purpose::Init), derive(1, 3, 2, Purpose::Init));
+        assert_ne!(
+            derive(1, 2, 3, Purpose::Init),
+            derive(1, 3, 2, Purpose::Init)
+        );
     }
 }

@@ -224,7 +224,9 @@ impl Mask {
                         msg.data.len()
                     )));
                 }
-                (0..len).map(|i| msg.data[i / 8] >> (i % 8) & 1 == 1).collect()
+                (0..len)
+                    .map(|i| msg.data[i / 8] >> (i % 8) & 1 == 1)
+                    .collect()
             }
             Ok(MaskEncoding::DeltaIndices) => decode_delta(&msg.data, len)
                 .map_err(|e| CoreError::InvalidMessage(format!("mask `{}`: {e}", msg.name)))?,
@@ -340,7 +342,12 @@ pub fn encode_masked(t: &Tensor, mask: &Mask) -> Result<TensorMsg, CoreError> {
             t.numel()
         )));
     }
-    let values = t.data.iter().zip(&mask.active).filter(|(_, a)| **a).map(|(v, _)| v);
+    let values = t
+        .data
+        .iter()
+        .zip(&mask.active)
+        .filter(|(_, a)| **a)
+        .map(|(v, _)| v);
     Ok(TensorMsg {
         name: t.name.clone(),
         shape: t.shape.iter().map(|d| *d as u64).collect(),
@@ -369,7 +376,10 @@ pub fn decode_tensor(msg: &TensorMsg, masks: &HashMap<String, Mask>) -> Result<T
     let shape: Vec<usize> = msg.shape.iter().map(|d| *d as usize).collect();
     let read = |bytes: &[u8], n: usize| -> Result<Vec<f32>, CoreError> {
         if bytes.len() != n * 4 {
-            return Err(bad(format!("{} bytes of data for {n} f32 values", bytes.len())));
+            return Err(bad(format!(
+                "{} bytes of data for {n} f32 values",
+                bytes.len()
+            )));
         }
         Ok(bytes
             .chunks_exact(4)
@@ -436,7 +446,11 @@ mod tests {
     #[test]
     fn mask_picks_smaller_encoding_and_round_trips() {
         let mut sparse = Mask::full("m", 10_000);
-        sparse.active.iter_mut().enumerate().for_each(|(i, a)| *a = i % 97 == 0);
+        sparse
+            .active
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, a)| *a = i % 97 == 0);
         let enc = sparse.encode();
         assert_eq!(enc.encoding, MaskEncoding::DeltaIndices as i32);
         assert_eq!(Mask::decode(&enc).unwrap(), sparse);

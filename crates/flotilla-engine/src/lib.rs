@@ -1,1 +1,20 @@
-//! placeholder
+//! The flotilla engine: the method interface, local training, the simulation driver,
+//! measurement (counting allocator, FLOP formulas, memory estimates) and the event sinks.
+//!
+//! See ARCHITECTURE.md at the repository root for the bird's-eye view.
+
+pub mod alloc;
+pub mod config;
+mod error;
+pub mod local;
+pub mod method;
+pub mod sim;
+pub mod sink;
+
+pub use config::Experiment;
+pub use error::EngineError;
+pub use method::{
+    Assignment, ClientCtx, ClientData, ClientHalf, ClientInfo, EvalModel, MethodState, PhaseCtx,
+    PhaseEnd, Reply, ServerCtx, ServerHalf, Task,
+};
+pub use sim::Simulation;

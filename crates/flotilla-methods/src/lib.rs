@@ -1,1 +1,28 @@
-//! placeholder
+//! Federated-learning methods for flotilla, one module each (server half and client half
+//! side by side), and the registry that builds them from a config.
+
+pub mod fedavg;
+
+use flotilla_engine::{ClientHalf, EngineError, Experiment, ServerHalf};
+use flotilla_models::Net;
+use std::sync::Arc;
+
+/// Names accepted in `[method] name = …`.
+pub const METHODS: &[&str] = &["fedavg", "fedprox"];
+
+/// Builds both halves of the configured method, with the initial global model drawn from
+/// the run seed.
+pub fn build(exp: &Experiment) -> Result<(Box<dyn ServerHalf>, Arc<dyn ClientHalf>), EngineError> {
+    let spec = exp.model_spec();
+    let init = Net::init_params(&spec, exp.seed)?;
+    match exp.method_name() {
+        "fedavg" | "fedprox" => {
+            let server = fedavg::FedAvg::from_config(exp, spec, init)?;
+            Ok((Box::new(server), Arc::new(fedavg::FedAvgClient)))
+        }
+        other => Err(EngineError::Config(format!(
+            "`method.name`: unknown method `{other}`; available: {}",
+            METHODS.join(", ")
+        ))),
+    }
+}

@@ -69,8 +69,8 @@ fn default_width() -> f64 {
 }
 
 /// A buildable model: architecture, input shape, classes and width multiplier.
+/// (No `deny_unknown_fields` here: serde cannot combine it with the flattened architecture.)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ModelSpec {
     /// Architecture and its depth knobs.
     #[serde(flatten)]

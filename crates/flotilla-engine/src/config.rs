@@ -1,0 +1,481 @@
+//! Experiment configuration: TOML in, a checked [`Experiment`] out.
+//!
+//! Unknown keys and invalid values are errors that name the key and what is allowed
+//! (serde's `deny_unknown_fields` plus [`Experiment::check`]).
+
+use crate::EngineError;
+use crate::local::{OptimizerKind, Recipe};
+use flotilla_core::device::TierSpec;
+use flotilla_data::{DatasetKind, PartitionSpec};
+use flotilla_models::Architecture;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// A whole experiment, as written in a TOML file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Experiment {
+    /// Run seed: every random stream derives from it.
+    #[serde(default)]
+    pub seed: u64,
+    /// Communication rounds.
+    pub rounds: u64,
+    /// Data and partition.
+    pub data: DataConfig,
+    /// Model architecture (input shape and classes come from the dataset).
+    pub model: ModelConfig,
+    /// Clients' local training.
+    pub training: Recipe,
+    /// Client sampling.
+    #[serde(default)]
+    pub sampling: SamplingConfig,
+    /// Server-side evaluation.
+    #[serde(default)]
+    pub evaluation: EvaluationConfig,
+    /// Device fleet.
+    #[serde(default)]
+    pub fleet: FleetConfig,
+    /// Simulator settings.
+    #[serde(default)]
+    pub simulation: SimulationConfig,
+    /// Method name and its own options (checked by the method).
+    pub method: toml::Table,
+}
+
+/// Dataset, location and partition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Dataset.
+    pub dataset: DatasetKind,
+    /// Folder of the dataset files (else `--data-dir`, `FLOTILLA_DATA`, the Debian path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+    /// Number of clients.
+    pub num_clients: usize,
+    /// How the training set is split among clients.
+    pub partition: PartitionSpec,
+    /// Use only the first N training samples (quick experiments, tests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_limit: Option<usize>,
+    /// Use only the first N test samples.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_limit: Option<usize>,
+    /// Fraction of each client's data held out for per-client evaluation.
+    #[serde(default)]
+    pub holdout: f64,
+}
+
+/// Architecture and width; the dataset fixes input shape and classes. Written flat in TOML
+/// (`arch = "resnet"`, `blocks_per_stage = 3`, `width = 0.5`); unknown keys are errors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "toml::Table", into = "toml::Table")]
+pub struct ModelConfig {
+    /// Architecture.
+    pub arch: Architecture,
+    /// Width multiplier.
+    pub width: f64,
+}
+
+impl TryFrom<toml::Table> for ModelConfig {
+    type Error = String;
+
+    fn try_from(mut t: toml::Table) -> Result<Self, String> {
+        let width = match t.remove("width") {
+            None => one(),
+            Some(toml::Value::Float(f)) => f,
+            Some(toml::Value::Integer(i)) => i as f64,
+            Some(other) => return Err(format!("`model.width` must be a number, got {other}")),
+        };
+        let arch = toml::Value::Table(t)
+            .try_into::<Architecture>()
+            .map_err(|e| format!("[model]: {}", e.message()))?;
+        Ok(Self { arch, width })
+    }
+}
+
+impl From<ModelConfig> for toml::Table {
+    fn from(m: ModelConfig) -> toml::Table {
+        let mut t = match toml::Value::try_from(&m.arch) {
+            Ok(toml::Value::Table(t)) => t,
+            _ => toml::Table::new(),
+        };
+        t.insert("width".into(), toml::Value::Float(m.width));
+        t
+    }
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// How many clients take part in a round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplingConfig {
+    /// Clients per round (exclusive with `fraction`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clients_per_round: Option<usize>,
+    /// Fraction of available clients per round (exclusive with `clients_per_round`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fraction: Option<f64>,
+    /// Fewest clients that must complete a round for it to be aggregated.
+    #[serde(default = "one_usize")]
+    pub min_clients: usize,
+}
+
+fn one_usize() -> usize {
+    1
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        Self {
+            clients_per_round: None,
+            fraction: Some(0.1),
+            min_clients: 1,
+        }
+    }
+}
+
+/// Server-side evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvaluationConfig {
+    /// Evaluate the global model(s) every K rounds (and always after the last).
+    #[serde(default = "one_u64")]
+    pub every: u64,
+    /// Also evaluate the global model on each participating client's held-out data.
+    #[serde(default)]
+    pub per_client: bool,
+}
+
+fn one_u64() -> u64 {
+    1
+}
+
+impl Default for EvaluationConfig {
+    fn default() -> Self {
+        Self {
+            every: 1,
+            per_client: false,
+        }
+    }
+}
+
+/// The fleet: tiers with shares, or a CSV of per-client profiles; none = unlimited devices.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    /// Tiers with shares.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tiers: Vec<TierSpec>,
+    /// CSV of per-client profiles (see `flotilla_core::device::load_fleet_csv`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub csv: Option<PathBuf>,
+    /// Per-round deadline in simulated seconds: later clients are stragglers, dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_s: Option<f64>,
+}
+
+/// Simulator settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimulationConfig {
+    /// Clients trained in parallel (0 = number of cores). Results do not depend on it.
+    #[serde(default)]
+    pub workers: usize,
+    /// Checkpoint every N rounds (0 = only at the end).
+    #[serde(default = "five")]
+    pub checkpoint_every: u64,
+}
+
+fn five() -> u64 {
+    5
+}
+
+impl Default for SimulationConfig {
+    fn default() -> Self {
+        Self {
+            workers: 0,
+            checkpoint_every: 5,
+        }
+    }
+}
+
+impl Experiment {
+    /// Parses TOML; serde errors already name the key and the line.
+    pub fn from_toml(text: &str) -> Result<Self, EngineError> {
+        let exp: Experiment =
+            toml::from_str(text).map_err(|e| EngineError::Config(e.to_string()))?;
+        exp.check()?;
+        Ok(exp)
+    }
+
+    /// Applies `key.path=value` overrides (value in TOML syntax, bare words as strings).
+    pub fn with_overrides(text: &str, overrides: &[String]) -> Result<Self, EngineError> {
+        let mut doc: toml::Table =
+            toml::from_str(text).map_err(|e| EngineError::Config(e.to_string()))?;
+        for o in overrides {
+            let (key, value) = o.split_once('=').ok_or_else(|| {
+                EngineError::Config(format!("override `{o}` must look like key.path=value"))
+            })?;
+            let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+                .ok()
+                .and_then(|t| t.get("v").cloned())
+                .unwrap_or_else(|| toml::Value::String(value.to_string()));
+            let mut table = &mut doc;
+            let parts: Vec<&str> = key.trim().split('.').collect();
+            for p in &parts[..parts.len() - 1] {
+                table = table
+                    .entry(p.to_string())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                    .as_table_mut()
+                    .ok_or_else(|| {
+                        EngineError::Config(format!("override `{o}`: `{p}` is not a table"))
+                    })?;
+            }
+            table.insert(parts[parts.len() - 1].to_string(), value);
+        }
+        let text = toml::to_string(&doc).map_err(|e| EngineError::Config(e.to_string()))?;
+        Self::from_toml(&text)
+    }
+
+    /// Value checks that serde cannot express.
+    pub fn check(&self) -> Result<(), EngineError> {
+        let bad = |key: &str, msg: String| Err(EngineError::Config(format!("`{key}` {msg}")));
+        if self.rounds == 0 {
+            return bad("rounds", "must be at least 1".into());
+        }
+        if self.data.num_clients == 0 {
+            return bad("data.num_clients", "must be at least 1".into());
+        }
+        if !(0.0..0.9).contains(&self.data.holdout) {
+            return bad(
+                "data.holdout",
+                format!("must be in [0, 0.9), got {}", self.data.holdout),
+            );
+        }
+        let t = &self.training;
+        if t.epochs == 0 || t.batch_size == 0 {
+            return bad(
+                "training",
+                "epochs and batch_size must be at least 1".into(),
+            );
+        }
+        if !(t.lr.is_finite() && t.lr > 0.0) {
+            return bad(
+                "training.lr",
+                format!("must be a positive number, got {}", t.lr),
+            );
+        }
+        if !(0.0..1.0).contains(&t.momentum) {
+            return bad(
+                "training.momentum",
+                format!("must be in [0, 1), got {}", t.momentum),
+            );
+        }
+        if t.momentum > 0.0 && t.optimizer == OptimizerKind::Adam {
+            return bad(
+                "training.momentum",
+                "applies to sgd only; Adam has its own moments".into(),
+            );
+        }
+        if !(t.weight_decay >= 0.0 && t.prox_mu >= 0.0) {
+            return bad(
+                "training",
+                "weight_decay and prox_mu must be non-negative".into(),
+            );
+        }
+        let s = &self.sampling;
+        match (s.clients_per_round, s.fraction) {
+            (Some(_), Some(_)) => {
+                return bad(
+                    "sampling",
+                    "takes `clients_per_round` or `fraction`, not both".into(),
+                );
+            }
+            (None, None) => {
+                return bad("sampling", "needs `clients_per_round` or `fraction`".into());
+            }
+            (Some(0), _) => return bad("sampling.clients_per_round", "must be at least 1".into()),
+            (Some(k), _) if k > self.data.num_clients => {
+                return bad(
+                    "sampling.clients_per_round",
+                    format!(
+                        "is {k} but there are only {} clients",
+                        self.data.num_clients
+                    ),
+                );
+            }
+            (_, Some(f)) if !(f > 0.0 && f <= 1.0) => {
+                return bad("sampling.fraction", format!("must be in (0, 1], got {f}"));
+            }
+            _ => {}
+        }
+        if s.min_clients == 0 {
+            return bad("sampling.min_clients", "must be at least 1".into());
+        }
+        if self.evaluation.every == 0 {
+            return bad("evaluation.every", "must be at least 1".into());
+        }
+        if self.evaluation.per_client && self.data.holdout == 0.0 {
+            return bad(
+                "evaluation.per_client",
+                "needs `data.holdout` > 0 (held-out local data)".into(),
+            );
+        }
+        if !self.fleet.tiers.is_empty() && self.fleet.csv.is_some() {
+            return bad("fleet", "takes `tiers` or `csv`, not both".into());
+        }
+        if let Some(d) = self.fleet.deadline_s {
+            if !(d.is_finite() && d > 0.0) {
+                return bad(
+                    "fleet.deadline_s",
+                    format!("must be a positive number of seconds, got {d}"),
+                );
+            }
+        }
+        match self.method.get("name") {
+            Some(toml::Value::String(_)) => Ok(()),
+            _ => bad(
+                "method.name",
+                "is required, e.g. name = \"fedavg\" (available: fedavg, fedprox)".into(),
+            ),
+        }
+    }
+
+    /// The method name.
+    pub fn method_name(&self) -> &str {
+        self.method
+            .get("name")
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+    }
+
+    /// The model spec for the configured dataset.
+    pub fn model_spec(&self) -> flotilla_models::ModelSpec {
+        flotilla_models::ModelSpec {
+            arch: self.model.arch.clone(),
+            input: self.data.dataset.input_shape(),
+            classes: self.data.dataset.num_classes(),
+            width: self.model.width,
+        }
+    }
+
+    /// Clients to sample from `available` clients.
+    pub fn clients_per_round(&self, available: usize) -> usize {
+        match (self.sampling.clients_per_round, self.sampling.fraction) {
+            (Some(k), _) => k.min(available),
+            (_, Some(f)) => {
+                ((f * available as f64).ceil() as usize).clamp(1.min(available), available)
+            }
+            _ => available,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+rounds = 2
+[data]
+dataset = "fashion-mnist"
+num_clients = 10
+partition = { kind = "iid" }
+[model]
+arch = "mlp"
+[training]
+epochs = 1
+batch_size = 10
+optimizer = "sgd"
+lr = 0.1
+[sampling]
+clients_per_round = 5
+[method]
+name = "fedavg"
+"#;
+
+    #[test]
+    fn parses_and_checks() {
+        let e = Experiment::from_toml(BASE).unwrap();
+        assert_eq!(e.model_spec().input, [1, 28, 28]);
+        assert_eq!(e.clients_per_round(10), 5);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Experiment::from_toml(&BASE.replace("lr = 0.1", "lr = 0.1\nlearning_rate = 3"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("learning_rate"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_are_named() {
+        for (from, to, key) in [
+            ("lr = 0.1", "lr = -1.0", "training.lr"),
+            (
+                "clients_per_round = 5",
+                "clients_per_round = 50",
+                "sampling.clients_per_round",
+            ),
+            ("rounds = 2", "rounds = 0", "rounds"),
+            ("name = \"fedavg\"", "nom = \"x\"", "method.name"),
+        ] {
+            let err = Experiment::from_toml(&BASE.replace(from, to))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
+        let err = Experiment::from_toml(&BASE.replace("\"fashion-mnist\"", "\"imagenet\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("imagenet") && err.contains("fashion-mnist"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn model_section_is_flat_and_strict() {
+        let e = Experiment::from_toml(&BASE.replace(
+            "arch = \"mlp\"",
+            "arch = \"resnet\"\nblocks_per_stage = 3\nwidth = 0.5",
+        ))
+        .unwrap();
+        assert_eq!(
+            e.model.arch,
+            Architecture::Resnet {
+                blocks_per_stage: 3
+            }
+        );
+        assert_eq!(e.model.width, 0.5);
+        let err =
+            Experiment::from_toml(&BASE.replace("arch = \"mlp\"", "arch = \"mlp\"\ndepth = 3"))
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("depth"), "{err}");
+        let back = Experiment::from_toml(&toml::to_string(&e).unwrap()).unwrap();
+        assert_eq!(back, e);
+    }
+
+    #[test]
+    fn overrides_apply() {
+        let e = Experiment::with_overrides(
+            BASE,
+            &[
+                "rounds=7".into(),
+                "training.lr=0.5".into(),
+                "method.name=fedprox".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(e.rounds, 7);
+        assert_eq!(e.training.lr, 0.5);
+        assert_eq!(e.method_name(), "fedprox");
+        assert!(Experiment::with_overrides(BASE, &["rounds".into()]).is_err());
+    }
+}

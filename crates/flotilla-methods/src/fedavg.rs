@@ -1,0 +1,230 @@
+//! FedAvg (McMahan et al. 2017) and FedProx (Li et al. 2020).
+//!
+//! Server: sends the global model to every selected client whose memory budget fits the
+//! training estimate (others are skipped with the reason), then averages the replies
+//! weighted by example count. FedProx is FedAvg whose clients add (μ/2)‖w − w_global‖² to
+//! their loss. Optional robust rules (coordinate-wise median, trimmed mean) replace the mean
+//! for fleets that may contain broken devices.
+
+use flotilla_core::ParamSet;
+use flotilla_core::aggregate::{self, Contribution};
+use flotilla_engine::local::{Recipe, estimate_memory, train_task};
+use flotilla_engine::{
+    Assignment, ClientCtx, ClientData, ClientHalf, ClientInfo, EngineError, EvalModel, Experiment,
+    MethodState, PhaseCtx, PhaseEnd, Reply, ServerCtx, ServerHalf, Task,
+};
+use flotilla_models::{ModelSpec, View};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+/// How replies are folded.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Aggregator {
+    /// Example-weighted mean (FedAvg).
+    Mean,
+    /// Coordinate-wise median.
+    Median,
+    /// Coordinate-wise trimmed mean, dropping `trim` replies from each end.
+    TrimmedMean,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Options {
+    name: String,
+    /// FedProx μ (fedprox only).
+    #[serde(default)]
+    mu: Option<f64>,
+    #[serde(default = "mean")]
+    aggregator: Aggregator,
+    #[serde(default)]
+    trim: usize,
+}
+
+fn mean() -> Aggregator {
+    Aggregator::Mean
+}
+
+/// The server half of FedAvg / FedProx.
+pub struct FedAvg {
+    name: String,
+    spec: ModelSpec,
+    recipe: Recipe,
+    global: ParamSet,
+    aggregator: Aggregator,
+    trim: usize,
+}
+
+impl FedAvg {
+    /// Builds the server half from the `[method]` table.
+    pub fn from_config(
+        exp: &Experiment,
+        spec: ModelSpec,
+        init: ParamSet,
+    ) -> Result<Self, EngineError> {
+        let opts: Options = toml::Value::Table(exp.method.clone())
+            .try_into()
+            .map_err(|e| EngineError::Config(format!("[method]: {e}")))?;
+        let mut recipe = exp.training.clone();
+        match (opts.name.as_str(), opts.mu) {
+            ("fedprox", Some(mu)) if mu.is_finite() && mu >= 0.0 => recipe.prox_mu = mu,
+            ("fedprox", Some(mu)) => {
+                return Err(EngineError::Config(format!(
+                    "`method.mu` must be a non-negative number, got {mu}"
+                )));
+            }
+            ("fedprox", None) => {
+                return Err(EngineError::Config(
+                    "`method.mu` is required for fedprox (e.g. mu = 0.01)".into(),
+                ));
+            }
+            (_, Some(_)) => {
+                return Err(EngineError::Config(
+                    "`method.mu` applies to fedprox only".into(),
+                ));
+            }
+            _ => {}
+        }
+        if opts.aggregator == Aggregator::TrimmedMean && opts.trim == 0 {
+            return Err(EngineError::Config(
+                "`method.trim` must be at least 1 with aggregator = \"trimmed-mean\"".into(),
+            ));
+        }
+        Ok(Self {
+            name: opts.name,
+            spec,
+            recipe,
+            global: init,
+            aggregator: opts.aggregator,
+            trim: opts.trim,
+        })
+    }
+
+    /// The current global model.
+    pub fn global(&self) -> &ParamSet {
+        &self.global
+    }
+}
+
+impl ServerHalf for FedAvg {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn plan(&self, ctx: &PhaseCtx, clients: &[ClientInfo]) -> Result<Vec<Assignment>, EngineError> {
+        let view = View::full();
+        let need = estimate_memory(&self.spec, &view, &self.global, &self.recipe).total();
+        Ok(clients
+            .iter()
+            .map(|c| {
+                if need > c.profile.memory_bytes {
+                    Assignment::Skip(format!(
+                        "training the model needs about {:.1} MiB, the {} device has {:.1} MiB",
+                        need as f64 / 1048576.0,
+                        c.profile.tier,
+                        c.profile.memory_bytes as f64 / 1048576.0
+                    ))
+                } else {
+                    Assignment::Run(Box::new(Task {
+                        round: ctx.round,
+                        phase: ctx.phase,
+                        client: c.id,
+                        kind: "train".into(),
+                        model: self.spec.clone(),
+                        view: view.clone(),
+                        recipe: self.recipe.clone(),
+                        params: self.global.clone(),
+                        masks: Vec::new(),
+                        options: serde_json::Value::Null,
+                    }))
+                }
+            })
+            .collect())
+    }
+
+    fn aggregate(
+        &mut self,
+        ctx: &PhaseCtx,
+        replies: &[Reply],
+        _server: &mut ServerCtx<'_>,
+    ) -> Result<PhaseEnd, EngineError> {
+        // A reply that does not match the global layout is refused, not averaged.
+        let valid: Vec<&Reply> = replies
+            .iter()
+            .filter(|r| match self.global.check_same_layout(&r.params) {
+                Ok(()) if r.num_examples > 0 => true,
+                Ok(()) => {
+                    tracing::warn!(round = ctx.round, client = r.client, "update refused: zero examples");
+                    false
+                }
+                Err(e) => {
+                    tracing::warn!(round = ctx.round, client = r.client, error = %e, "update refused");
+                    false
+                }
+            })
+            .collect();
+        if valid.is_empty() {
+            return Err(EngineError::Method("no valid update to aggregate".into()));
+        }
+        let contribs: Vec<Contribution> = valid
+            .iter()
+            .map(|r| Contribution {
+                params: &r.params,
+                weight: r.num_examples as f64,
+            })
+            .collect();
+        self.global = match self.aggregator {
+            Aggregator::Mean => aggregate::weighted_mean(&contribs)?,
+            Aggregator::Median => aggregate::coordinate_median(&contribs)?,
+            Aggregator::TrimmedMean => aggregate::trimmed_mean(&contribs, self.trim)?,
+        };
+        Ok(PhaseEnd::RoundComplete)
+    }
+
+    fn eval_models(&self) -> Vec<EvalModel> {
+        vec![EvalModel {
+            label: "global".into(),
+            spec: self.spec.clone(),
+            view: View::full(),
+            params: self.global.clone(),
+        }]
+    }
+
+    fn snapshot(&self) -> MethodState {
+        MethodState {
+            params: BTreeMap::from([("global".to_string(), self.global.clone())]),
+            json: serde_json::Value::Null,
+        }
+    }
+
+    fn restore(&mut self, state: MethodState) -> Result<(), EngineError> {
+        let global = state
+            .params
+            .get("global")
+            .ok_or_else(|| EngineError::Method("checkpoint lacks the global model".into()))?;
+        self.global.check_same_layout(global)?;
+        self.global = global.clone();
+        Ok(())
+    }
+}
+
+/// The client half of FedAvg / FedProx: local training of the received model.
+pub struct FedAvgClient;
+
+impl ClientHalf for FedAvgClient {
+    fn execute(
+        &self,
+        task: &Task,
+        data: &ClientData,
+        ctx: &ClientCtx,
+    ) -> Result<Reply, EngineError> {
+        if task.kind != "train" {
+            return Err(EngineError::Task(format!(
+                "fedavg clients do `train` tasks, not `{}`",
+                task.kind
+            )));
+        }
+        train_task(task, data, ctx)
+    }
+}

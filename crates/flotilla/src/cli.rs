@@ -1,0 +1,358 @@
+//! The `flotilla` command: argument parsing and the subcommands.
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use flotilla_core::safetensors_io;
+use flotilla_data::{DatasetKind, Split};
+use flotilla_engine::sink::{Event, MetricsFiles, Sink};
+use flotilla_engine::{EngineError, Experiment, Simulation};
+use flotilla_report::Run;
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+/// Federated learning for fleets of weak and mixed devices.
+#[derive(Parser, Debug)]
+#[command(name = "flotilla", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a simulated federated training from a TOML config.
+    Simulate {
+        /// Experiment config (TOML).
+        #[arg(long, required_unless_present = "resume")]
+        config: Option<PathBuf>,
+        /// Run directory (default: runs/<config name>, numbered if taken).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Dataset folder (overrides the config, FLOTILLA_DATA and the Debian path).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Override a config key, e.g. --set rounds=5 --set training.lr=0.05.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Continue a stopped run from its last checkpoint.
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "out", "overrides"])]
+        resume: Option<PathBuf>,
+    },
+    /// Evaluate a saved model on the test set.
+    Evaluate {
+        /// Experiment config naming the dataset.
+        #[arg(long)]
+        config: PathBuf,
+        /// Model file (model.safetensors of a run).
+        #[arg(long)]
+        model: PathBuf,
+        /// Dataset folder.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Print how a config partitions the data among clients.
+    Partition {
+        /// Experiment config.
+        #[arg(long)]
+        config: PathBuf,
+        /// Dataset folder.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-render plots and print a summary table; several runs side by side.
+    Report {
+        /// Run directories.
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// Where comparison plots of several runs go (default: ./comparison).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Measure training throughput, round overhead and memory; prints a table.
+    Bench {
+        /// Shorter measurements (less precise).
+        #[arg(long)]
+        quick: bool,
+        /// Dataset folder for the W2 simulations.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+/// Runs the command line.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Simulate {
+            config,
+            out,
+            data_dir,
+            overrides,
+            resume,
+        } => match resume {
+            Some(dir) => resume_run(&dir, data_dir.as_deref()),
+            None => {
+                let config = config.context("--config is required")?;
+                simulate(&config, out, data_dir.as_deref(), &overrides)
+            }
+        },
+        Command::Evaluate {
+            config,
+            model,
+            data_dir,
+        } => evaluate(&config, &model, data_dir.as_deref()),
+        Command::Partition {
+            config,
+            data_dir,
+            json,
+        } => partition(&config, data_dir.as_deref(), json),
+        Command::Report { runs, out } => report(&runs, out),
+        Command::Bench { quick, data_dir } => crate::bench::run(quick, data_dir.as_deref()),
+    }
+}
+
+/// Reads and checks a config file, applying overrides.
+pub fn load_config(path: &Path, overrides: &[String]) -> Result<Experiment> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the config file {}", path.display()))?;
+    let exp = Experiment::with_overrides(&text, overrides)
+        .with_context(|| format!("in {}", path.display()))?;
+    Ok(exp)
+}
+
+/// Loads the dataset the config names, from the resolved folder.
+pub fn load_data(exp: &Experiment, cli_dir: Option<&Path>) -> Result<Split> {
+    let kind: DatasetKind = exp.data.dataset;
+    let dir = flotilla_data::resolve_data_dir(cli_dir, exp.data.dir.as_deref(), kind);
+    Ok(flotilla_data::load(kind, &dir)?)
+}
+
+fn fresh_run_dir(config: &Path) -> PathBuf {
+    let stem = config.file_stem().and_then(|s| s.to_str()).unwrap_or("run");
+    let base = PathBuf::from("runs").join(stem);
+    if !base.exists() {
+        return base;
+    }
+    (2..)
+        .map(|i| PathBuf::from("runs").join(format!("{stem}-{i}")))
+        .find(|p| !p.exists())
+        .expect("unbounded")
+}
+
+fn simulate(
+    config: &Path,
+    out: Option<PathBuf>,
+    data_dir: Option<&Path>,
+    overrides: &[String],
+) -> Result<()> {
+    let exp = load_config(config, overrides)?;
+    let data = load_data(&exp, data_dir)?;
+    let dir = out.unwrap_or_else(|| fresh_run_dir(config));
+    if dir.join(flotilla_report::METRICS_FILE).exists() {
+        bail!(
+            "{} already holds a run; choose another --out, or continue it with --resume {}",
+            dir.display(),
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create the run directory {}", dir.display()))?;
+    let resolved = toml::to_string(&exp).context("cannot serialise the config")?;
+    safetensors_io::write_atomic(&dir.join("config.toml"), resolved.as_bytes())?;
+    let (server, client) = flotilla_methods::build(&exp)?;
+    let mut sim = Simulation::new(exp, data, server, client, &dir)?;
+    let metrics = MetricsFiles::open(&dir, 0)?;
+    finish(&mut sim, metrics, &dir)
+}
+
+fn resume_run(dir: &Path, data_dir: Option<&Path>) -> Result<()> {
+    let config = dir.join("config.toml");
+    let exp = load_config(&config, &[])?;
+    let data = load_data(&exp, data_dir)?;
+    let (server, client) = flotilla_methods::build(&exp)?;
+    let mut sim = Simulation::new(exp, data, server, client, dir)?;
+    let round = sim.restore_checkpoint()?;
+    tracing::info!(round, "resuming after the last checkpoint");
+    let metrics = MetricsFiles::open(dir, round)?;
+    finish(&mut sim, metrics, dir)
+}
+
+/// Runs the simulation with the metrics files and a progress display, then writes the model,
+/// the summary and the plots.
+fn finish(sim: &mut Simulation, mut metrics: MetricsFiles, dir: &Path) -> Result<()> {
+    let mut progress = Progress::new();
+    let summary = sim.run(&mut [&mut metrics, &mut progress])?;
+    progress.done();
+    if let Some(model) = sim.server().eval_models().into_iter().next() {
+        let meta = HashMap::from([("model".to_string(), serde_json::to_string(&model.spec)?)]);
+        safetensors_io::save(&dir.join("model.safetensors"), &model.params, Some(meta))?;
+    }
+    safetensors_io::write_atomic(
+        &dir.join(flotilla_report::SUMMARY_FILE),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    let run = Run::load(dir)?;
+    let plots = flotilla_report::render_plots(&run)?;
+    println!(
+        "{}",
+        flotilla_report::summary_table(std::slice::from_ref(&run))
+    );
+    println!("run directory: {}", dir.display());
+    println!("model:         {}", dir.join("model.safetensors").display());
+    for p in plots {
+        println!("plot:          {}", p.display());
+    }
+    Ok(())
+}
+
+/// Progress: a bar on a terminal, plain log lines otherwise.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Self { bar: None }
+    }
+
+    fn done(&self) {
+        if let Some(b) = &self.bar {
+            b.finish();
+        }
+    }
+}
+
+impl Sink for Progress {
+    fn on_event(&mut self, event: &Event<'_>) -> Result<(), EngineError> {
+        match event {
+            Event::Started {
+                first_round,
+                rounds,
+            } => {
+                if std::io::stderr().is_terminal() {
+                    let bar = indicatif::ProgressBar::new(*rounds);
+                    bar.set_style(
+                        indicatif::ProgressStyle::with_template(
+                            "{spinner} round {pos}/{len} [{bar:30}] {msg} ETA {eta}",
+                        )
+                        .expect("valid template")
+                        .progress_chars("=> "),
+                    );
+                    bar.set_position(first_round - 1);
+                    self.bar = Some(bar);
+                } else {
+                    tracing::info!(first_round, rounds, "simulation started");
+                }
+            }
+            Event::Round { round, clients } => {
+                let acc = round
+                    .test_accuracy
+                    .map_or("-".to_string(), |a| format!("{:.2}%", 100.0 * a));
+                match &self.bar {
+                    Some(b) => {
+                        b.set_message(format!("acc {acc}"));
+                        b.set_position(round.round);
+                    }
+                    None => tracing::info!(
+                        round = round.round,
+                        accuracy = %acc,
+                        clients = round.clients,
+                        skipped = clients.iter().filter(|c| c.status != "ok").count(),
+                        wall_s = format!("{:.1}", round.wall_time_s),
+                        "round finished"
+                    ),
+                }
+            }
+            Event::Checkpoint { round } => tracing::debug!(round, "checkpoint written"),
+            Event::Finished { .. } => {}
+        }
+        Ok(())
+    }
+}
+
+fn evaluate(config: &Path, model: &Path, data_dir: Option<&Path>) -> Result<()> {
+    let exp = load_config(config, &[])?;
+    let data = load_data(&exp, data_dir)?;
+    let (params, meta) = safetensors_io::load(model)?;
+    let spec = match meta.get("model") {
+        Some(json) => serde_json::from_str(json).with_context(|| {
+            format!(
+                "{}: the `model` metadata is not a model spec",
+                model.display()
+            )
+        })?,
+        None => exp.model_spec(),
+    };
+    let (mean, std) = exp.data.dataset.normalization();
+    let test = match exp.data.test_limit {
+        Some(n) => data.test.take_first(n),
+        None => data.test,
+    };
+    let (acc, loss) = flotilla_engine::local::evaluate(
+        &spec,
+        &flotilla_models::View::full(),
+        &params,
+        &test,
+        &mean,
+        &std,
+    )?;
+    println!("test_accuracy: {acc:.4}");
+    println!("test_loss:     {loss:.4}");
+    println!("samples:       {}", test.len());
+    Ok(())
+}
+
+fn partition(config: &Path, data_dir: Option<&Path>, json: bool) -> Result<()> {
+    let exp = load_config(config, &[])?;
+    let data = load_data(&exp, data_dir)?;
+    let train = match exp.data.train_limit {
+        Some(n) => data.train.take_first(n),
+        None => data.train,
+    };
+    let seed = flotilla_core::seed::derive(exp.seed, 0, 0, flotilla_core::seed::Purpose::Partition);
+    let parts = flotilla_data::partition(
+        &train.labels,
+        train.num_classes,
+        exp.data.num_clients,
+        &exp.data.partition,
+        seed,
+    )?;
+    let summary = flotilla_data::summarize(&parts, &train.labels, train.num_classes);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!(
+            "{} over {} clients ({})",
+            exp.data.dataset, exp.data.num_clients, exp.data.partition
+        );
+        println!("{summary}");
+    }
+    Ok(())
+}
+
+fn report(dirs: &[PathBuf], out: Option<PathBuf>) -> Result<()> {
+    let runs = dirs
+        .iter()
+        .map(|d| Run::load(d))
+        .collect::<Result<Vec<_>, _>>()?;
+    for run in &runs {
+        for p in flotilla_report::render_plots(run)? {
+            println!("plot: {}", p.display());
+        }
+    }
+    if runs.len() > 1 {
+        let out = out.unwrap_or_else(|| PathBuf::from("comparison"));
+        std::fs::create_dir_all(&out)
+            .with_context(|| format!("cannot create {}", out.display()))?;
+        for p in flotilla_report::render_comparison(&runs, &out)? {
+            println!("plot: {}", p.display());
+        }
+    }
+    println!("{}", flotilla_report::summary_table(&runs));
+    Ok(())
+}
