@@ -44,6 +44,7 @@ pub struct Simulation {
     pools: Vec<rayon::ThreadPool>,
     /// Masks each client already holds (only clients that were sent some).
     client_masks: HashMap<u64, KnownMasks>,
+    server_data: Option<ClientData>,
     next_round: u64,
     totals: Totals,
 }
@@ -120,6 +121,7 @@ impl Simulation {
             std,
             pools,
             client_masks: HashMap::new(),
+            server_data: None,
             next_round: 1,
             totals: Totals::default(),
         };
@@ -249,6 +251,12 @@ impl Simulation {
             serde_json::json!({ "round": round, "method": snap.json, "totals": self.totals });
         safetensors_io::write_atomic(&dir.join("state.json"), state.to_string().as_bytes())?;
         Ok(())
+    }
+
+    /// Gives the server half data of its own (a proxy or synthetic set) for server-side
+    /// training during aggregation; it must be disjoint from the clients' data.
+    pub fn set_server_data(&mut self, data: ClientData) {
+        self.server_data = Some(data);
     }
 
     /// The server half (for final models).
@@ -419,7 +427,9 @@ impl Simulation {
                 );
                 break;
             }
-            let mut server_ctx = ServerCtx { server_data: None };
+            let mut server_ctx = ServerCtx {
+                server_data: self.server_data.as_ref(),
+            };
             let end = self.server.aggregate(&ctx, &replies, &mut server_ctx)?;
             active = replies.iter().map(|r| r.client).collect();
             match end {

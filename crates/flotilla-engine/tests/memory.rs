@@ -1,0 +1,160 @@
+//! The analytic memory estimate against the heap high-water mark measured by the counting
+//! allocator during real local training.
+
+use flotilla_core::ParamSet;
+use flotilla_data::Dataset;
+use flotilla_engine::alloc::{self, CountingAlloc, ThreadPeak};
+use flotilla_engine::local::{OptimizerKind, Recipe, estimate_memory, train};
+use flotilla_engine::method::ClientData;
+use flotilla_models::{Architecture, ModelSpec, Net, View};
+
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
+
+fn data(n: usize) -> ClientData {
+    let images = (0..n * 784).map(|i| (i * 37 % 251) as u8).collect();
+    let labels = (0..n).map(|i| (i % 10) as u8).collect();
+    let train = Dataset {
+        images,
+        labels,
+        shape: [1, 28, 28],
+        num_classes: 10,
+    };
+    ClientData {
+        train,
+        holdout: Dataset {
+            images: vec![],
+            labels: vec![],
+            shape: [1, 28, 28],
+            num_classes: 10,
+        },
+        mean: vec![0.286],
+        std: vec![0.353],
+    }
+}
+
+fn measure(spec: &ModelSpec, view: &View, recipe: &Recipe) -> (u64, u64) {
+    let params: ParamSet = Net::init_params(spec, 0).unwrap();
+    let d = data(4 * recipe.batch_size);
+    // One warm-up run so that lazily allocated, process-wide buffers do not count.
+    train(spec, view, &params, &d, recipe, 0).unwrap();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    let measured = pool.install(|| {
+        let peak = ThreadPeak::start();
+        train(spec, view, &params, &d, recipe, 0).unwrap();
+        peak.peak_above_start()
+    });
+    (
+        measured,
+        estimate_memory(spec, view, &params, recipe).total(),
+    )
+}
+
+fn recipe(batch: usize, optimizer: OptimizerKind, momentum: f64) -> Recipe {
+    Recipe {
+        epochs: 1,
+        batch_size: batch,
+        optimizer,
+        lr: 0.01,
+        momentum,
+        weight_decay: 0.0,
+        prox_mu: 0.0,
+    }
+}
+
+#[test]
+fn estimate_tracks_measurement() {
+    assert!(alloc::is_installed());
+    let resnet = ModelSpec {
+        arch: Architecture::Resnet {
+            blocks_per_stage: 1,
+        },
+        input: [1, 28, 28],
+        classes: 10,
+        width: 1.0,
+    };
+    let vit = ModelSpec {
+        arch: Architecture::Vit {
+            patch: 7,
+            dim: 64,
+            depth: 2,
+            heads: 4,
+            mlp_ratio: 2,
+        },
+        input: [1, 28, 28],
+        classes: 10,
+        width: 1.0,
+    };
+    let cases = [
+        (
+            "W1 cnn b32 sgd+m",
+            ModelSpec::fedavg_cnn(),
+            View::full(),
+            recipe(32, OptimizerKind::Sgd, 0.9),
+        ),
+        (
+            "W1 cnn b128 sgd+m",
+            ModelSpec::fedavg_cnn(),
+            View::full(),
+            recipe(128, OptimizerKind::Sgd, 0.9),
+        ),
+        (
+            "cnn b32 adam",
+            ModelSpec::fedavg_cnn(),
+            View::full(),
+            recipe(32, OptimizerKind::Adam, 0.0),
+        ),
+        (
+            "W2 mlp b10 sgd",
+            ModelSpec::mlp_2nn(),
+            View::full(),
+            recipe(10, OptimizerKind::Sgd, 0.0),
+        ),
+        (
+            "mlp b256 sgd+m",
+            ModelSpec::mlp_2nn(),
+            View::full(),
+            recipe(256, OptimizerKind::Sgd, 0.9),
+        ),
+        (
+            "resnet8 b32",
+            resnet.clone(),
+            View::full(),
+            recipe(32, OptimizerKind::Sgd, 0.9),
+        ),
+        (
+            "resnet8 prefix 1 b32",
+            resnet.clone(),
+            View::depth_prefix(1, 3),
+            recipe(32, OptimizerKind::Sgd, 0.9),
+        ),
+        (
+            "vit b32",
+            vit,
+            View::full(),
+            recipe(32, OptimizerKind::Sgd, 0.9),
+        ),
+    ];
+    let mut worst: f64 = 1.0;
+    for (name, spec, view, r) in cases {
+        let (measured, estimated) = measure(&spec, &view, &r);
+        let ratio = measured as f64 / estimated as f64;
+        eprintln!(
+            "{name:24} measured {:8.2} MiB  estimated {:8.2} MiB  ratio {ratio:.2}",
+            measured as f64 / 1048576.0,
+            estimated as f64 / 1048576.0
+        );
+        worst = if (ratio - 1.0).abs() > (worst - 1.0).abs() {
+            ratio
+        } else {
+            worst
+        };
+    }
+    assert!(
+        (0.7..=1.3).contains(&worst),
+        "estimate off by a factor of {worst}"
+    );
+}
