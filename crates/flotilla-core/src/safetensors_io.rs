@@ -37,8 +37,62 @@ pub fn to_bytes(
                 .map_err(|e| CoreError::Incompatible(format!("tensor `{name}`: {e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    safetensors::serialize(views, Some(metadata))
-        .map_err(|e| CoreError::Incompatible(e.to_string()))
+    let bytes = safetensors::serialize(views, Some(metadata))
+        .map_err(|e| CoreError::Incompatible(e.to_string()))?;
+    Ok(canonical_header(bytes))
+}
+
+/// Rewrites the JSON header with sorted keys: the library writes metadata in hash order, and
+/// the same model must give the same bytes. The header stays padded to 8 bytes.
+fn canonical_header(bytes: Vec<u8>) -> Vec<u8> {
+    use std::collections::BTreeMap;
+    let Some(len) = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
+    else {
+        return bytes;
+    };
+    let Some(header) = bytes.get(8..8 + len) else {
+        return bytes;
+    };
+    let Ok(map) = serde_json::from_slice::<BTreeMap<String, serde_json::Value>>(header) else {
+        return bytes;
+    };
+    // Build the JSON by hand from sorted maps so the order holds whatever serde_json's
+    // map type is.
+    let mut json = String::from("{");
+    for (i, (key, value)) in map.iter().enumerate() {
+        if i > 0 {
+            json.push(',');
+        }
+        json.push_str(&serde_json::to_string(key).expect("string"));
+        json.push(':');
+        match serde_json::from_value::<BTreeMap<String, serde_json::Value>>(value.clone()) {
+            Ok(inner) => {
+                json.push('{');
+                for (j, (k, v)) in inner.iter().enumerate() {
+                    if j > 0 {
+                        json.push(',');
+                    }
+                    json.push_str(&serde_json::to_string(k).expect("string"));
+                    json.push(':');
+                    json.push_str(&serde_json::to_string(v).expect("value"));
+                }
+                json.push('}');
+            }
+            Err(_) => json.push_str(&serde_json::to_string(value).expect("value")),
+        }
+    }
+    json.push('}');
+    let mut json = json.into_bytes();
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut out = Vec::with_capacity(bytes.len() + 8);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&bytes[8 + len..]);
+    out
 }
 
 /// Parses safetensors bytes. Tensors come back in the canonical order recorded by
@@ -144,6 +198,26 @@ mod tests {
             (-0.0f32).to_bits()
         );
         assert_eq!(m, meta);
+    }
+
+    #[test]
+    fn same_content_gives_same_bytes() {
+        let p = ParamSet::from_tensors(vec![Tensor::new("w", vec![2], vec![1.0, 2.0]).unwrap()])
+            .unwrap();
+        let meta = || {
+            Some(HashMap::from([
+                ("a".to_string(), "1".to_string()),
+                ("b".to_string(), "2".to_string()),
+                ("c".to_string(), "3".to_string()),
+            ]))
+        };
+        let first = to_bytes(&p, meta()).unwrap();
+        for _ in 0..20 {
+            assert_eq!(to_bytes(&p, meta()).unwrap(), first);
+        }
+        let (back, m) = from_bytes(&first).unwrap();
+        assert_eq!(back, p);
+        assert_eq!(m.len(), 3);
     }
 
     #[test]

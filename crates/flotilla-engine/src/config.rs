@@ -11,6 +11,20 @@ use flotilla_models::Architecture;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
+/// A TOML error as one line: position and message (toml's own rendering spans several lines).
+fn toml_error(text: &str, e: &toml::de::Error) -> EngineError {
+    let message = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            EngineError::Config(format!("line {line}, column {column}: {message}"))
+        }
+        None => EngineError::Config(message),
+    }
+}
+
 /// A whole experiment, as written in a TOML file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -206,16 +220,14 @@ impl Default for SimulationConfig {
 impl Experiment {
     /// Parses TOML; serde errors already name the key and the line.
     pub fn from_toml(text: &str) -> Result<Self, EngineError> {
-        let exp: Experiment =
-            toml::from_str(text).map_err(|e| EngineError::Config(e.to_string()))?;
+        let exp: Experiment = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
         exp.check()?;
         Ok(exp)
     }
 
     /// Applies `key.path=value` overrides (value in TOML syntax, bare words as strings).
     pub fn with_overrides(text: &str, overrides: &[String]) -> Result<Self, EngineError> {
-        let mut doc: toml::Table =
-            toml::from_str(text).map_err(|e| EngineError::Config(e.to_string()))?;
+        let mut doc: toml::Table = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
         for o in overrides {
             let (key, value) = o.split_once('=').ok_or_else(|| {
                 EngineError::Config(format!("override `{o}` must look like key.path=value"))

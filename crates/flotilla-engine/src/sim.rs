@@ -129,27 +129,29 @@ impl Simulation {
         Ok(sim)
     }
 
-    /// Refuses an impossible fleet: a dry-run plan over every client must run at least one.
+    /// Refuses an impossible fleet: a dry-run plan must run at least one client. Clients are
+    /// planned one at a time and tasks dropped at once, so memory stays flat in the fleet size.
     fn check_fleet(&self) -> Result<(), EngineError> {
-        let infos: Vec<ClientInfo> = (0..self.parts.len()).map(|c| self.info(c as u64)).collect();
         let ctx = PhaseCtx {
             round: 1,
             phase: 0,
             seed: self.exp.seed,
         };
-        let plan = self.server.plan(&ctx, &infos)?;
-        if plan.iter().all(|a| matches!(a, Assignment::Skip(_))) {
-            let reason = plan.iter().find_map(|a| match a {
-                Assignment::Skip(r) => Some(r.clone()),
-                Assignment::Run(_) => None,
-            });
-            return Err(EngineError::Config(format!(
-                "impossible fleet: no client fits any plan of method `{}` (e.g. {}); give the devices more memory in [fleet] or choose a smaller model",
-                self.server.name(),
-                reason.unwrap_or_default()
-            )));
+        let mut first_reason = None;
+        for c in 0..self.parts.len() as u64 {
+            match self.server.plan(&ctx, &[self.info(c)])?.into_iter().next() {
+                Some(Assignment::Run(_)) => return Ok(()),
+                Some(Assignment::Skip(r)) => {
+                    first_reason.get_or_insert(r);
+                }
+                None => {}
+            }
         }
-        Ok(())
+        Err(EngineError::Config(format!(
+            "impossible fleet: no client fits any plan of method `{}` (e.g. {}); give the devices more memory in [fleet] or choose a smaller model",
+            self.server.name(),
+            first_reason.unwrap_or_default()
+        )))
     }
 
     fn info(&self, c: u64) -> ClientInfo {
@@ -574,9 +576,21 @@ impl Simulation {
                         let mut busy = 0.0;
                         for i in (w..prepared.len()).step_by(workers) {
                             let (c, known, bytes) = &prepared[i];
-                            let r = this.pools[w].install(|| {
-                                this.run_client(*c, known.clone(), bytes, server_masks)
-                            });
+                            // A fresh single-thread pool per client: burn's internal parallelism
+                            // stays on that thread, and every client's heap peak counts the same
+                            // one-off buffers whatever ran before it, so figures do not depend on
+                            // the number of workers.
+                            let r = rayon::ThreadPoolBuilder::new()
+                                .num_threads(1)
+                                .build()
+                                .map_err(|e| {
+                                    EngineError::Io(format!("cannot start a client thread: {e}"))
+                                })
+                                .and_then(|pool| {
+                                    pool.install(|| {
+                                        this.run_client(*c, known.clone(), bytes, server_masks)
+                                    })
+                                });
                             if let Ok(run) = &r {
                                 busy += run.record.wall_time_s;
                             }

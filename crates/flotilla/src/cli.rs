@@ -160,12 +160,13 @@ fn simulate(
             dir.display()
         );
     }
+    let resolved = toml::to_string(&exp).context("cannot serialise the config")?;
+    let (server, client) = flotilla_methods::build(&exp)?;
+    // Set up (and refuse an impossible fleet) before anything is written.
+    let mut sim = Simulation::new(exp, data, server, client, &dir)?;
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create the run directory {}", dir.display()))?;
-    let resolved = toml::to_string(&exp).context("cannot serialise the config")?;
     safetensors_io::write_atomic(&dir.join("config.toml"), resolved.as_bytes())?;
-    let (server, client) = flotilla_methods::build(&exp)?;
-    let mut sim = Simulation::new(exp, data, server, client, &dir)?;
     let metrics = MetricsFiles::open(&dir, 0)?;
     finish(&mut sim, metrics, &dir)
 }

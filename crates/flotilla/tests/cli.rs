@@ -1,0 +1,1016 @@
+//! Integration tests of the `flotilla` command: the binary is run as a user would run it.
+//!
+//! * bad input ends in one `error:` line that names the problem, never a panic;
+//! * a tiny end-to-end `simulate`, then `evaluate` and `report` on its run directory;
+//! * `simulate --resume` continues a stopped run to exactly the result of an uninterrupted one;
+//! * `partition` describes the split that `simulate` uses;
+//! * results do not depend on the number of worker threads.
+//!
+//! Tests that train or load data need Fashion-MNIST in /usr/share/datasets/fashion-mnist
+//! (`apt-get install dataset-fashion-mnist`); without it they print a note and pass.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use tempfile::TempDir;
+
+const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
+const DATA_DIR: &str = "/usr/share/datasets/fashion-mnist";
+
+/// A tiny FedAvg experiment: the MLP on 2000 training and 500 test samples, 10 IID clients,
+/// 5 per round, a checkpoint after every round.
+const TINY: &str = r#"
+seed = 0
+rounds = 2
+
+[data]
+dataset = "fashion-mnist"
+num_clients = 10
+partition = { kind = "iid" }
+train_limit = 2000
+test_limit = 500
+
+[model]
+arch = "mlp"
+hidden = [200, 200]
+
+[training]
+epochs = 1
+batch_size = 32
+optimizer = "sgd"
+lr = 0.05
+momentum = 0.9
+
+[sampling]
+clients_per_round = 5
+
+[simulation]
+checkpoint_every = 1
+
+[method]
+name = "fedavg"
+"#;
+
+/// Keys every line of metrics.jsonl must hold.
+const METRIC_KEYS: [&str; 11] = [
+    "round",
+    "test_accuracy",
+    "test_loss",
+    "train_loss",
+    "clients",
+    "bytes_up",
+    "bytes_down",
+    "sim_time_s",
+    "wall_time_s",
+    "peak_client_memory_bytes",
+    "flops",
+];
+
+/// Whether the packaged dataset is installed; prints a note when it is not.
+fn have_data(test: &str) -> bool {
+    let ok = Path::new(DATA_DIR).is_dir();
+    if !ok {
+        eprintln!(
+            "note: {test} skipped: {DATA_DIR} is missing (apt-get install dataset-fashion-mnist)"
+        );
+    }
+    ok
+}
+
+/// Path as &str (temporary directories are UTF-8 here).
+fn s(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+/// Runs the binary in `cwd` with a clean, fixed environment.
+fn flotilla_env(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .current_dir(cwd)
+        .env_remove("FLOTILLA_DATA")
+        .env("FLOTILLA_LOG", "info")
+        .env("NO_COLOR", "1");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {BIN}: {e}"))
+}
+
+fn flotilla(cwd: &Path, args: &[&str]) -> Output {
+    flotilla_env(cwd, args, &[])
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Asserts success and returns stdout.
+fn success(out: &Output, what: &str) -> String {
+    let stderr = text(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout:\n{}\nstderr:\n{stderr}",
+        out.status,
+        text(&out.stdout)
+    );
+    assert!(!stderr.contains("panicked"), "{what} panicked:\n{stderr}");
+    text(&out.stdout)
+}
+
+/// Asserts a clean failure: no panic, a non-zero exit code, exactly one line starting with
+/// `error:`, which is the last line of stderr (the error and its causes on one line), and a
+/// message holding every needle. Returns the error message.
+fn assert_clean_error(out: &Output, what: &str, needles: &[&str]) -> String {
+    let stderr = text(&out.stderr);
+    let mut problems = Vec::new();
+    if stderr.contains("panicked") {
+        problems.push("stderr reports a panic".to_string());
+    }
+    match out.status.code() {
+        Some(0) => problems.push("exit code is 0".to_string()),
+        None => problems.push(format!("killed by a signal ({})", out.status)),
+        Some(101) => problems.push("exit code 101 is Rust's panic exit code".to_string()),
+        Some(_) => {}
+    }
+    let lines: Vec<&str> = stderr.lines().collect();
+    let error_lines: Vec<usize> = (0..lines.len())
+        .filter(|&i| lines[i].starts_with("error:"))
+        .collect();
+    if error_lines.len() != 1 {
+        problems.push(format!(
+            "expected exactly one line starting with `error:`, found {}",
+            error_lines.len()
+        ));
+    }
+    // The message: from the (first) error line to the end of stderr.
+    let message = error_lines
+        .first()
+        .map(|&i| lines[i..].join("\n"))
+        .unwrap_or_default();
+    for n in needles {
+        if !message.contains(n) {
+            problems.push(format!("the error message does not mention `{n}`"));
+        }
+    }
+    let last = lines.iter().rev().find(|l| !l.trim().is_empty());
+    if !last.is_some_and(|l| l.starts_with("error:")) {
+        problems.push(
+            "the error is not a single line ending stderr: the last line of stderr does not \
+             start with `error:`"
+                .to_string(),
+        );
+    }
+    assert!(
+        problems.is_empty(),
+        "{what}:\n  - {}\nexit status: {}\nstderr:\n{stderr}",
+        problems.join("\n  - "),
+        out.status
+    );
+    message
+}
+
+/// Writes `body` as `<dir>/<name>` and returns the path.
+fn write_config(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, body).expect("write config");
+    p
+}
+
+/// TINY with `from` replaced by `to`; the replaced text must occur once.
+fn tiny_with(from: &str, to: &str) -> String {
+    assert_eq!(
+        TINY.matches(from).count(),
+        1,
+        "`{from}` must occur once in TINY"
+    );
+    TINY.replace(from, to)
+}
+
+/// Parses a JSON-lines file.
+fn read_jsonl(path: &Path) -> Vec<Value> {
+    let body = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    body.lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l).unwrap_or_else(|e| {
+                panic!("{} line {}: not JSON ({e}): {l}", path.display(), i + 1)
+            })
+        })
+        .collect()
+}
+
+fn read_json(path: &Path) -> Value {
+    let body = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{}: not JSON ({e})", path.display()))
+}
+
+fn rounds_of(records: &[Value]) -> Vec<u64> {
+    records
+        .iter()
+        .map(|r| r["round"].as_u64().expect("integer round"))
+        .collect()
+}
+
+/// Field-by-field differences between two lists of records, ignoring `ignore`; at most a few
+/// per file are listed.
+fn record_diffs(label: &str, a: &[Value], b: &[Value], ignore: &[&str]) -> Vec<String> {
+    let mut diffs = Vec::new();
+    if a.len() != b.len() {
+        diffs.push(format!("{label}: {} lines vs {} lines", a.len(), b.len()));
+    }
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        let (Some(x), Some(y)) = (x.as_object(), y.as_object()) else {
+            diffs.push(format!("{label} line {}: not a JSON object", i + 1));
+            continue;
+        };
+        let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        for k in keys {
+            if ignore.contains(&k.as_str()) {
+                continue;
+            }
+            if x.get(k) != y.get(k) {
+                diffs.push(format!(
+                    "{label} line {} `{k}`: {:?} vs {:?}",
+                    i + 1,
+                    x.get(k),
+                    y.get(k)
+                ));
+            }
+        }
+    }
+    if diffs.len() > 12 {
+        let n = diffs.len() - 10;
+        diffs.truncate(10);
+        diffs.push(format!("{label}: … and {n} more differences"));
+    }
+    diffs
+}
+
+/// A safetensors file split into its header (as JSON) and its data section.
+fn safetensors_parts(path: &Path) -> (Value, Vec<u8>) {
+    let bytes =
+        std::fs::read(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    assert!(bytes.len() >= 8, "{}: too short", path.display());
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    assert!(bytes.len() >= 8 + n, "{}: header overruns", path.display());
+    let header: Value = serde_json::from_slice(&bytes[8..8 + n])
+        .unwrap_or_else(|e| panic!("{}: header is not JSON ({e})", path.display()));
+    (header, bytes[8 + n..].to_vec())
+}
+
+/// Differences between two model files: tensors, header contents, then the raw bytes.
+fn model_diffs(a: &Path, b: &Path) -> Vec<String> {
+    let (ha, da) = safetensors_parts(a);
+    let (hb, db) = safetensors_parts(b);
+    let mut diffs = Vec::new();
+    if da != db {
+        diffs.push(format!(
+            "the tensor data of {} and {} differ",
+            a.display(),
+            b.display()
+        ));
+    }
+    if ha != hb {
+        diffs.push(format!(
+            "the safetensors headers differ in content:\n{ha}\nvs\n{hb}"
+        ));
+    }
+    if diffs.is_empty() && std::fs::read(a).unwrap() != std::fs::read(b).unwrap() {
+        let (ra, rb) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+        let n = u64::from_le_bytes(ra[..8].try_into().unwrap()) as usize;
+        let m = u64::from_le_bytes(rb[..8].try_into().unwrap()) as usize;
+        diffs.push(format!(
+            "{} and {} hold the same tensors and the same header entries but are not \
+             byte-identical: the header's key order differs (the file is not deterministic):\n{}\nvs\n{}",
+            a.display(),
+            b.display(),
+            String::from_utf8_lossy(&ra[8..8 + n]),
+            String::from_utf8_lossy(&rb[8..8 + m]),
+        ));
+    }
+    diffs
+}
+
+fn assert_no_diffs(what: &str, diffs: &[String]) {
+    assert!(diffs.is_empty(), "{what}:\n  - {}", diffs.join("\n  - "));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Bad input: one clean error line, never a panic.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn malformed_toml_names_the_file() {
+    let tmp = TempDir::new().unwrap();
+    let cfg = write_config(
+        tmp.path(),
+        "broken.toml",
+        "rounds = 2\n[data\nnum_clients = 3\n",
+    );
+    let out = flotilla(
+        tmp.path(),
+        &["simulate", "--config", s(&cfg), "--out", "run"],
+    );
+    assert_clean_error(&out, "malformed TOML", &["broken.toml"]);
+    assert!(
+        !tmp.path().join("run").exists(),
+        "a run directory was created"
+    );
+}
+
+#[test]
+fn unknown_key_names_the_key() {
+    let tmp = TempDir::new().unwrap();
+    let cfg = write_config(
+        tmp.path(),
+        "unknown.toml",
+        &tiny_with("lr = 0.05", "lr = 0.05\nlearning_rate = 0.1"),
+    );
+    let out = flotilla(
+        tmp.path(),
+        &["simulate", "--config", s(&cfg), "--out", "run"],
+    );
+    assert_clean_error(&out, "unknown key", &["learning_rate", "unknown.toml"]);
+}
+
+#[test]
+fn invalid_value_names_the_key() {
+    let tmp = TempDir::new().unwrap();
+    let cfg = write_config(tmp.path(), "neg.toml", &tiny_with("lr = 0.05", "lr = -1"));
+    let out = flotilla(
+        tmp.path(),
+        &["simulate", "--config", s(&cfg), "--out", "run"],
+    );
+    assert_clean_error(&out, "lr = -1", &["training.lr", "neg.toml"]);
+    // The same check applies to a value given with --set.
+    let cfg = write_config(tmp.path(), "tiny.toml", TINY);
+    let out = flotilla(
+        tmp.path(),
+        &[
+            "simulate",
+            "--config",
+            s(&cfg),
+            "--out",
+            "run",
+            "--set",
+            "training.lr=-1",
+        ],
+    );
+    assert_clean_error(&out, "--set training.lr=-1", &["training.lr"]);
+}
+
+#[test]
+fn missing_dataset_dir_names_the_path_and_the_fix() {
+    // Needs no data: the directory is missing on purpose.
+    let tmp = TempDir::new().unwrap();
+    let cfg = write_config(tmp.path(), "tiny.toml", TINY);
+    let out = flotilla(
+        tmp.path(),
+        &[
+            "simulate",
+            "--config",
+            s(&cfg),
+            "--data-dir",
+            "/nonexistent",
+            "--out",
+            "run",
+        ],
+    );
+    assert_clean_error(
+        &out,
+        "--data-dir /nonexistent",
+        &["/nonexistent", "apt-get install dataset-fashion-mnist"],
+    );
+    // FLOTILLA_DATA is honoured (and named) when there is no --data-dir.
+    let out = flotilla_env(
+        tmp.path(),
+        &["partition", "--config", s(&cfg)],
+        &[("FLOTILLA_DATA", "/nonexistent-env")],
+    );
+    assert_clean_error(
+        &out,
+        "FLOTILLA_DATA=/nonexistent-env",
+        &["/nonexistent-env", "apt-get install dataset-fashion-mnist"],
+    );
+}
+
+#[test]
+fn truncated_dataset_file_is_reported_as_corrupt() {
+    if !have_data("truncated_dataset_file_is_reported_as_corrupt") {
+        return;
+    }
+    let tmp = TempDir::new().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let mut victim = None;
+    for entry in std::fs::read_dir(DATA_DIR).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().into_string().unwrap();
+        let to = data.join(&name);
+        if name.starts_with("train-images-idx3-ubyte") {
+            // Only the first few KB, as after an interrupted download.
+            let bytes = std::fs::read(entry.path()).unwrap();
+            std::fs::write(&to, &bytes[..4096.min(bytes.len() / 2)]).unwrap();
+            victim = Some(to);
+        } else {
+            std::fs::copy(entry.path(), &to).unwrap();
+        }
+    }
+    let victim = victim.expect("train-images-idx3-ubyte[.gz] in the dataset");
+    let cfg = write_config(tmp.path(), "tiny.toml", TINY);
+    let out = flotilla(
+        tmp.path(),
+        &[
+            "simulate",
+            "--config",
+            s(&cfg),
+            "--data-dir",
+            s(&data),
+            "--out",
+            "run",
+        ],
+    );
+    let msg = assert_clean_error(&out, "truncated train-images", &[s(&victim)]);
+    assert!(
+        msg.contains("truncated") || msg.contains("corrupt"),
+        "the message does not say the file is truncated or corrupt: {msg}"
+    );
+}
+
+#[test]
+fn impossible_fleet_is_refused() {
+    if !have_data("impossible_fleet_is_refused") {
+        return;
+    }
+    let tmp = TempDir::new().unwrap();
+    let body = format!(
+        "{TINY}\n[fleet]\ntiers = [{{ name = \"tiny\", share = 1.0, memory_mib = 0.01, \
+         gflops = 1.0, uplink_mbps = 1.0, downlink_mbps = 1.0 }}]\n"
+    );
+    let cfg = write_config(tmp.path(), "fleet.toml", &body);
+    let out = flotilla(
+        tmp.path(),
+        &["simulate", "--config", s(&cfg), "--out", "run"],
+    );
+    assert_clean_error(&out, "impossible fleet", &["impossible fleet"]);
+}
+
+#[test]
+fn missing_config_file_is_named() {
+    let tmp = TempDir::new().unwrap();
+    let missing = tmp.path().join("no-such-config.toml");
+    for args in [
+        vec!["simulate", "--config", s(&missing), "--out", "run"],
+        vec!["partition", "--config", s(&missing)],
+        vec![
+            "evaluate",
+            "--config",
+            s(&missing),
+            "--model",
+            "model.safetensors",
+        ],
+    ] {
+        let out = flotilla(tmp.path(), &args);
+        assert_clean_error(&out, &args.join(" "), &[s(&missing)]);
+    }
+    // --resume of a directory that is not a run names the config file it looked for.
+    let out = flotilla(tmp.path(), &["simulate", "--resume", s(tmp.path())]);
+    assert_clean_error(&out, "--resume <empty dir>", &["config.toml"]);
+}
+
+#[test]
+fn missing_model_and_run_dir_are_named() {
+    let tmp = TempDir::new().unwrap();
+    let missing_run = tmp.path().join("no-such-run");
+    let out = flotilla(tmp.path(), &["report", s(&missing_run)]);
+    assert_clean_error(&out, "report <missing dir>", &[s(&missing_run)]);
+    if !have_data("missing_model_and_run_dir_are_named (evaluate part)") {
+        return;
+    }
+    let cfg = write_config(tmp.path(), "tiny.toml", TINY);
+    let model = tmp.path().join("no-such-model.safetensors");
+    let out = flotilla(
+        tmp.path(),
+        &["evaluate", "--config", s(&cfg), "--model", s(&model)],
+    );
+    assert_clean_error(&out, "evaluate <missing model>", &[s(&model)]);
+    let bad = write_config(tmp.path(), "garbage.safetensors", "not a model");
+    let out = flotilla(
+        tmp.path(),
+        &["evaluate", "--config", s(&cfg), "--model", s(&bad)],
+    );
+    assert_clean_error(&out, "evaluate <garbage model>", &[s(&bad)]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. End to end: simulate, evaluate, report.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn simulate_evaluate_report_end_to_end() {
+    if !have_data("simulate_evaluate_report_end_to_end") {
+        return;
+    }
+    let tmp = TempDir::new().unwrap();
+    let cfg = write_config(tmp.path(), "tiny.toml", TINY);
+    let run = tmp.path().join("run-alpha");
+    let stdout = success(
+        &flotilla(
+            tmp.path(),
+            &["simulate", "--config", s(&cfg), "--out", s(&run)],
+        ),
+        "simulate",
+    );
+    assert!(stdout.contains("run-alpha"), "stdout:\n{stdout}");
+
+    for f in [
+        "config.toml",
+        "metrics.jsonl",
+        "clients.jsonl",
+        "model.safetensors",
+        "summary.json",
+    ] {
+        assert!(run.join(f).is_file(), "{f} missing from the run directory");
+    }
+
+    let metrics = read_jsonl(&run.join("metrics.jsonl"));
+    assert_eq!(rounds_of(&metrics), [1, 2], "metrics.jsonl rounds");
+    for m in &metrics {
+        for k in METRIC_KEYS {
+            assert!(m.get(k).is_some(), "metrics line lacks `{k}`: {m}");
+        }
+        assert_eq!(m["clients"], 5, "{m}");
+        assert!(m["bytes_up"].as_u64().unwrap() > 0, "{m}");
+        assert!(m["bytes_down"].as_u64().unwrap() > 0, "{m}");
+        assert!(m["flops"].as_f64().unwrap() > 0.0, "{m}");
+    }
+    let last_acc = metrics[1]["test_accuracy"].as_f64().expect("accuracy");
+    assert!(
+        last_acc > 0.3,
+        "round 2 test accuracy {last_acc} is not above 0.3 (chance is 0.1)"
+    );
+
+    let clients = read_jsonl(&run.join("clients.jsonl"));
+    assert_eq!(clients.len(), 10, "clients.jsonl: 2 rounds x 5 clients");
+    for r in [1, 2] {
+        let mut ids: Vec<u64> = clients
+            .iter()
+            .filter(|c| c["round"] == r)
+            .map(|c| c["client"].as_u64().unwrap())
+            .collect();
+        assert_eq!(ids.len(), 5, "round {r} has 5 client records");
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), 5, "round {r}: clients are distinct");
+        assert!(ids.iter().all(|&c| c < 10), "round {r}: client ids < 10");
+    }
+
+    let summary = read_json(&run.join("summary.json"));
+    assert_eq!(summary["rounds"], 2, "{summary}");
+    assert_eq!(summary["final_test_accuracy"], metrics[1]["test_accuracy"]);
+
+    let mut svgs: Vec<String> = std::fs::read_dir(run.join("plots"))
+        .expect("plots directory")
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".svg"))
+        .collect();
+    svgs.sort();
+    assert_eq!(svgs.len(), 4, "plots: {svgs:?}");
+
+    // The saved model, evaluated on the same 500 test samples, scores the last round's accuracy.
+    let stdout = success(
+        &flotilla(
+            tmp.path(),
+            &[
+                "evaluate",
+                "--config",
+                s(&run.join("config.toml")),
+                "--model",
+                s(&run.join("model.safetensors")),
+            ],
+        ),
+        "evaluate",
+    );
+    let field = |name: &str| -> f64 {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no `{name}` line in:\n{stdout}"))
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("`{name}` is not a number ({e}):\n{stdout}"))
+    };
+    assert_eq!(
+        format!("{:.4}", field("test_accuracy:")),
+        format!("{last_acc:.4}"),
+        "evaluate disagrees with metrics.jsonl:\n{stdout}"
+    );
+    let last_loss = metrics[1]["test_loss"].as_f64().unwrap();
+    assert!(
+        (field("test_loss:") - last_loss).abs() < 1e-3,
+        "evaluate test_loss vs metrics {last_loss}:\n{stdout}"
+    );
+    assert_eq!(field("samples:"), 500.0, "{stdout}");
+
+    // A second run; report puts both side by side.
+    let run2 = tmp.path().join("run-beta");
+    success(
+        &flotilla(
+            tmp.path(),
+            &[
+                "simulate",
+                "--config",
+                s(&cfg),
+                "--out",
+                s(&run2),
+                "--set",
+                "seed=1",
+                "--set",
+                "rounds=1",
+            ],
+        ),
+        "simulate (second run)",
+    );
+    let comparison = tmp.path().join("cmp");
+    let stdout = success(
+        &flotilla(
+            tmp.path(),
+            &["report", s(&run), s(&run2), "--out", s(&comparison)],
+        ),
+        "report",
+    );
+    let header = stdout
+        .lines()
+        .find(|l| l.contains("run-alpha") && !l.starts_with("plot:"))
+        .unwrap_or_else(|| panic!("no table line names run-alpha:\n{stdout}"));
+    let (a, b) = (header.find("run-alpha"), header.find("run-beta"));
+    assert!(
+        matches!((a, b), (Some(a), Some(b)) if a < b),
+        "the run names are not side by side on one line:\n{stdout}"
+    );
+    let method = stdout
+        .lines()
+        .find(|l| l.starts_with("method"))
+        .unwrap_or_else(|| panic!("no method row:\n{stdout}"));
+    assert_eq!(method.matches("fedavg").count(), 2, "{stdout}");
+    let rounds = stdout
+        .lines()
+        .find(|l| l.starts_with("rounds"))
+        .unwrap_or_else(|| panic!("no rounds row:\n{stdout}"));
+    assert_eq!(
+        rounds.split_whitespace().skip(1).collect::<Vec<_>>(),
+        ["2", "1"],
+        "{stdout}"
+    );
+    assert!(
+        comparison.join("compare_accuracy_vs_round.svg").is_file(),
+        "no comparison plot in {}",
+        comparison.display()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Resume.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn resume_matches_an_uninterrupted_run() {
+    if !have_data("resume_matches_an_uninterrupted_run") {
+        return;
+    }
+    let tmp = TempDir::new().unwrap();
+    let cfg = write_config(
+        tmp.path(),
+        "three.toml",
+        &tiny_with("rounds = 2", "rounds = 3"),
+    );
+
+    // A: three rounds straight.
+    let a = tmp.path().join("a");
+    success(
+        &flotilla(
+            tmp.path(),
+            &["simulate", "--config", s(&cfg), "--out", s(&a)],
+        ),
+        "simulate A",
+    );
+
+    // B: the same experiment stopped after two rounds …
+    let b = tmp.path().join("b");
+    success(
+        &flotilla(
+            tmp.path(),
+            &[
+                "simulate",
+                "--config",
+                s(&cfg),
+                "--out",
+                s(&b),
+                "--set",
+                "rounds=2",
+            ],
+        ),
+        "simulate B (2 rounds)",
+    );
+    let config_b = b.join("config.toml");
+    let stored = std::fs::read_to_string(&config_b).unwrap();
+    let hits = stored.lines().filter(|l| l.trim() == "rounds = 2").count();
+    assert_eq!(hits, 1, "`rounds = 2` not found once in:\n{stored}");
+    let extended: String = stored
+        .lines()
+        .map(|l| {
+            if l.trim() == "rounds = 2" {
+                "rounds = 3"
+            } else {
+                l
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n";
+    std::fs::write(&config_b, &extended).unwrap();
+    assert_eq!(
+        extended,
+        std::fs::read_to_string(a.join("config.toml")).unwrap(),
+        "B's extended config differs from A's"
+    );
+
+    // … and killed after it had logged round 3 but before round 3's checkpoint: the resumed
+    // run must drop these lines.
+    let mut metrics_b = read_jsonl(&b.join("metrics.jsonl"));
+    assert_eq!(rounds_of(&metrics_b), [1, 2]);
+    let mut stale = metrics_b[1].clone();
+    stale["round"] = 3.into();
+    stale["test_accuracy"] = (-1.0).into();
+    metrics_b.push(stale);
+    let mut clients_b = read_jsonl(&b.join("clients.jsonl"));
+    let stale_clients: Vec<Value> = clients_b
+        .iter()
+        .filter(|c| c["round"] == 2)
+        .map(|c| {
+            let mut c = c.clone();
+            c["round"] = 3.into();
+            c
+        })
+        .collect();
+    clients_b.extend(stale_clients);
+    let to_jsonl = |v: &[Value]| -> String { v.iter().map(|l| format!("{l}\n")).collect() };
+    std::fs::write(b.join("metrics.jsonl"), to_jsonl(&metrics_b)).unwrap();
+    std::fs::write(b.join("clients.jsonl"), to_jsonl(&clients_b)).unwrap();
+    let state = read_json(&b.join("checkpoint/state.json"));
+    assert_eq!(state["round"], 2, "B's checkpoint: {state}");
+
+    success(
+        &flotilla(tmp.path(), &["simulate", "--resume", s(&b)]),
+        "simulate --resume B",
+    );
+
+    let (ma, mb) = (
+        read_jsonl(&a.join("metrics.jsonl")),
+        read_jsonl(&b.join("metrics.jsonl")),
+    );
+    assert_eq!(rounds_of(&ma), [1, 2, 3], "A's metrics rounds");
+    assert_eq!(
+        rounds_of(&mb),
+        [1, 2, 3],
+        "B's metrics rounds after resume (each exactly once)"
+    );
+    let mut diffs = Vec::new();
+    let keys = [
+        "round",
+        "test_accuracy",
+        "test_loss",
+        "train_loss",
+        "clients",
+        "bytes_up",
+        "bytes_down",
+        "flops",
+        "sim_time_s",
+    ];
+    for (x, y) in ma.iter().zip(&mb) {
+        for k in keys {
+            if x[k] != y[k] {
+                diffs.push(format!(
+                    "metrics round {} `{k}`: A {} vs B {}",
+                    x["round"], x[k], y[k]
+                ));
+            }
+        }
+    }
+    // Per-client records, each (round, client) once; measured quantities left out.
+    let (ca, cb) = (
+        read_jsonl(&a.join("clients.jsonl")),
+        read_jsonl(&b.join("clients.jsonl")),
+    );
+    let key = |c: &Value| (c["round"].as_u64().unwrap(), c["client"].as_u64().unwrap());
+    let mut keys_b: Vec<_> = cb.iter().map(key).collect();
+    keys_b.sort_unstable();
+    let before = keys_b.len();
+    keys_b.dedup();
+    assert_eq!(before, keys_b.len(), "B's clients.jsonl repeats records");
+    diffs.extend(record_diffs(
+        "clients.jsonl",
+        &ca,
+        &cb,
+        &["wall_time_s", "peak_memory_bytes"],
+    ));
+    // The totals restored from the checkpoint continue exactly.
+    let (sa, sb) = (
+        read_json(&a.join("summary.json")),
+        read_json(&b.join("summary.json")),
+    );
+    for k in [
+        "rounds",
+        "final_test_accuracy",
+        "best_test_accuracy",
+        "final_test_loss",
+        "total_bytes_up",
+        "total_bytes_down",
+        "total_flops",
+        "sim_time_s",
+        "model_parameters",
+    ] {
+        if sa[k] != sb[k] {
+            diffs.push(format!("summary.json `{k}`: A {} vs B {}", sa[k], sb[k]));
+        }
+    }
+    diffs.extend(model_diffs(
+        &a.join("model.safetensors"),
+        &b.join("model.safetensors"),
+    ));
+    assert_no_diffs("resumed run B differs from uninterrupted run A", &diffs);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Partition.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn partition_summarises_a_dirichlet_split() {
+    if !have_data("partition_summarises_a_dirichlet_split") {
+        return;
+    }
+    let tmp = TempDir::new().unwrap();
+    let body = tiny_with("num_clients = 10", "num_clients = 20").replace(
+        r#"partition = { kind = "iid" }"#,
+        r#"partition = { kind = "dirichlet", alpha = 0.5 }"#,
+    );
+    let cfg = write_config(tmp.path(), "dirichlet.toml", &body);
+
+    let table = success(
+        &flotilla(tmp.path(), &["partition", "--config", s(&cfg)]),
+        "partition",
+    );
+    assert!(table.contains("20 clients"), "table:\n{table}");
+    assert!(table.contains("dirichlet"), "table:\n{table}");
+    // Client rows follow the `client size classes histogram` header.
+    let rows: Vec<usize> = table
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("client"))
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert_eq!(rows, (0..20).collect::<Vec<_>>(), "client rows:\n{table}");
+
+    let json = success(
+        &flotilla(tmp.path(), &["partition", "--config", s(&cfg), "--json"]),
+        "partition --json",
+    );
+    let v: Value = serde_json::from_str(&json)
+        .unwrap_or_else(|e| panic!("partition --json is not JSON ({e}):\n{json}"));
+    assert_eq!(v["num_clients"], 20, "{v}");
+    assert_eq!(v["num_classes"], 10, "{v}");
+    assert_eq!(v["total_samples"], 2000, "train_limit = 2000: {v}");
+    let clients = v["clients"].as_array().expect("clients array");
+    assert_eq!(clients.len(), 20);
+    let mut total = 0;
+    for (i, c) in clients.iter().enumerate() {
+        assert_eq!(c["id"], i, "{c}");
+        let size = c["size"].as_u64().expect("size");
+        let hist: Vec<u64> = c["histogram"]
+            .as_array()
+            .expect("histogram")
+            .iter()
+            .map(|h| h.as_u64().unwrap())
+            .collect();
+        assert_eq!(hist.len(), 10, "{c}");
+        assert_eq!(
+            hist.iter().sum::<u64>(),
+            size,
+            "histogram sums to size: {c}"
+        );
+        assert!(size >= 10, "min_size defaults to 10: {c}");
+        assert!(c.get("classes_present").is_some() && c.get("label_tv_distance").is_some());
+        total += size;
+    }
+    assert_eq!(total, 2000);
+    let tv = v["mean_label_tv_distance"].as_f64().expect("tv distance");
+    assert!(tv > 0.1, "Dirichlet(0.5) should be label-skewed, TV = {tv}");
+
+    // The split that partition prints is the one simulate trains on.
+    let run = tmp.path().join("run");
+    success(
+        &flotilla(
+            tmp.path(),
+            &[
+                "simulate",
+                "--config",
+                s(&cfg),
+                "--out",
+                s(&run),
+                "--set",
+                "rounds=1",
+                "--set",
+                "sampling.clients_per_round=20",
+            ],
+        ),
+        "simulate with every client",
+    );
+    let mut sizes = vec![None; 20];
+    for c in read_jsonl(&run.join("clients.jsonl")) {
+        sizes[c["client"].as_u64().unwrap() as usize] = c["num_examples"].as_u64();
+    }
+    let expected: Vec<Option<u64>> = clients.iter().map(|c| c["size"].as_u64()).collect();
+    assert_eq!(
+        sizes, expected,
+        "simulate's client sizes vs partition --json"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Determinism across worker counts.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn results_do_not_depend_on_the_worker_count() {
+    if !have_data("results_do_not_depend_on_the_worker_count") {
+        return;
+    }
+    let tmp = TempDir::new().unwrap();
+    // Unequal (Dirichlet) clients, so the two workers get unequal loads.
+    let cfg = write_config(
+        tmp.path(),
+        "workers.toml",
+        &tiny_with(
+            r#"partition = { kind = "iid" }"#,
+            r#"partition = { kind = "dirichlet", alpha = 0.5 }"#,
+        ),
+    );
+    let mut dirs = Vec::new();
+    for w in [1, 2] {
+        let dir = tmp.path().join(format!("workers-{w}"));
+        let set = format!("simulation.workers={w}");
+        success(
+            &flotilla(
+                tmp.path(),
+                &[
+                    "simulate",
+                    "--config",
+                    s(&cfg),
+                    "--out",
+                    s(&dir),
+                    "--set",
+                    &set,
+                ],
+            ),
+            &format!("simulate with {w} workers"),
+        );
+        dirs.push(dir);
+    }
+    // Wall times are scheduling; heap peaks are measurements whose small noise (global caches
+    // growing on whichever thread gets there first) is bounded below instead.
+    let wall = [
+        "wall_time_s",
+        "train_wall_s",
+        "eval_wall_s",
+        "overhead_s",
+        "peak_client_memory_bytes",
+    ];
+    let (m1, m2) = (
+        read_jsonl(&dirs[0].join("metrics.jsonl")),
+        read_jsonl(&dirs[1].join("metrics.jsonl")),
+    );
+    assert_eq!(rounds_of(&m1), [1, 2]);
+    for (a, b) in m1.iter().zip(&m2) {
+        let (a, b) = (
+            a["peak_client_memory_bytes"].as_f64().unwrap(),
+            b["peak_client_memory_bytes"].as_f64().unwrap(),
+        );
+        assert!(
+            a > 0.0 && (a - b).abs() <= 0.01 * a,
+            "peak memory {a} vs {b}"
+        );
+    }
+    let mut diffs = record_diffs("metrics.jsonl", &m1, &m2, &wall);
+    diffs.extend(model_diffs(
+        &dirs[0].join("model.safetensors"),
+        &dirs[1].join("model.safetensors"),
+    ));
+    assert_no_diffs("1 worker vs 2 workers", &diffs);
+}
