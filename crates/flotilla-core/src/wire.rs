@@ -424,7 +424,7 @@ mod tests {
         let back = decode_tensor(&msg, &HashMap::new()).unwrap();
         assert_eq!(back, t);
         let wire = msg.encoded_len();
-        assert!(wire >= 40_000 && wire < 40_100, "wire {wire}");
+        assert!((40_000..40_100).contains(&wire), "wire {wire}");
     }
 
     #[test]

@@ -340,13 +340,13 @@ impl Experiment {
         if !self.fleet.tiers.is_empty() && self.fleet.csv.is_some() {
             return bad("fleet", "takes `tiers` or `csv`, not both".into());
         }
-        if let Some(d) = self.fleet.deadline_s {
-            if !(d.is_finite() && d > 0.0) {
-                return bad(
-                    "fleet.deadline_s",
-                    format!("must be a positive number of seconds, got {d}"),
-                );
-            }
+        if let Some(d) = self.fleet.deadline_s
+            && !(d.is_finite() && d > 0.0)
+        {
+            return bad(
+                "fleet.deadline_s",
+                format!("must be a positive number of seconds, got {d}"),
+            );
         }
         match self.method.get("name") {
             Some(toml::Value::String(_)) => Ok(()),

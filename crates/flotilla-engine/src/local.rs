@@ -66,7 +66,7 @@ impl Recipe {
             (self.weight_decay > 0.0).then(|| WeightDecayConfig::new(self.weight_decay as f32));
         match self.optimizer {
             OptimizerKind::Sgd => {
-                let momentum = (self.momentum > 0.0).then(|| MomentumConfig {
+                let momentum = (self.momentum > 0.0).then_some(MomentumConfig {
                     momentum: self.momentum,
                     dampening: 0.0,
                     nesterov: false,

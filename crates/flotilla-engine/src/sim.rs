@@ -293,7 +293,7 @@ impl Simulation {
             )?;
             self.next_round += 1;
             let every = self.exp.simulation.checkpoint_every;
-            if round == rounds || (every > 0 && round % every == 0) {
+            if round == rounds || (every > 0 && round.is_multiple_of(every)) {
                 self.write_checkpoint(round)?;
                 emit(sinks, &Event::Checkpoint { round })?;
             }
@@ -397,15 +397,15 @@ impl Simulation {
                 let r = records.get_mut(&c).expect("selected");
                 merge_record(r, &run.record);
                 if let Some(reply) = run.reply {
-                    if let Some(deadline) = self.exp.fleet.deadline_s {
-                        if r.sim_time_s > deadline {
-                            r.status = "straggler".into();
-                            r.reason = Some(format!(
-                                "took {:.1} s of simulated time, over the {deadline} s deadline",
-                                r.sim_time_s
-                            ));
-                            continue;
-                        }
+                    if let Some(deadline) = self.exp.fleet.deadline_s
+                        && r.sim_time_s > deadline
+                    {
+                        r.status = "straggler".into();
+                        r.reason = Some(format!(
+                            "took {:.1} s of simulated time, over the {deadline} s deadline",
+                            r.sim_time_s
+                        ));
+                        continue;
                     }
                     replies.push(reply);
                 }
@@ -414,10 +414,10 @@ impl Simulation {
             for r in &replies {
                 round_sim = round_sim.max(records[&r.client].sim_time_s);
             }
-            if let Some(deadline) = self.exp.fleet.deadline_s {
-                if records.values().any(|r| r.status == "straggler") {
-                    round_sim = round_sim.max(deadline);
-                }
+            if let Some(deadline) = self.exp.fleet.deadline_s
+                && records.values().any(|r| r.status == "straggler")
+            {
+                round_sim = round_sim.max(deadline);
             }
             if replies.len() < self.exp.sampling.min_clients {
                 tracing::warn!(
@@ -446,7 +446,8 @@ impl Simulation {
             .filter(|c| c.status == "ok")
             .filter_map(|c| c.train_loss)
             .collect();
-        let evaluate_now = round % self.exp.evaluation.every == 0 || round == self.exp.rounds;
+        let evaluate_now =
+            round.is_multiple_of(self.exp.evaluation.every) || round == self.exp.rounds;
         let mut extra = self.server.round_metrics();
         let (mut acc, mut loss) = (None, None);
         let eval_started = Instant::now();
@@ -469,29 +470,29 @@ impl Simulation {
             }
         }
         let mut clients = clients;
-        if evaluate_now && self.exp.evaluation.per_client {
-            if let Some(m) = self.server.eval_models().into_iter().next() {
-                let mut accs = Vec::new();
-                for c in clients.iter_mut().filter(|c| c.status == "ok") {
-                    let data = self.client_data(c.client)?;
-                    let (a, _) = evaluate(
-                        &m.spec,
-                        &m.view,
-                        &m.params,
-                        &data.holdout,
-                        &self.mean,
-                        &self.std,
-                    )?;
-                    c.extra.insert("holdout_accuracy".into(), a.into());
-                    accs.push(a);
-                }
-                if !accs.is_empty() {
-                    let mean = accs.iter().sum::<f64>() / accs.len() as f64;
-                    let var =
-                        accs.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / accs.len() as f64;
-                    extra.insert("client_accuracy_mean".into(), mean.into());
-                    extra.insert("client_accuracy_std".into(), var.sqrt().into());
-                }
+        if evaluate_now
+            && self.exp.evaluation.per_client
+            && let Some(m) = self.server.eval_models().into_iter().next()
+        {
+            let mut accs = Vec::new();
+            for c in clients.iter_mut().filter(|c| c.status == "ok") {
+                let data = self.client_data(c.client)?;
+                let (a, _) = evaluate(
+                    &m.spec,
+                    &m.view,
+                    &m.params,
+                    &data.holdout,
+                    &self.mean,
+                    &self.std,
+                )?;
+                c.extra.insert("holdout_accuracy".into(), a.into());
+                accs.push(a);
+            }
+            if !accs.is_empty() {
+                let mean = accs.iter().sum::<f64>() / accs.len() as f64;
+                let var = accs.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / accs.len() as f64;
+                extra.insert("client_accuracy_mean".into(), mean.into());
+                extra.insert("client_accuracy_std".into(), var.sqrt().into());
             }
         }
         let eval_wall = eval_started.elapsed().as_secs_f64();

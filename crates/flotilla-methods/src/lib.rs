@@ -10,9 +10,12 @@ use std::sync::Arc;
 /// Names accepted in `[method] name = …`.
 pub const METHODS: &[&str] = &["fedavg", "fedprox"];
 
+/// The two halves of a method, as the engine drives them.
+pub type Halves = (Box<dyn ServerHalf>, Arc<dyn ClientHalf>);
+
 /// Builds both halves of the configured method, with the initial global model drawn from
 /// the run seed.
-pub fn build(exp: &Experiment) -> Result<(Box<dyn ServerHalf>, Arc<dyn ClientHalf>), EngineError> {
+pub fn build(exp: &Experiment) -> Result<Halves, EngineError> {
     let spec = exp.model_spec();
     let init = Net::init_params(&spec, exp.seed)?;
     match exp.method_name() {

@@ -15,7 +15,7 @@ use crate::ModelError;
 /// Where parameter values come from while building a model.
 pub(crate) enum Source<'a> {
     /// PyTorch's default initialisation, drawn from a seeded generator.
-    Init(ChaCha8Rng),
+    Init(Box<ChaCha8Rng>),
     /// Values of an existing collection (PyTorch layouts), looked up by name.
     Params(&'a ParamSet),
 }
@@ -69,7 +69,7 @@ impl<'a> Builder<'a> {
         let name = self.full_name(leaf);
         let n: usize = shape.iter().product();
         let data = match &mut self.source {
-            Source::Init(rng) => init(rng, n),
+            Source::Init(rng) => init(rng.as_mut(), n),
             Source::Params(p) => {
                 let t = p
                     .get(&name)
@@ -233,7 +233,7 @@ impl GroupNorm {
     pub(crate) fn groups_for(channels: usize) -> usize {
         [8, 4, 2, 1]
             .into_iter()
-            .find(|g| channels % g == 0)
+            .find(|g| channels.is_multiple_of(*g))
             .unwrap_or(1)
     }
 

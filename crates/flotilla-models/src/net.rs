@@ -38,7 +38,7 @@ impl Net {
         let rng = seed::rng(run_seed, 0, 0, seed::Purpose::Init);
         // Built on the plain device: only the exported values are needed.
         let net = {
-            let mut b = Builder::new(Source::Init(rng), &compute_device());
+            let mut b = Builder::new(Source::Init(Box::new(rng)), &compute_device());
             build_arch(spec, &mut b)?
         };
         Ok(net.export())
@@ -339,10 +339,9 @@ mod tests {
                 .strip_prefix("blocks.")
                 .and_then(|r| r.split('.').next())
                 .and_then(|i| i.parse::<usize>().ok())
+                && idx >= k
             {
-                if idx >= k {
-                    t.data.iter_mut().for_each(|v| *v = 42.0);
-                }
+                t.data.iter_mut().for_each(|v| *v = 42.0);
             }
         }
         assert_eq!(out(&p, &prefix), out(&scrambled, &prefix));

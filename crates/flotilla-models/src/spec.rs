@@ -186,7 +186,7 @@ impl ModelSpec {
                     ));
                 }
                 let d = self.scaled(*dim);
-                if d % heads != 0 {
+                if !d.is_multiple_of(*heads) {
                     return Err(ModelError::Spec(format!(
                         "`heads` ({heads}) must divide the width ({d} after the width multiplier)"
                     )));
@@ -240,14 +240,14 @@ impl View {
 
     /// Checks the view against a spec.
     pub fn validate(&self, spec: &ModelSpec) -> Result<(), ModelError> {
-        if let Some(a) = &self.active_blocks {
-            if a.len() != spec.num_blocks() {
-                return Err(ModelError::View(format!(
-                    "`active_blocks` lists {} blocks but the model has {}",
-                    a.len(),
-                    spec.num_blocks()
-                )));
-            }
+        if let Some(a) = &self.active_blocks
+            && a.len() != spec.num_blocks()
+        {
+            return Err(ModelError::View(format!(
+                "`active_blocks` lists {} blocks but the model has {}",
+                a.len(),
+                spec.num_blocks()
+            )));
         }
         Ok(())
     }
