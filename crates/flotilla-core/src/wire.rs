@@ -312,9 +312,48 @@ fn decode_delta(data: &[u8], len: usize) -> Result<Vec<bool>, String> {
 }
 
 fn f32s_to_bytes<'a>(values: impl Iterator<Item = &'a f32>) -> Vec<u8> {
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(values.size_hint().0 * 4);
     for v in values {
         out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+/// All values of a slice as little-endian bytes, in one copy (the hot path of dense tensors).
+fn f32_slice_to_bytes(values: &[f32]) -> Vec<u8> {
+    #[cfg(target_endian = "little")]
+    {
+        // SAFETY: f32 has no padding and any byte pattern is a valid u8; on a little-endian
+        // target the in-memory bytes are exactly the little-endian wire bytes.
+        let bytes =
+            unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), values.len() * 4) };
+        bytes.to_vec()
+    }
+    #[cfg(not(target_endian = "little"))]
+    {
+        f32s_to_bytes(values.iter())
+    }
+}
+
+/// Little-endian bytes (length checked by the caller) as f32 values, in one copy.
+fn bytes_to_f32s(bytes: &[u8]) -> Vec<f32> {
+    let mut out = vec![0f32; bytes.len() / 4];
+    #[cfg(target_endian = "little")]
+    {
+        // SAFETY: `out` holds exactly bytes.len() / 4 f32 values, i.e. the same number of
+        // bytes as `bytes` (a multiple of 4, checked by the caller); every bit pattern is a
+        // valid f32; on a little-endian target the wire bytes are the in-memory bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                out.as_mut_ptr().cast::<u8>(),
+                out.len() * 4,
+            )
+        };
+    }
+    #[cfg(not(target_endian = "little"))]
+    for (dst, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+        *dst = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
     }
     out
 }
@@ -326,7 +365,7 @@ pub fn encode_dense(t: &Tensor) -> TensorMsg {
         shape: t.shape.iter().map(|d| *d as u64).collect(),
         dtype: DType::F32 as i32,
         encoding: Encoding::Dense as i32,
-        data: f32s_to_bytes(t.data.iter()),
+        data: f32_slice_to_bytes(&t.data),
         mask: String::new(),
     }
 }
@@ -381,10 +420,7 @@ pub fn decode_tensor(msg: &TensorMsg, masks: &HashMap<String, Mask>) -> Result<T
                 bytes.len()
             )));
         }
-        Ok(bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
+        Ok(bytes_to_f32s(bytes))
     };
     let data = match Encoding::try_from(msg.encoding) {
         Ok(Encoding::Dense) => read(&msg.data, numel)?,

@@ -553,14 +553,14 @@ impl Simulation {
                 .get(&t.client)
                 .cloned()
                 .unwrap_or_default();
-            let bytes = t.encode(&known)?;
             if !t.masks.is_empty() {
                 let entry = self.client_masks.entry(t.client).or_default();
                 for m in &t.masks {
                     entry.insert(m.name.clone(), m.clone());
                 }
             }
-            prepared.push((t.client, known, bytes));
+            // Encoding happens on the workers, in parallel.
+            prepared.push((t.client, known, t));
         }
         let workers = self.pools.len();
         let this = &*self;
@@ -576,7 +576,7 @@ impl Simulation {
                         let mut out = Vec::new();
                         let mut busy = 0.0;
                         for i in (w..prepared.len()).step_by(workers) {
-                            let (c, known, bytes) = &prepared[i];
+                            let (c, known, task) = &prepared[i];
                             // A fresh single-thread pool per client: burn's internal parallelism
                             // stays on that thread, and every client's heap peak counts the same
                             // one-off buffers whatever ran before it, so figures do not depend on
@@ -589,7 +589,7 @@ impl Simulation {
                                 })
                                 .and_then(|pool| {
                                     pool.install(|| {
-                                        this.run_client(*c, known.clone(), bytes, server_masks)
+                                        this.run_client(*c, known.clone(), task, server_masks)
                                     })
                                 });
                             if let Ok(run) = &r {
@@ -625,13 +625,15 @@ impl Simulation {
         &self,
         c: u64,
         mut known: KnownMasks,
-        task_bytes: &[u8],
+        task: &Task,
         server_masks: &KnownMasks,
     ) -> Result<ClientRun, EngineError> {
         let profile = self.fleet[c as usize].clone();
         let mut rec = blank_record(0, c, &profile);
+        let task_bytes = task.encode(&known)?;
         rec.bytes_down = task_bytes.len() as u64;
-        let task = Task::decode(task_bytes, &mut known)?;
+        let task = Task::decode(&task_bytes, &mut known)?;
+        drop(task_bytes);
         rec.round = task.round;
         let data = self.client_data(c)?;
         let ctx = ClientCtx {
