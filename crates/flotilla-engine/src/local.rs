@@ -154,6 +154,82 @@ fn cross_entropy(logits: Tensor<2>, labels: &[u8], classes: usize, device: &Devi
         / n
 }
 
+/// Binary masks enforced during local training, by tensor name (positions in PyTorch layout).
+pub type TrainMasks = std::collections::HashMap<String, flotilla_core::wire::Mask>;
+
+/// Gradient masks in burn's layout, ready to multiply gradients with.
+struct GradMasks(Vec<(burn::module::ParamId, usize, Tensor<1>)>);
+
+impl GradMasks {
+    fn new(
+        model: &Net,
+        params: &ParamSet,
+        masks: &TrainMasks,
+        device: &Device,
+    ) -> Result<Self, EngineError> {
+        let mut out = Vec::new();
+        for (name, id, rank) in model.param_ids() {
+            let Some(mask) = masks.get(&name) else {
+                continue;
+            };
+            let t = params.require(&name)?;
+            if mask.active.len() != t.numel() {
+                return Err(EngineError::Task(format!(
+                    "mask `{name}` has {} positions, the tensor {}",
+                    mask.active.len(),
+                    t.numel()
+                )));
+            }
+            let mut values: Vec<f32> = mask
+                .active
+                .iter()
+                .map(|a| if *a { 1.0 } else { 0.0 })
+                .collect();
+            // Linear weights live transposed in the model ([in, out]).
+            if rank == 2 {
+                let (r, c) = (t.shape[0], t.shape[1]);
+                let mut tr = vec![0f32; values.len()];
+                for i in 0..r {
+                    for j in 0..c {
+                        tr[j * r + i] = values[i * c + j];
+                    }
+                }
+                values = tr;
+            }
+            let n = values.len();
+            out.push((
+                id,
+                rank,
+                Tensor::from_data(TensorData::new(values, [n]), &device.clone().inner()),
+            ));
+        }
+        Ok(Self(out))
+    }
+
+    /// Zeroes the gradients of masked positions. The received values are zero there, so with
+    /// zero gradients (and so zero momentum and Adam moments) they stay exactly zero.
+    fn apply(&self, grads: &mut GradientsParams) {
+        fn one<const D: usize>(
+            grads: &mut GradientsParams,
+            id: burn::module::ParamId,
+            mask: &Tensor<1>,
+        ) {
+            if let Some(g) = grads.remove::<D>(id) {
+                let dims = g.dims();
+                grads.register(id, g * mask.clone().reshape(dims));
+            }
+        }
+        for (id, rank, mask) in &self.0 {
+            match rank {
+                1 => one::<1>(grads, *id, mask),
+                2 => one::<2>(grads, *id, mask),
+                3 => one::<3>(grads, *id, mask),
+                _ => one::<4>(grads, *id, mask),
+            }
+        }
+    }
+}
+
 /// Trains `params` of `spec` under `view` on `data` for the recipe's epochs. Shuffling
 /// derives from `shuffle_seed`. With `recipe.prox_mu > 0`, `params` is the proximal anchor.
 pub fn train(
@@ -163,6 +239,27 @@ pub fn train(
     data: &ClientData,
     recipe: &Recipe,
     shuffle_seed: u64,
+) -> Result<TrainOutcome, EngineError> {
+    train_masked(
+        spec,
+        view,
+        params,
+        data,
+        recipe,
+        shuffle_seed,
+        &TrainMasks::new(),
+    )
+}
+
+/// [`train`] with masked positions held at exactly zero through every optimizer step.
+pub fn train_masked(
+    spec: &ModelSpec,
+    view: &View,
+    params: &ParamSet,
+    data: &ClientData,
+    recipe: &Recipe,
+    shuffle_seed: u64,
+    masks: &TrainMasks,
 ) -> Result<TrainOutcome, EngineError> {
     if data.train.is_empty() {
         return Err(EngineError::Task(
@@ -186,6 +283,7 @@ pub fn train(
             .map(|t| Tensor::from_data(t.into_data(), &device))
             .collect()
     });
+    let grad_masks = GradMasks::new(&model, params, masks, &device)?;
     let mut optim = recipe.build_optimizer();
     let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(shuffle_seed);
     let mut order: Vec<usize> = (0..data.train.len()).collect();
@@ -219,7 +317,8 @@ pub fn train(
                     loss = loss + prox * (recipe.prox_mu as f32 / 2.0);
                 }
             }
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+            grad_masks.apply(&mut grads);
             model = optim.step(recipe.lr, model, grads);
             steps += 1;
             samples += batch.len();
@@ -309,13 +408,14 @@ pub fn train_task(task: &Task, data: &ClientData, ctx: &ClientCtx) -> Result<Rep
     }
     let peak = ThreadPeak::start();
     let shuffle = seed::derive(ctx.seed, task.round, task.client, seed::Purpose::Shuffle);
-    let out = train(
+    let out = train_masked(
         &task.model,
         &task.view,
         &task.params,
         data,
         &task.recipe,
         shuffle,
+        &ctx.masks,
     )?;
     let params = out.params.filter(|n| !task.view.is_frozen(n));
     let peak_memory_bytes = peak.peak_above_start();

@@ -355,6 +355,9 @@ pub struct ClientCtx {
     pub seed: u64,
     /// This device's profile: the client refuses work over its memory budget.
     pub profile: DeviceProfile,
+    /// Masks the client holds (sent with this task or earlier); training keeps masked
+    /// positions at zero.
+    pub masks: KnownMasks,
 }
 
 /// The client half of a method.

@@ -43,7 +43,8 @@ pub struct Simulation {
     std: Vec<f32>,
     pools: Vec<rayon::ThreadPool>,
     /// Masks each client already holds (only clients that were sent some).
-    client_masks: HashMap<u64, KnownMasks>,
+    /// Fingerprints of the masks each client holds (only clients that were sent some).
+    client_masks: HashMap<u64, BTreeMap<String, u64>>,
     server_data: Option<ClientData>,
     next_round: u64,
     totals: Totals,
@@ -213,6 +214,9 @@ impl Simulation {
             .ok_or_else(|| EngineError::Io(format!("{}: no round", state_path.display())))?;
         let totals: Totals = serde_json::from_value(state["totals"].clone())
             .map_err(|e| EngineError::Io(e.to_string()))?;
+        // Which masks each client holds decides what travels next; absent in old checkpoints.
+        self.client_masks =
+            serde_json::from_value(state["client_masks"].clone()).unwrap_or_default();
         let (all, _) = safetensors_io::load(&dir.join("params.safetensors"))?;
         let mut params: BTreeMap<String, ParamSet> = BTreeMap::new();
         for t in all.into_tensors() {
@@ -249,8 +253,7 @@ impl Simulation {
         // Parameters first, then the state that points at them: a crash in between leaves
         // the previous state.json, which still matches a complete earlier round.
         safetensors_io::save(&dir.join("params.safetensors"), &all, None)?;
-        let state =
-            serde_json::json!({ "round": round, "method": snap.json, "totals": self.totals });
+        let state = serde_json::json!({ "round": round, "method": snap.json, "totals": self.totals, "client_masks": self.client_masks });
         safetensors_io::write_atomic(&dir.join("state.json"), state.to_string().as_bytes())?;
         Ok(())
     }
@@ -546,18 +549,33 @@ impl Simulation {
     /// clients' `execute`.
     fn execute(&mut self, tasks: Vec<Task>) -> Result<(Vec<ClientRun>, f64), EngineError> {
         let server_masks = self.server.masks();
+        let fingerprints: BTreeMap<&str, u64> = server_masks
+            .iter()
+            .map(|(n, m)| (n.as_str(), mask_fingerprint(m)))
+            .collect();
         let mut prepared = Vec::with_capacity(tasks.len());
-        for t in tasks {
-            let known = self
-                .client_masks
-                .get(&t.client)
-                .cloned()
-                .unwrap_or_default();
-            if !t.masks.is_empty() {
-                let entry = self.client_masks.entry(t.client).or_default();
-                for m in &t.masks {
-                    entry.insert(m.name.clone(), m.clone());
+        for mut t in tasks {
+            // A server mask travels with a task only to a client that lacks its current
+            // version, and only for a tensor the task sends.
+            let held = self.client_masks.entry(t.client).or_default();
+            for (name, fp) in &fingerprints {
+                let sends_tensor = t.params.get(name).is_some();
+                let already_attached = t.masks.iter().any(|m| m.name == *name);
+                if sends_tensor && !already_attached && held.get(*name) != Some(fp) {
+                    t.masks.push(server_masks[*name].clone());
                 }
+            }
+            for m in &t.masks {
+                held.insert(m.name.clone(), mask_fingerprint(m));
+            }
+            if held.is_empty() {
+                self.client_masks.remove(&t.client);
+            }
+            // What the client holds before this task: the current masks minus those attached
+            // now (the client already had the same content for the rest).
+            let mut known = server_masks.clone();
+            for m in &t.masks {
+                known.remove(&m.name);
             }
             // Encoding happens on the workers, in parallel.
             prepared.push((t.client, known, t));
@@ -639,6 +657,7 @@ impl Simulation {
         let ctx = ClientCtx {
             seed: self.exp.seed,
             profile: profile.clone(),
+            masks: known,
         };
         let reply = match self.client.execute(&task, &data, &ctx) {
             Ok(r) => r,
@@ -770,6 +789,25 @@ fn merge_record(into: &mut ClientRecord, phase: &ClientRecord) {
         into.status = phase.status.clone();
         into.reason = phase.reason.clone();
     }
+}
+
+/// A stable fingerprint of a mask (FNV-1a over name and bits), kept per client instead of
+/// the mask itself so that memory stays flat in the number of clients.
+fn mask_fingerprint(m: &flotilla_core::wire::Mask) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |b: u8| {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    };
+    m.name.bytes().for_each(&mut eat);
+    for chunk in m.active.chunks(8) {
+        eat(chunk
+            .iter()
+            .enumerate()
+            .fold(0u8, |acc, (i, a)| acc | (u8::from(*a) << i)));
+    }
+    eat(m.active.len() as u8);
+    h
 }
 
 /// Profiles for every client from the config: tiers, CSV, or unlimited devices.

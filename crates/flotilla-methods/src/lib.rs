@@ -2,13 +2,14 @@
 //! side by side), and the registry that builds them from a config.
 
 pub mod fedavg;
+pub mod fedmap;
 
 use flotilla_engine::{ClientHalf, EngineError, Experiment, ServerHalf};
 use flotilla_models::Net;
 use std::sync::Arc;
 
 /// Names accepted in `[method] name = …`.
-pub const METHODS: &[&str] = &["fedavg", "fedprox"];
+pub const METHODS: &[&str] = &["fedavg", "fedprox", "fedmap"];
 
 /// The two halves of a method, as the engine drives them.
 pub type Halves = (Box<dyn ServerHalf>, Arc<dyn ClientHalf>);
@@ -22,6 +23,10 @@ pub fn build(exp: &Experiment) -> Result<Halves, EngineError> {
         "fedavg" | "fedprox" => {
             let server = fedavg::FedAvg::from_config(exp, spec, init)?;
             Ok((Box::new(server), Arc::new(fedavg::FedAvgClient)))
+        }
+        "fedmap" => {
+            let server = fedmap::FedMap::from_config(exp, spec, init)?;
+            Ok((Box::new(server), Arc::new(fedmap::FedMapClient)))
         }
         other => Err(EngineError::Config(format!(
             "`method.name`: unknown method `{other}`; available: {}",

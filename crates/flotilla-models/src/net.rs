@@ -107,6 +107,17 @@ impl Net {
         v.out.into_iter().map(|t| t.name).collect()
     }
 
+    /// Every parameter's PyTorch name, burn id and rank, in canonical order (to address
+    /// gradients by name, e.g. to mask them).
+    pub fn param_ids(&self) -> Vec<(String, burn::module::ParamId, usize)> {
+        let mut v = Ids {
+            path: Vec::new(),
+            out: Vec::new(),
+        };
+        self.visit(&mut v);
+        v.out
+    }
+
     /// Stops gradients for the tensors the view freezes (no grads, no optimizer state).
     pub fn apply_freezing(self, view: &View) -> Self {
         if view.frozen.is_empty() {
@@ -170,6 +181,26 @@ impl ModuleVisitor for Exporter {
             shape.swap(0, 1);
         }
         self.out.push(NamedTensor { name, shape, data });
+    }
+}
+
+struct Ids {
+    path: Vec<(String, bool)>,
+    out: Vec<(String, burn::module::ParamId, usize)>,
+}
+
+impl ModuleVisitor for Ids {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path
+            .push((name.to_string(), container_type.starts_with("Enum:")));
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.out.push((dotted(&self.path), param.id, D));
     }
 }
 
