@@ -145,6 +145,32 @@ fn one_hot(labels: &[u8], classes: usize, device: &Device) -> Tensor<2> {
     Tensor::from_data(TensorData::new(v, [labels.len(), classes]), device)
 }
 
+fn check_shape(spec: &ModelSpec, data: &Dataset) -> Result<(), EngineError> {
+    if data.shape != spec.input || data.num_classes > spec.classes {
+        return Err(EngineError::Task(format!(
+            "the data holds {:?} images of {} classes but the model takes {:?} inputs and {} classes",
+            data.shape, data.num_classes, spec.input, spec.classes
+        )));
+    }
+    Ok(())
+}
+
+/// The normalised input tensor and the labels of the samples `idx`; `pixels` is a reusable
+/// buffer.
+fn batch_input(
+    data: &Dataset,
+    idx: &[usize],
+    mean: &[f32],
+    std: &[f32],
+    pixels: &mut Vec<f32>,
+    device: &Device,
+) -> Result<(Tensor<4>, Vec<u8>), EngineError> {
+    data.try_normalized_batch(idx, mean, std, pixels)?;
+    let labels = idx.iter().map(|&i| data.labels[i]).collect();
+    let x = Net::input(std::mem::take(pixels), idx.len(), data.shape, device);
+    Ok((x, labels))
+}
+
 /// Mean cross-entropy of logits against labels.
 fn cross_entropy(logits: Tensor<2>, labels: &[u8], classes: usize, device: &Device) -> Tensor<1> {
     let n = labels.len() as f32;
@@ -266,6 +292,7 @@ pub fn train_masked(
             "the client holds no training data".into(),
         ));
     }
+    check_shape(spec, &data.train)?;
     if recipe.batch_size == 0 || recipe.epochs == 0 {
         return Err(EngineError::Task(
             "batch_size and epochs must be positive".into(),
@@ -293,15 +320,14 @@ pub fn train_masked(
     for _ in 0..recipe.epochs {
         order.shuffle(&mut rng);
         for batch in order.chunks(recipe.batch_size) {
-            data.train
-                .try_normalized_batch(batch, &data.mean, &data.std, &mut pixels)?;
-            let labels: Vec<u8> = batch.iter().map(|&i| data.train.labels[i]).collect();
-            let x = Net::input(
-                std::mem::take(&mut pixels),
-                batch.len(),
-                spec.input,
+            let (x, labels) = batch_input(
+                &data.train,
+                batch,
+                &data.mean,
+                &data.std,
+                &mut pixels,
                 &device,
-            );
+            )?;
             let logits = model.forward(x, view);
             let mut loss = cross_entropy(logits, &labels, classes, &device);
             loss_sum += f64::from(loss.clone().into_scalar::<f32>());
@@ -357,20 +383,14 @@ pub fn evaluate(
             "cannot evaluate on an empty dataset".into(),
         ));
     }
+    check_shape(spec, data)?;
     let device = compute_device();
     let model = Net::from_params(spec, params, &device)?;
     let (mut correct, mut loss_sum) = (0usize, 0f64);
     let mut pixels = Vec::new();
     let idx: Vec<usize> = (0..data.len()).collect();
     for chunk in idx.chunks(EVAL_CHUNK) {
-        data.try_normalized_batch(chunk, mean, std, &mut pixels)?;
-        let labels: Vec<u8> = chunk.iter().map(|&i| data.labels[i]).collect();
-        let x = Net::input(
-            std::mem::take(&mut pixels),
-            chunk.len(),
-            spec.input,
-            &device,
-        );
+        let (x, labels) = batch_input(data, chunk, mean, std, &mut pixels, &device)?;
         let logits = model.forward(x, view);
         let pred = logits
             .clone()

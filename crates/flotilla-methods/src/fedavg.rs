@@ -6,9 +6,10 @@
 //! their loss. Optional robust rules (coordinate-wise median, trimmed mean) replace the mean
 //! for fleets that may contain broken devices.
 
+use crate::common::{plan_full_model, valid_updates};
 use flotilla_core::ParamSet;
 use flotilla_core::aggregate::{self, Contribution};
-use flotilla_engine::local::{Recipe, estimate_memory, train_task};
+use flotilla_engine::local::{Recipe, train_task};
 use flotilla_engine::{
     Assignment, ClientCtx, ClientData, ClientHalf, ClientInfo, EngineError, EvalModel, Experiment,
     MethodState, PhaseCtx, PhaseEnd, Reply, ServerCtx, ServerHalf, Task,
@@ -113,34 +114,14 @@ impl ServerHalf for FedAvg {
     }
 
     fn plan(&self, ctx: &PhaseCtx, clients: &[ClientInfo]) -> Result<Vec<Assignment>, EngineError> {
-        let view = View::full();
-        let need = estimate_memory(&self.spec, &view, &self.global, &self.recipe).total();
-        Ok(clients
-            .iter()
-            .map(|c| {
-                if need > c.profile.memory_bytes {
-                    Assignment::Skip(format!(
-                        "training the model needs about {:.1} MiB, the {} device has {:.1} MiB",
-                        need as f64 / 1048576.0,
-                        c.profile.tier,
-                        c.profile.memory_bytes as f64 / 1048576.0
-                    ))
-                } else {
-                    Assignment::Run(Box::new(Task {
-                        round: ctx.round,
-                        phase: ctx.phase,
-                        client: c.id,
-                        kind: "train".into(),
-                        model: self.spec.clone(),
-                        view: view.clone(),
-                        recipe: self.recipe.clone(),
-                        params: self.global.clone(),
-                        masks: Vec::new(),
-                        options: serde_json::Value::Null,
-                    }))
-                }
-            })
-            .collect())
+        Ok(plan_full_model(
+            ctx,
+            clients,
+            &self.spec,
+            &self.recipe,
+            &self.global,
+            "",
+        ))
     }
 
     fn aggregate(
@@ -149,24 +130,7 @@ impl ServerHalf for FedAvg {
         replies: &[Reply],
         _server: &mut ServerCtx<'_>,
     ) -> Result<PhaseEnd, EngineError> {
-        // A reply that does not match the global layout is refused, not averaged.
-        let valid: Vec<&Reply> = replies
-            .iter()
-            .filter(|r| match self.global.check_same_layout(&r.params) {
-                Ok(()) if r.num_examples > 0 => true,
-                Ok(()) => {
-                    tracing::warn!(round = ctx.round, client = r.client, "update refused: zero examples");
-                    false
-                }
-                Err(e) => {
-                    tracing::warn!(round = ctx.round, client = r.client, error = %e, "update refused");
-                    false
-                }
-            })
-            .collect();
-        if valid.is_empty() {
-            return Err(EngineError::Method("no valid update to aggregate".into()));
-        }
+        let valid = valid_updates(ctx, &self.global, replies)?;
         let contribs: Vec<Contribution> = valid
             .iter()
             .map(|r| Contribution {

@@ -19,10 +19,11 @@
 //! Prunable tensors: conv and linear weights (rank ≥ 2, named `*.weight`); biases,
 //! normalisation parameters and embeddings are never pruned.
 
+use crate::common::{plan_full_model, valid_updates};
 use flotilla_core::ParamSet;
 use flotilla_core::aggregate::{self, Contribution};
 use flotilla_core::wire::Mask;
-use flotilla_engine::local::{Recipe, estimate_memory, train_task};
+use flotilla_engine::local::{Recipe, train_task};
 use flotilla_engine::method::KnownMasks;
 use flotilla_engine::{
     Assignment, ClientCtx, ClientData, ClientHalf, ClientInfo, EngineError, EvalModel, Experiment,
@@ -293,34 +294,15 @@ impl ServerHalf for FedMap {
     }
 
     fn plan(&self, ctx: &PhaseCtx, clients: &[ClientInfo]) -> Result<Vec<Assignment>, EngineError> {
-        let view = View::full();
-        let need = estimate_memory(&self.spec, &view, &self.global, &self.recipe).total();
-        Ok(clients
-            .iter()
-            .map(|c| {
-                if need > c.profile.memory_bytes {
-                    Assignment::Skip(format!(
-                        "training the model needs about {:.1} MiB, the {} device has {:.1} MiB (unstructured sparsity saves bytes on the wire, not training memory)",
-                        need as f64 / 1048576.0,
-                        c.profile.tier,
-                        c.profile.memory_bytes as f64 / 1048576.0
-                    ))
-                } else {
-                    Assignment::Run(Box::new(Task {
-                        round: ctx.round,
-                        phase: ctx.phase,
-                        client: c.id,
-                        kind: "train".into(),
-                        model: self.spec.clone(),
-                        view: view.clone(),
-                        recipe: self.recipe.clone(),
-                        params: self.global.clone(),
-                        masks: Vec::new(),
-                        options: serde_json::Value::Null,
-                    }))
-                }
-            })
-            .collect())
+        let note = " (unstructured sparsity saves bytes on the wire, not training memory)";
+        Ok(plan_full_model(
+            ctx,
+            clients,
+            &self.spec,
+            &self.recipe,
+            &self.global,
+            note,
+        ))
     }
 
     fn aggregate(
@@ -329,19 +311,7 @@ impl ServerHalf for FedMap {
         replies: &[Reply],
         _server: &mut ServerCtx<'_>,
     ) -> Result<PhaseEnd, EngineError> {
-        let valid: Vec<&Reply> = replies
-            .iter()
-            .filter(|r| match self.global.check_same_layout(&r.params) {
-                Ok(()) => r.num_examples > 0,
-                Err(e) => {
-                    tracing::warn!(round = ctx.round, client = r.client, error = %e, "update refused");
-                    false
-                }
-            })
-            .collect();
-        if valid.is_empty() {
-            return Err(EngineError::Method("no valid update to aggregate".into()));
-        }
+        let valid = valid_updates(ctx, &self.global, replies)?;
         let contribs: Vec<Contribution> = valid
             .iter()
             .map(|r| Contribution {

@@ -1,6 +1,7 @@
 //! Federated-learning methods for flotilla, one module each (server half and client half
 //! side by side), and the registry that builds them from a config.
 
+mod common;
 pub mod fedavg;
 pub mod fedmap;
 

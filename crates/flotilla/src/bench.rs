@@ -271,7 +271,7 @@ fn w2_rss_10k(data_dir: Option<&Path>) -> Result<u64> {
 /// Runs the benchmarks and prints the table.
 pub fn run(quick: bool, data_dir: Option<&Path>) -> Result<()> {
     let mut rows = Vec::new();
-    let peak = sgemm_peak(if quick { 512 } else { 1024 }, if quick { 3 } else { 8 });
+    let peak = sgemm_peak(if quick { 768 } else { 2048 }, if quick { 4 } else { 10 });
     rows.push(row(
         "sgemm peak, all cores",
         format!("{:.1} GFLOP/s", peak / 1e9),

@@ -1,0 +1,77 @@
+//! Pieces shared by methods that send every client the same full model.
+
+use flotilla_core::ParamSet;
+use flotilla_engine::local::{Recipe, estimate_memory};
+use flotilla_engine::{Assignment, ClientInfo, EngineError, PhaseCtx, Reply, Task};
+use flotilla_models::{ModelSpec, View};
+
+/// One `train` task per client carrying `params`, or a skip with the reason when the
+/// training estimate exceeds the client's memory budget. `note` is appended to the reason.
+pub fn plan_full_model(
+    ctx: &PhaseCtx,
+    clients: &[ClientInfo],
+    spec: &ModelSpec,
+    recipe: &Recipe,
+    params: &ParamSet,
+    note: &str,
+) -> Vec<Assignment> {
+    let view = View::full();
+    let need = estimate_memory(spec, &view, params, recipe).total();
+    clients
+        .iter()
+        .map(|c| {
+            if need > c.profile.memory_bytes {
+                Assignment::Skip(format!(
+                    "training the model needs about {:.1} MiB, the {} device has {:.1} MiB{note}",
+                    need as f64 / 1048576.0,
+                    c.profile.tier,
+                    c.profile.memory_bytes as f64 / 1048576.0
+                ))
+            } else {
+                Assignment::Run(Box::new(Task {
+                    round: ctx.round,
+                    phase: ctx.phase,
+                    client: c.id,
+                    kind: "train".into(),
+                    model: spec.clone(),
+                    view: view.clone(),
+                    recipe: recipe.clone(),
+                    params: params.clone(),
+                    masks: Vec::new(),
+                    options: serde_json::Value::Null,
+                }))
+            }
+        })
+        .collect()
+}
+
+/// The replies fit to average into `global`: same layout and at least one example. The others
+/// are refused with a log line, never averaged; none left is an error.
+pub fn valid_updates<'a>(
+    ctx: &PhaseCtx,
+    global: &ParamSet,
+    replies: &'a [Reply],
+) -> Result<Vec<&'a Reply>, EngineError> {
+    let valid: Vec<&Reply> = replies
+        .iter()
+        .filter(|r| match global.check_same_layout(&r.params) {
+            Ok(()) if r.num_examples > 0 => true,
+            Ok(()) => {
+                tracing::warn!(
+                    round = ctx.round,
+                    client = r.client,
+                    "update refused: zero examples"
+                );
+                false
+            }
+            Err(e) => {
+                tracing::warn!(round = ctx.round, client = r.client, error = %e, "update refused");
+                false
+            }
+        })
+        .collect();
+    if valid.is_empty() {
+        return Err(EngineError::Method("no valid update to aggregate".into()));
+    }
+    Ok(valid)
+}

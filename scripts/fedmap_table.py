@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""Builds docs/results/fedmap/README.md (markdown table) and SVG plots from the runs of
+scripts/fedmap_experiment.sh. Standard library only."""
+import json
+import os
+import statistics
+import sys
+
+RUNS, OUT = sys.argv[1], sys.argv[2]
+VARIANTS = ["dense", "nested", "recompute", "one-shot"]
+LABEL = {"dense": "dense FedAvg", "nested": "FedMap (nested)", "recompute": "non-nested recompute", "one-shot": "one-shot at end"}
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+
+
+def load(path):
+    rows = [json.loads(l) for l in open(os.path.join(path, "metrics.jsonl")) if l.strip()]
+    return rows, json.load(open(os.path.join(path, "summary.json")))
+
+
+def svg_lines(title, xlabel, ylabel, series, path):
+    """series: [(label, color, [(x, y), ...])]"""
+    W, H, L, B, T, R = 640, 400, 70, 50, 40, 170
+    pts = [p for _, _, s in series for p in s]
+    if not pts:
+        return
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    x1 = x1 if x1 > x0 else x0 + 1
+    y1 = y1 if y1 > y0 else y0 + 1
+    sx = lambda x: L + (x - x0) / (x1 - x0) * (W - L - R)
+    sy = lambda y: H - B - (y - y0) / (y1 - y0) * (H - B - T)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{W}" height="{H}" fill="white"/>',
+           f'<text x="{W/2}" y="22" text-anchor="middle" font-size="15">{title}</text>',
+           f'<line x1="{L}" y1="{H-B}" x2="{W-R}" y2="{H-B}" stroke="black"/><line x1="{L}" y1="{T}" x2="{L}" y2="{H-B}" stroke="black"/>',
+           f'<text x="{(L+W-R)/2}" y="{H-12}" text-anchor="middle">{xlabel}</text>',
+           f'<text x="16" y="{(T+H-B)/2}" text-anchor="middle" transform="rotate(-90 16 {(T+H-B)/2})">{ylabel}</text>']
+    for i in range(5):
+        xv, yv = x0 + (x1 - x0) * i / 4, y0 + (y1 - y0) * i / 4
+        out.append(f'<text x="{sx(xv)}" y="{H-B+16}" text-anchor="middle">{xv:.3g}</text>')
+        out.append(f'<text x="{L-6}" y="{sy(yv)+4}" text-anchor="end">{yv:.3g}</text>')
+        out.append(f'<line x1="{L}" y1="{sy(yv)}" x2="{W-R}" y2="{sy(yv)}" stroke="#ddd"/>')
+    for k, (label, color, s) in enumerate(series):
+        if s:
+            d = " ".join(f"{'M' if i == 0 else 'L'}{sx(x):.1f},{sy(y):.1f}" for i, (x, y) in enumerate(s))
+            out.append(f'<path d="{d}" fill="none" stroke="{color}" stroke-width="2"/>')
+        out.append(f'<rect x="{W-R+10}" y="{T+18*k}" width="12" height="12" fill="{color}"/><text x="{W-R+28}" y="{T+18*k+10}">{label}</text>')
+    out.append("</svg>")
+    open(path, "w").write("\n".join(out))
+
+
+os.makedirs(OUT, exist_ok=True)
+lines = ["# FedMap vs baselines on W1 (Fashion-MNIST, FedAvg CNN)", "",
+         "Produced by `scripts/fedmap_experiment.sh` (runs) and `scripts/fedmap_table.py` (this page).", "",
+         "| partition | method | final acc. (%) | Δ vs dense (pt) | final sparsity | active params | uplink over the run (MB) | uplink vs dense | last-round uplink per client (KB) | client acc. std (pt, mean over eval rounds) |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
+for part in ["iid", "dirichlet"]:
+    runs = {v: load(os.path.join(RUNS, part, v)) for v in VARIANTS if os.path.exists(os.path.join(RUNS, part, v, "summary.json"))}
+    if "dense" not in runs:
+        continue
+    dense_acc = runs["dense"][1]["final_test_accuracy"]
+    dense_up = runs["dense"][1]["total_bytes_up"]
+    for v, (rows, s) in runs.items():
+        last = rows[-1]
+        acc = s["final_test_accuracy"]
+        stds = [r["client_accuracy_std"] for r in rows if "client_accuracy_std" in r]
+        spread = f"{100*statistics.mean(stds):.2f}" if stds else "-"
+        lines.append(f"| {part} | {LABEL[v]} | {100*acc:.2f} | {100*(acc-dense_acc):+.2f} | {last.get('sparsity', 0.0):.3f} | "
+                     f"{last.get('active_params', 1663370)} | {s['total_bytes_up']/1e6:.1f} | {dense_up/s['total_bytes_up']:.2f}× lower | "
+                     f"{last['bytes_up']/max(1, last['clients'])/1e3:.0f} | {spread} |")
+    ser = lambda f: [(LABEL[v], COLORS[i], f(runs[v][0])) for i, v in enumerate(VARIANTS) if v in runs]
+    acc_pts = lambda rows, xf: [(xf(r, rows), 100 * r["test_accuracy"]) for r in rows if r["test_accuracy"] is not None]
+    cum = lambda r, rows: sum(q["bytes_up"] for q in rows if q["round"] <= r["round"]) / 1e6
+    svg_lines(f"Accuracy vs sparsity ({part})", "sparsity of conv/linear weights", "test accuracy (%)",
+              ser(lambda rows: acc_pts(rows, lambda r, _: r.get("sparsity", 0.0))), os.path.join(OUT, f"{part}_accuracy_vs_sparsity.svg"))
+    svg_lines(f"Accuracy vs cumulative uplink ({part})", "cumulative uplink (MB)", "test accuracy (%)",
+              ser(lambda rows: acc_pts(rows, cum)), os.path.join(OUT, f"{part}_accuracy_vs_uplink.svg"))
+    svg_lines(f"Uplink bytes per round ({part})", "round", "uplink (MB)",
+              ser(lambda rows: [(r["round"], r["bytes_up"] / 1e6) for r in rows]), os.path.join(OUT, f"{part}_bytes_per_round.svg"))
+    svg_lines(f"Client-to-client accuracy spread ({part})", "round", "std of holdout accuracy (pt)",
+              ser(lambda rows: [(r["round"], 100 * r["client_accuracy_std"]) for r in rows if "client_accuracy_std" in r]), os.path.join(OUT, f"{part}_client_spread.svg"))
+lines += ["", "Plots: `*_accuracy_vs_sparsity.svg`, `*_accuracy_vs_uplink.svg`, `*_bytes_per_round.svg`, `*_client_spread.svg`."]
+open(os.path.join(OUT, "README.md"), "w").write("\n".join(lines) + "\n")
+print("\n".join(lines))
