@@ -262,6 +262,12 @@ impl Experiment {
         if self.data.num_clients == 0 {
             return bad("data.num_clients", "must be at least 1".into());
         }
+        if self.data.train_limit == Some(0) || self.data.test_limit == Some(0) {
+            return bad(
+                "data.train_limit/test_limit",
+                "must be at least 1 when set".into(),
+            );
+        }
         if !(0.0..0.9).contains(&self.data.holdout) {
             return bad(
                 "data.holdout",

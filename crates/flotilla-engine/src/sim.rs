@@ -681,12 +681,30 @@ impl Simulation {
             }
         };
         let reply_bytes = reply.encode(server_masks)?;
-        let reply = Reply::decode(&reply_bytes, server_masks)?;
-        if reply.round != task.round || reply.phase != task.phase || reply.client != c {
-            return Err(EngineError::Protocol(format!(
-                "client {c} replied for another task"
-            )));
-        }
+        rec.bytes_up = reply_bytes.len() as u64;
+        // The server refuses an undecodable, non-finite or misaddressed update as it would
+        // from the network: the client's round fails, the run goes on.
+        let decoded = Reply::decode(&reply_bytes, server_masks).and_then(|r| {
+            if r.round != task.round || r.phase != task.phase || r.client != c {
+                Err(EngineError::Protocol(format!(
+                    "client {c} replied for another task"
+                )))
+            } else {
+                Ok(r)
+            }
+        });
+        let reply = match decoded {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(round = task.round, client = c, error = %e, "update refused");
+                rec.status = "failed".into();
+                rec.reason = Some(format!("update refused: {e}"));
+                return Ok(ClientRun {
+                    record: rec,
+                    reply: None,
+                });
+            }
+        };
         rec.bytes_up = reply_bytes.len() as u64;
         rec.num_examples = reply.num_examples;
         rec.train_loss = reply.metrics.get("train_loss").copied();
