@@ -5,6 +5,7 @@
 
 pub mod alloc;
 pub mod config;
+pub mod driver;
 mod error;
 pub mod local;
 pub mod method;
@@ -12,6 +13,7 @@ pub mod sim;
 pub mod sink;
 
 pub use config::Experiment;
+pub use driver::{Driver, Fleet};
 pub use error::EngineError;
 pub use method::{
     Assignment, ClientCtx, ClientData, ClientHalf, ClientInfo, EvalModel, MethodState, PhaseCtx,

@@ -315,6 +315,33 @@ pub trait ServerHalf: Send + Sync {
         server: &mut ServerCtx<'_>,
     ) -> Result<PhaseEnd, EngineError>;
 
+    /// Checks a decoded reply against the task it answers before it is accepted (the driver
+    /// has already checked addressing, finite values and the example count). The default
+    /// accepts any subset of the task's tensors with their shapes (a client may leave out
+    /// frozen or untrained tensors); a method that needs every tensor back, or whose clients
+    /// send new ones (gradients, other factors), overrides it. `Err` is the refusal reason,
+    /// logged and reported to the client.
+    fn check_reply(&self, task: &Task, reply: &Reply) -> Result<(), String> {
+        for t in reply.params.iter() {
+            match task.params.get(&t.name) {
+                Some(sent) if sent.shape == t.shape => {}
+                Some(sent) => {
+                    return Err(format!(
+                        "update does not match the task's tensors: `{}` has shape {:?}, the task sent {:?}",
+                        t.name, t.shape, sent.shape
+                    ));
+                }
+                None => {
+                    return Err(format!(
+                        "update does not match the task's tensors: the task sent no `{}`",
+                        t.name
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The models to evaluate (one, or several: per cluster, per depth…).
     fn eval_models(&self) -> Vec<EvalModel>;
 

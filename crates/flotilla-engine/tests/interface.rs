@@ -152,6 +152,23 @@ impl ServerHalf for Showcase {
         "showcase"
     }
 
+    /// The first phase asks each client for a tensor the task did not send (its example
+    /// count), so that phase overrides the default subset-of-the-task check.
+    fn check_reply(&self, task: &Task, reply: &Reply) -> Result<(), String> {
+        if task.kind == "count" {
+            return match reply.params.get("count") {
+                Some(t) if t.shape == [1] && reply.params.len() == 1 => Ok(()),
+                _ => Err("the count phase expects one tensor `count` of shape [1]".into()),
+            };
+        }
+        for t in reply.params.iter() {
+            if task.params.get(&t.name).map(|s| &s.shape) != Some(&t.shape) {
+                return Err(format!("`{}` was not sent with this shape", t.name));
+            }
+        }
+        Ok(())
+    }
+
     fn plan(&self, ctx: &PhaseCtx, clients: &[ClientInfo]) -> Result<Vec<Assignment>, EngineError> {
         if ctx.phase == 0 {
             // Phase 0: every client reports a statistic (like FeDLRT's basis gradients).

@@ -45,6 +45,14 @@ pub fn plan_full_model(
         .collect()
 }
 
+/// The reply check of full-model methods: every tensor of the model comes back, with its
+/// shape, so that the update can be averaged.
+pub fn check_full_model_reply(global: &ParamSet, reply: &Reply) -> Result<(), String> {
+    global
+        .check_same_layout(&reply.params)
+        .map_err(|e| format!("update does not match the task's tensors: {e}"))
+}
+
 /// The replies fit to average into `global`: same layout and at least one example. The others
 /// are refused with a log line, never averaged; none left is an error.
 pub fn valid_updates<'a>(

@@ -19,7 +19,7 @@
 //! Prunable tensors: conv and linear weights (rank ≥ 2, named `*.weight`); biases,
 //! normalisation parameters and embeddings are never pruned.
 
-use crate::common::{plan_full_model, valid_updates};
+use crate::common::{check_full_model_reply, plan_full_model, valid_updates};
 use flotilla_core::ParamSet;
 use flotilla_core::aggregate::{self, Contribution};
 use flotilla_core::wire::Mask;
@@ -303,6 +303,10 @@ impl ServerHalf for FedMap {
             &self.global,
             note,
         ))
+    }
+
+    fn check_reply(&self, _task: &Task, reply: &Reply) -> Result<(), String> {
+        check_full_model_reply(&self.global, reply)
     }
 
     fn aggregate(

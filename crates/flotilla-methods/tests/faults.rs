@@ -106,7 +106,9 @@ name = "fedavg"
                 .reason
                 .as_deref()
                 .unwrap()
-                .contains("another task")
+                .contains("answers a task for round"),
+            "{:?}",
+            status(2).reason
         );
         assert!(r.test_accuracy.unwrap().is_finite());
     }
