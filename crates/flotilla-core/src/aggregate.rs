@@ -151,6 +151,70 @@ pub fn trimmed_mean(contribs: &[Contribution<'_>], trim: usize) -> Result<ParamS
     })
 }
 
+/// Multi-Krum (Blanchard et al. 2017): scores each contribution by the sum of its squared
+/// distances to its `n − f − 2` nearest others, where `f` is the number of broken or hostile
+/// clients to tolerate, and returns the example-weighted mean of the `select` best-scored
+/// (`select = 1` is Krum: one client's parameters). Needs `n > 2f + 2`. Ties in the score go
+/// to the earlier contribution, so the result is deterministic.
+pub fn krum(
+    contribs: &[Contribution<'_>],
+    byzantine: usize,
+    select: usize,
+) -> Result<ParamSet, CoreError> {
+    check_weights(contribs)?;
+    let n = contribs.len();
+    if n <= 2 * byzantine + 2 {
+        return Err(CoreError::Aggregation(format!(
+            "Krum tolerating {byzantine} faulty clients needs more than {} contributions, got {n}",
+            2 * byzantine + 2
+        )));
+    }
+    if select == 0 || select > n - byzantine {
+        return Err(CoreError::Aggregation(format!(
+            "Krum must select between 1 and n − f = {} contributions, got {select}",
+            n - byzantine
+        )));
+    }
+    let first = contribs[0].params;
+    for c in &contribs[1..] {
+        first.check_same_layout(c.params)?;
+    }
+    let mut dist = vec![0.0f64; n * n];
+    for i in 0..n {
+        for j in i + 1..n {
+            let d: f64 = contribs[i]
+                .params
+                .iter()
+                .zip(contribs[j].params.iter())
+                .flat_map(|(a, b)| a.data.iter().zip(&b.data))
+                .map(|(x, y)| (f64::from(*x) - f64::from(*y)).powi(2))
+                .sum();
+            dist[i * n + j] = d;
+            dist[j * n + i] = d;
+        }
+    }
+    let neighbours = n - byzantine - 2;
+    let mut scores: Vec<(f64, usize)> = (0..n)
+        .map(|i| {
+            let mut row: Vec<f64> = (0..n)
+                .filter(|&j| j != i)
+                .map(|j| dist[i * n + j])
+                .collect();
+            row.sort_by(f64::total_cmp);
+            (row[..neighbours].iter().sum(), i)
+        })
+        .collect();
+    scores.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let mut chosen: Vec<usize> = scores[..select].iter().map(|s| s.1).collect();
+    chosen.sort_unstable();
+    let picked: Vec<Contribution<'_>> = chosen.iter().map(|&i| contribs[i]).collect();
+    if picked.iter().map(|c| c.weight).sum::<f64>() > 0.0 {
+        weighted_mean(&picked)
+    } else {
+        Ok(picked[0].params.clone())
+    }
+}
+
 fn robust(
     contribs: &[Contribution<'_>],
     pick: impl Fn(&[f32]) -> f32,
@@ -188,6 +252,43 @@ mod tests {
                 .collect(),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn krum_ignores_an_outlier_and_checks_its_bounds() {
+        let honest: Vec<ParamSet> = [1.0f32, 1.0, 1.0625, 0.9375, 1.125]
+            .iter()
+            .map(|v| set(&[("w", vec![*v, -*v])]))
+            .collect();
+        let evil = set(&[("w", vec![1e6, -1e6])]);
+        let mut all: Vec<Contribution<'_>> = honest
+            .iter()
+            .map(|p| Contribution {
+                params: p,
+                weight: 1.0,
+            })
+            .collect();
+        all.insert(
+            2,
+            Contribution {
+                params: &evil,
+                weight: 100.0,
+            },
+        );
+        // Krum picks one honest client, the most central (1.0, held by two).
+        let one = krum(&all, 1, 1).unwrap();
+        assert_eq!(one.get("w").unwrap().data, vec![1.0, -1.0]);
+        // Multi-Krum averages the 4 best, all honest.
+        let four = krum(&all, 1, 4).unwrap();
+        let w = four.get("w").unwrap().data[0];
+        assert!((w - 1.0).abs() < 0.05, "{w}");
+        // The plain mean is ruined by the outlier.
+        let mean = weighted_mean(&all).unwrap().get("w").unwrap().data[0];
+        assert!(mean > 1e5);
+        // n must exceed 2f + 2, and select must be in 1..=n-f.
+        assert!(krum(&all[..4], 1, 1).is_err());
+        assert!(krum(&all, 1, 0).is_err());
+        assert!(krum(&all, 1, 6).is_err());
     }
 
     #[test]

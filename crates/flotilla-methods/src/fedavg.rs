@@ -6,7 +6,7 @@
 //! their loss. Optional robust rules (coordinate-wise median, trimmed mean) replace the mean
 //! for fleets that may contain broken devices.
 
-use crate::common::{plan_full_model, valid_updates};
+use crate::common::{check_full_model_reply, plan_full_model, valid_updates};
 use flotilla_core::ParamSet;
 use flotilla_core::aggregate::{self, Contribution};
 use flotilla_engine::local::{Recipe, train_task};
@@ -28,6 +28,9 @@ pub enum Aggregator {
     Median,
     /// Coordinate-wise trimmed mean, dropping `trim` replies from each end.
     TrimmedMean,
+    /// Multi-Krum: the mean of the `krum_select` replies closest to their neighbours,
+    /// tolerating `byzantine` faulty ones.
+    Krum,
 }
 
 #[derive(Debug, Deserialize)]
@@ -41,6 +44,16 @@ struct Options {
     aggregator: Aggregator,
     #[serde(default)]
     trim: usize,
+    /// Faulty clients Krum tolerates.
+    #[serde(default)]
+    byzantine: usize,
+    /// Replies Krum averages (1: classic Krum).
+    #[serde(default = "one")]
+    krum_select: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 fn mean() -> Aggregator {
@@ -55,6 +68,8 @@ pub struct FedAvg {
     global: ParamSet,
     aggregator: Aggregator,
     trim: usize,
+    byzantine: usize,
+    krum_select: usize,
 }
 
 impl FedAvg {
@@ -92,6 +107,11 @@ impl FedAvg {
                 "`method.trim` must be at least 1 with aggregator = \"trimmed-mean\"".into(),
             ));
         }
+        if opts.krum_select == 0 {
+            return Err(EngineError::Config(
+                "`method.krum_select` must be at least 1 (1 is classic Krum)".into(),
+            ));
+        }
         Ok(Self {
             name: opts.name,
             spec,
@@ -99,6 +119,8 @@ impl FedAvg {
             global: init,
             aggregator: opts.aggregator,
             trim: opts.trim,
+            byzantine: opts.byzantine,
+            krum_select: opts.krum_select,
         })
     }
 
@@ -124,6 +146,10 @@ impl ServerHalf for FedAvg {
         ))
     }
 
+    fn check_reply(&self, _task: &Task, reply: &Reply) -> Result<(), String> {
+        check_full_model_reply(&self.global, reply)
+    }
+
     fn aggregate(
         &mut self,
         ctx: &PhaseCtx,
@@ -142,6 +168,21 @@ impl ServerHalf for FedAvg {
             Aggregator::Mean => aggregate::weighted_mean(&contribs)?,
             Aggregator::Median => aggregate::coordinate_median(&contribs)?,
             Aggregator::TrimmedMean => aggregate::trimmed_mean(&contribs, self.trim)?,
+            // Too few replies for Krum's guarantee: keep the model rather than trust them.
+            Aggregator::Krum if contribs.len() <= 2 * self.byzantine + 2 => {
+                tracing::warn!(
+                    round = ctx.round,
+                    replies = contribs.len(),
+                    byzantine = self.byzantine,
+                    "too few replies for Krum (needs more than 2·byzantine + 2); the model is kept"
+                );
+                return Ok(PhaseEnd::RoundComplete);
+            }
+            Aggregator::Krum => aggregate::krum(
+                &contribs,
+                self.byzantine,
+                self.krum_select.min(contribs.len() - self.byzantine),
+            )?,
         };
         Ok(PhaseEnd::RoundComplete)
     }
