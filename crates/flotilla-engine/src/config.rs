@@ -52,6 +52,9 @@ pub struct Experiment {
     /// Simulator settings.
     #[serde(default)]
     pub simulation: SimulationConfig,
+    /// Network server settings (`flotilla serve`).
+    #[serde(default)]
+    pub server: ServerConfig,
     /// Method name and its own options (checked by the method).
     pub method: toml::Table,
 }
@@ -217,6 +220,61 @@ impl Default for SimulationConfig {
     }
 }
 
+/// Network server settings: when a round starts, how long it may take, liveness.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Connected clients needed before a round starts.
+    #[serde(default = "one_usize")]
+    pub min_clients: usize,
+    /// Longest wait for `min_clients`, seconds; then the server stops with an error.
+    #[serde(default = "ten_minutes")]
+    pub wait_s: f64,
+    /// Per-round deadline in wall seconds: clients not done by then are stragglers, dropped
+    /// from the round.
+    #[serde(default = "ten_minutes")]
+    pub deadline_s: f64,
+    /// Seconds between a training client's heartbeats.
+    #[serde(default = "two")]
+    pub heartbeat_s: f64,
+    /// A client silent this long (no call, no heartbeat) is gone: its task fails at once and
+    /// it is not sampled until it joins again.
+    #[serde(default = "fifteen")]
+    pub liveness_s: f64,
+    /// Largest message accepted, MiB (gRPC's default of 4 MiB is too small for models).
+    #[serde(default = "max_message_mib")]
+    pub max_message_mib: usize,
+}
+
+fn ten_minutes() -> f64 {
+    600.0
+}
+
+fn two() -> f64 {
+    2.0
+}
+
+fn fifteen() -> f64 {
+    15.0
+}
+
+fn max_message_mib() -> usize {
+    256
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            min_clients: 1,
+            wait_s: ten_minutes(),
+            deadline_s: ten_minutes(),
+            heartbeat_s: two(),
+            liveness_s: fifteen(),
+            max_message_mib: max_message_mib(),
+        }
+    }
+}
+
 impl Experiment {
     /// Parses TOML; serde errors already name the key and the line.
     pub fn from_toml(text: &str) -> Result<Self, EngineError> {
@@ -258,6 +316,35 @@ impl Experiment {
         let bad = |key: &str, msg: String| Err(EngineError::Config(format!("`{key}` {msg}")));
         if self.rounds == 0 {
             return bad("rounds", "must be at least 1".into());
+        }
+        let sv = &self.server;
+        for (key, v) in [
+            ("server.wait_s", sv.wait_s),
+            ("server.deadline_s", sv.deadline_s),
+            ("server.heartbeat_s", sv.heartbeat_s),
+            ("server.liveness_s", sv.liveness_s),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return bad(
+                    key,
+                    format!("must be a positive number of seconds, got {v}"),
+                );
+            }
+        }
+        if sv.liveness_s <= sv.heartbeat_s {
+            return bad(
+                "server.liveness_s",
+                format!(
+                    "({}) must exceed server.heartbeat_s ({}), or live clients are declared gone",
+                    sv.liveness_s, sv.heartbeat_s
+                ),
+            );
+        }
+        if sv.min_clients == 0 || sv.max_message_mib == 0 {
+            return bad(
+                "server.min_clients / server.max_message_mib",
+                "must be at least 1".into(),
+            );
         }
         if self.data.num_clients == 0 {
             return bad("data.num_clients", "must be at least 1".into());

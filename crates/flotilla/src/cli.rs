@@ -83,6 +83,34 @@ pub enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Load benchmark of the network deployment: a server and N echo clients on loopback.
+    BenchNet {
+        /// Client counts to measure, e.g. 50,100,200.
+        #[arg(long, value_delimiter = ',', default_values_t = [10usize, 50, 200])]
+        clients: Vec<usize>,
+        /// Rounds per client count (the first is not reported).
+        #[arg(long, default_value_t = 4)]
+        rounds: u64,
+        /// Dataset folder for the server's test set.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Run a federated training over the network: the server (see `join` for clients).
+    Serve(crate::deploy::ServeArgs),
+    /// Take part in a networked run as a client.
+    Join(crate::deploy::JoinArgs),
+    /// Make a local CA, server and client certificates and bearer tokens for `serve`/`join`.
+    Certs {
+        /// Folder to write into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Host names or IP addresses the server certificate is valid for.
+        #[arg(long, default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        host: Vec<String>,
+        /// Number of client tokens.
+        #[arg(long, default_value_t = 10)]
+        tokens: usize,
+    },
 }
 
 /// Runs the command line.
@@ -113,6 +141,14 @@ pub fn run(cli: Cli) -> Result<()> {
         } => partition(&config, data_dir.as_deref(), json),
         Command::Report { runs, out } => report(&runs, out),
         Command::Bench { quick, data_dir } => crate::bench::run(quick, data_dir.as_deref()),
+        Command::BenchNet {
+            clients,
+            rounds,
+            data_dir,
+        } => crate::bench_net::run(&clients, rounds, data_dir.as_deref()),
+        Command::Serve(args) => crate::deploy::serve(args),
+        Command::Join(args) => crate::deploy::join(args),
+        Command::Certs { out, host, tokens } => crate::deploy::certs(&out, &host, tokens),
     }
 }
 
@@ -132,7 +168,7 @@ pub fn load_data(exp: &Experiment, cli_dir: Option<&Path>) -> Result<Split> {
     Ok(flotilla_data::load(kind, &dir)?)
 }
 
-fn fresh_run_dir(config: &Path) -> PathBuf {
+pub(crate) fn fresh_run_dir(config: &Path) -> PathBuf {
     let stem = config.file_stem().and_then(|s| s.to_str()).unwrap_or("run");
     let base = PathBuf::from("runs").join(stem);
     if !base.exists() {
@@ -189,13 +225,22 @@ fn finish(sim: &mut Simulation, mut metrics: MetricsFiles, dir: &Path) -> Result
     let mut progress = Progress::new();
     let summary = sim.run(&mut [&mut metrics, &mut progress])?;
     progress.done();
-    if let Some(model) = sim.server().eval_models().into_iter().next() {
+    write_outputs(sim.server(), &summary, dir)
+}
+
+/// Writes the final model, summary.json and the plots of a finished run, and prints where.
+pub(crate) fn write_outputs(
+    server: &dyn flotilla_engine::ServerHalf,
+    summary: &serde_json::Value,
+    dir: &Path,
+) -> Result<()> {
+    if let Some(model) = server.eval_models().into_iter().next() {
         let meta = HashMap::from([("model".to_string(), serde_json::to_string(&model.spec)?)]);
         safetensors_io::save(&dir.join("model.safetensors"), &model.params, Some(meta))?;
     }
     safetensors_io::write_atomic(
         &dir.join(flotilla_report::SUMMARY_FILE),
-        serde_json::to_string_pretty(&summary)?.as_bytes(),
+        serde_json::to_string_pretty(summary)?.as_bytes(),
     )?;
     let run = Run::load(dir)?;
     let plots = flotilla_report::render_plots(&run)?;
@@ -212,16 +257,16 @@ fn finish(sim: &mut Simulation, mut metrics: MetricsFiles, dir: &Path) -> Result
 }
 
 /// Progress: a bar on a terminal, plain log lines otherwise.
-struct Progress {
+pub(crate) struct Progress {
     bar: Option<indicatif::ProgressBar>,
 }
 
 impl Progress {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self { bar: None }
     }
 
-    fn done(&self) {
+    pub(crate) fn done(&self) {
         if let Some(b) = &self.bar {
             b.finish();
         }

@@ -23,7 +23,10 @@ pub use flotilla_data as data;
 pub use flotilla_engine as engine;
 pub use flotilla_methods as methods;
 pub use flotilla_models as models;
+pub use flotilla_net as net;
 pub use flotilla_report as report;
 
 pub mod bench;
+pub mod bench_net;
 pub mod cli;
+pub mod deploy;
