@@ -1,10 +1,26 @@
-//! A client's decoder of tasks must refuse any byte string with an error, never panic.
-//! Run: `cargo fuzz run decode_task` in `fuzz/`.
+//! A client's decoding of tasks must refuse any byte string with an error, never panic: the
+//! protobuf message, the masks it carries, then every tensor against them. Run in `fuzz/`:
+//! `cargo fuzz run decode_task`.
 #![no_main]
 
-use flotilla_engine::method::KnownMasks;
+use flotilla_core::wire::{Mask, TaskMsg, decode_tensor};
 use libfuzzer_sys::fuzz_target;
+use prost::Message;
+use std::collections::HashMap;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = flotilla_engine::Task::decode(data, &mut KnownMasks::new());
+    let Ok(msg) = TaskMsg::decode(data) else {
+        return;
+    };
+    let mut masks = HashMap::new();
+    for m in &msg.masks {
+        if let Ok(mask) = Mask::decode(m) {
+            masks.insert(mask.name.clone(), mask);
+        }
+    }
+    for t in &msg.tensors {
+        if let Ok(t) = decode_tensor(t, &masks) {
+            assert_eq!(t.shape.iter().product::<usize>(), t.data.len());
+        }
+    }
 });

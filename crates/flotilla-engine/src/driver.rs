@@ -66,7 +66,7 @@ pub trait Fleet {
 
     /// Runs the tasks and returns one [`ClientRun`] per task, in task order, plus the wall
     /// time of the critical path (the longest any one worker or client was busy). Every reply
-    /// must be decoded with [`decode_reply`] and passed through `check` before it counts.
+    /// must be judged with [`judge_reply`] (decoded, then passed through `check`) before it counts.
     fn execute(
         &mut self,
         tasks: Vec<Prepared>,
@@ -678,31 +678,50 @@ fn check_reply(task: &Task, reply: &Reply, declared: Option<u64>) -> Result<(), 
     Ok(())
 }
 
-/// Decodes reply bytes as the server does for any driver: protocol version, tensor
-/// encodings, finite values; then `check`. `Err` is the refusal reason.
-pub fn decode_reply(
+/// Judges reply bytes as the server does for any driver: decodes them (protocol version,
+/// tensor encodings, finite values), then `check`. An accepted reply fills the client's record
+/// (`sim_time_s` is the profile's estimate of download + compute + upload on the device); a
+/// refused one marks the client's round failed with the reason, logged, which is also
+/// returned so a network client can be told.
+pub fn judge_reply(
+    mut rec: ClientRecord,
     bytes: &[u8],
     server_masks: &KnownMasks,
     task: &Task,
     check: &ReplyCheck<'_>,
-) -> Result<Reply, String> {
-    let reply = Reply::decode(bytes, server_masks).map_err(|e| e.to_string())?;
-    check(task, &reply)?;
-    Ok(reply)
-}
-
-/// Fills a client's record from an accepted reply; `sim_time_s` is the profile's estimate
-/// of download + compute + upload on the device.
-pub fn record_reply(rec: &mut ClientRecord, reply: &Reply, profile: &DeviceProfile) {
-    rec.num_examples = reply.num_examples;
-    rec.train_loss = reply.metrics.get("train_loss").copied();
-    rec.flops = reply.resources.flops;
-    rec.peak_memory_bytes = reply.resources.peak_memory_bytes;
-    rec.estimated_memory_bytes = reply.resources.estimated_memory_bytes;
-    rec.wall_time_s = reply.resources.wall_time_s;
-    rec.sim_time_s = profile.download_time_s(rec.bytes_down)
-        + profile.compute_time_s(rec.flops)
-        + profile.upload_time_s(rec.bytes_up);
+    profile: &DeviceProfile,
+) -> (ClientRun, Result<(), String>) {
+    let decoded = Reply::decode(bytes, server_masks)
+        .map_err(|e| e.to_string())
+        .and_then(|reply| check(task, &reply).map(|()| reply));
+    match decoded {
+        Ok(reply) => {
+            rec.num_examples = reply.num_examples;
+            rec.train_loss = reply.metrics.get("train_loss").copied();
+            rec.flops = reply.resources.flops;
+            rec.peak_memory_bytes = reply.resources.peak_memory_bytes;
+            rec.estimated_memory_bytes = reply.resources.estimated_memory_bytes;
+            rec.wall_time_s = reply.resources.wall_time_s;
+            rec.sim_time_s = profile.download_time_s(rec.bytes_down)
+                + profile.compute_time_s(rec.flops)
+                + profile.upload_time_s(rec.bytes_up);
+            let run = ClientRun {
+                record: rec,
+                reply: Some(reply),
+            };
+            (run, Ok(()))
+        }
+        Err(reason) => {
+            tracing::warn!(round = rec.round, client = rec.client, %reason, "update refused");
+            rec.status = "failed".into();
+            rec.reason = Some(format!("update refused: {reason}"));
+            let run = ClientRun {
+                record: rec,
+                reply: None,
+            };
+            (run, Err(reason))
+        }
+    }
 }
 
 fn emit(sinks: &mut [&mut dyn Sink], e: &Event<'_>) -> Result<(), EngineError> {

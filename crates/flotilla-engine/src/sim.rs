@@ -9,9 +9,7 @@
 
 use crate::EngineError;
 use crate::config::Experiment;
-use crate::driver::{
-    ClientRun, Driver, Fleet, Prepared, ReplyCheck, blank_record, decode_reply, record_reply,
-};
+use crate::driver::{ClientRun, Driver, Fleet, Prepared, ReplyCheck, blank_record, judge_reply};
 use crate::method::{ClientCtx, ClientData, ClientHalf, ClientInfo, KnownMasks, ServerHalf};
 use crate::sink::Sink;
 use flotilla_core::ParamSet;
@@ -221,24 +219,15 @@ impl LocalFleet {
         rec.bytes_up = reply_bytes.len() as u64;
         // The server refuses an undecodable, non-finite, misaddressed or misshapen update
         // as it would from the network: the client's round fails, the run goes on.
-        match decode_reply(&reply_bytes, server_masks, &prepared.task, check) {
-            Ok(reply) => {
-                record_reply(&mut rec, &reply, profile);
-                Ok(ClientRun {
-                    record: rec,
-                    reply: Some(reply),
-                })
-            }
-            Err(reason) => {
-                tracing::warn!(round = task.round, client = c, %reason, "update refused");
-                rec.status = "failed".into();
-                rec.reason = Some(format!("update refused: {reason}"));
-                Ok(ClientRun {
-                    record: rec,
-                    reply: None,
-                })
-            }
-        }
+        Ok(judge_reply(
+            rec,
+            &reply_bytes,
+            server_masks,
+            &prepared.task,
+            check,
+            profile,
+        )
+        .0)
     }
 }
 

@@ -13,9 +13,7 @@ use crate::proto::*;
 use flotilla_core::device::DeviceProfile;
 use flotilla_core::wire::PROTOCOL_VERSION;
 use flotilla_engine::config::ServerConfig;
-use flotilla_engine::driver::{
-    ClientRun, Fleet, Prepared, ReplyCheck, blank_record, decode_reply, record_reply,
-};
+use flotilla_engine::driver::{ClientRun, Fleet, Prepared, ReplyCheck, blank_record, judge_reply};
 use flotilla_engine::method::KnownMasks;
 use flotilla_engine::sink::Sink;
 use flotilla_engine::{ClientInfo, Driver, EngineError};
@@ -480,33 +478,11 @@ impl Fleet for NetFleet {
                         let (p, _, mut rec) = pending.remove(&inc.client).expect("pending");
                         self.shared.lock().outbox.remove(&inc.client);
                         rec.bytes_up = inc.wire_bytes;
-                        let profile = self.roster[&inc.client].profile.clone();
-                        match decode_reply(&inc.reply, server_masks, &p.task, check) {
-                            Ok(reply) => {
-                                record_reply(&mut rec, &reply, &profile);
-                                done.insert(
-                                    inc.client,
-                                    ClientRun {
-                                        record: rec,
-                                        reply: Some(reply),
-                                    },
-                                );
-                                Ok(())
-                            }
-                            Err(reason) => {
-                                tracing::warn!(round = rec.round, client = inc.client, %reason, "update refused");
-                                rec.status = "failed".into();
-                                rec.reason = Some(format!("update refused: {reason}"));
-                                done.insert(
-                                    inc.client,
-                                    ClientRun {
-                                        record: rec,
-                                        reply: None,
-                                    },
-                                );
-                                Err(reason)
-                            }
-                        }
+                        let profile = &self.roster[&inc.client].profile;
+                        let (run, verdict) =
+                            judge_reply(rec, &inc.reply, server_masks, &p.task, check, profile);
+                        done.insert(inc.client, run);
+                        verdict
                     }
                     _ => Err("no task outstanding: a late, duplicate or replayed update".into()),
                 };

@@ -231,6 +231,31 @@ fn start_client(cwd: &Path, url: &str, k: u64, n: u64, extra: &[&str]) -> Proc {
     Proc::spawn(cwd, &args, &format!("client {k}"))
 }
 
+/// A served run in progress: the server, its clients (partition k of n each) and the files.
+struct Served {
+    server: Proc,
+    clients: Vec<Proc>,
+    config: PathBuf,
+    state: PathBuf,
+    addr: String,
+}
+
+/// Writes `body` as the config, starts `serve --insecure` on an ephemeral port and `n` clients.
+fn serve_with_clients(tmp: &Path, body: &str, n: u64) -> Served {
+    let config = write_config(tmp, "net.toml", body);
+    let state = tmp.join("served");
+    let (server, addr) = start_server(tmp, &config, &state, "127.0.0.1:0", &[]);
+    let url = format!("http://{addr}");
+    let clients = (0..n).map(|k| start_client(tmp, &url, k, n, &[])).collect();
+    Served {
+        server,
+        clients,
+        config,
+        state,
+        addr,
+    }
+}
+
 /// Runs `simulate` on `config` into `out` and returns the run directory.
 fn simulate(cwd: &Path, config: &Path, out: &Path) -> PathBuf {
     let o = flotilla(
@@ -303,13 +328,13 @@ fn network_run_matches_simulate() {
         return;
     }
     let tmp = TempDir::new().unwrap();
-    let config = write_config(tmp.path(), "net.toml", NET);
-    let state = tmp.path().join("served");
-    let (mut server, addr) = start_server(tmp.path(), &config, &state, "127.0.0.1:0", &[]);
-    let url = format!("http://{addr}");
-    let mut clients: Vec<Proc> = (0..3)
-        .map(|k| start_client(tmp.path(), &url, k, 3, &[]))
-        .collect();
+    let Served {
+        mut server,
+        mut clients,
+        config,
+        state,
+        ..
+    } = serve_with_clients(tmp.path(), NET, 3);
     server.expect_success();
     for c in &mut clients {
         c.expect_success();
@@ -351,13 +376,13 @@ fn fedmap_over_the_network_matches_simulate() {
             "name = \"fedavg\"",
             "name = \"fedmap\"\nwarmup = 1\nperiod = 1\nrate = 0.5\ntarget_sparsity = 0.8",
         );
-    let config = write_config(tmp.path(), "fedmap.toml", &body);
-    let state = tmp.path().join("served");
-    let (mut server, addr) = start_server(tmp.path(), &config, &state, "127.0.0.1:0", &[]);
-    let url = format!("http://{addr}");
-    let mut clients: Vec<Proc> = (0..2)
-        .map(|k| start_client(tmp.path(), &url, k, 2, &[]))
-        .collect();
+    let Served {
+        mut server,
+        mut clients,
+        config,
+        state,
+        ..
+    } = serve_with_clients(tmp.path(), &body, 2);
     server.expect_success();
     for c in &mut clients {
         c.expect_success();
@@ -387,13 +412,12 @@ fn killed_client_fails_its_round_and_the_run_goes_on() {
     let body = NET
         .replace("epochs = 1", "epochs = 30")
         .replace("min_clients = 3", "min_clients = 2");
-    let config = write_config(tmp.path(), "net.toml", &body);
-    let state = tmp.path().join("served");
-    let (mut server, addr) = start_server(tmp.path(), &config, &state, "127.0.0.1:0", &[]);
-    let url = format!("http://{addr}");
-    let mut clients: Vec<Proc> = (0..3)
-        .map(|k| start_client(tmp.path(), &url, k, 3, &[]))
-        .collect();
+    let Served {
+        mut server,
+        mut clients,
+        state,
+        ..
+    } = serve_with_clients(tmp.path(), &body, 3);
     // The server starts once two have joined, so the killed client may first train in round
     // 1 or 2; the checks below read which clients each round sampled.
     clients[2].wait_for_line("training");
@@ -446,13 +470,13 @@ fn restarted_server_resumes_without_losing_or_repeating_a_round() {
     let body = NET
         .replace("rounds = 2", "rounds = 4")
         .replace("epochs = 1", "epochs = 3");
-    let config = write_config(tmp.path(), "net.toml", &body);
-    let state = tmp.path().join("served");
-    let (mut server, addr) = start_server(tmp.path(), &config, &state, "127.0.0.1:0", &[]);
-    let url = format!("http://{addr}");
-    let mut clients: Vec<Proc> = (0..3)
-        .map(|k| start_client(tmp.path(), &url, k, 3, &[]))
-        .collect();
+    let Served {
+        mut server,
+        mut clients,
+        config,
+        state,
+        addr,
+    } = serve_with_clients(tmp.path(), &body, 3);
     // Kill the server once round 1 is checkpointed.
     let state_json = state.join("checkpoint/state.json");
     let until = Instant::now() + PROCESS_LIMIT;
