@@ -292,7 +292,7 @@ impl Sink for Progress {
                     bar.set_position(first_round - 1);
                     self.bar = Some(bar);
                 } else {
-                    tracing::info!(first_round, rounds, "simulation started");
+                    tracing::info!(first_round, rounds, "run started");
                 }
             }
             Event::Round { round, clients } => {

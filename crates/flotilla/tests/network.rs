@@ -462,6 +462,47 @@ fn killed_client_fails_its_round_and_the_run_goes_on() {
 }
 
 #[test]
+fn deadline_drops_stragglers_without_waiting_for_them() {
+    if !have_data("deadline_drops_stragglers_without_waiting_for_them") {
+        return;
+    }
+    let tmp = TempDir::new().unwrap();
+    // Local training takes several seconds; the deadline is half a second.
+    let body = NET
+        .replace("epochs = 1", "epochs = 400")
+        .replace("num_clients = 3", "num_clients = 2")
+        .replace("clients_per_round = 3", "clients_per_round = 2")
+        .replace("min_clients = 3", "min_clients = 2")
+        .replace("deadline_s = 120.0", "deadline_s = 0.5");
+    // The clients are bound so they live (and are killed) with the test.
+    let Served {
+        mut server,
+        clients: _clients,
+        state,
+        ..
+    } = serve_with_clients(tmp.path(), &body, 2);
+    let started = Instant::now();
+    server.expect_success();
+    // Two rounds of 0.5 s plus evaluation: the server did not wait for the training.
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the server took {:?}",
+        started.elapsed()
+    );
+    let metrics = read_jsonl(&state.join("metrics.jsonl"));
+    assert_eq!(rounds_of(&metrics), vec![1, 2]);
+    for m in &metrics {
+        assert_eq!(m["clients"], 0, "no update arrived in time: {m}");
+    }
+    let records = read_jsonl(&state.join("clients.jsonl"));
+    assert_eq!(records.len(), 4);
+    for r in &records {
+        assert_eq!(r["status"], "straggler", "{r}");
+        assert!(r["reason"].as_str().unwrap().contains("deadline"), "{r}");
+    }
+}
+
+#[test]
 fn restarted_server_resumes_without_losing_or_repeating_a_round() {
     if !have_data("restarted_server_resumes_without_losing_or_repeating_a_round") {
         return;
