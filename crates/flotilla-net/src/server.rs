@@ -68,11 +68,11 @@ struct Member {
     last_seen: Instant,
 }
 
-/// A task waiting for its client.
+/// A task for a client: waiting to be pulled (`pull_reply` holds it), then outstanding until
+/// its reply (`pull_reply` is `None`: the bytes went to the client and are not kept).
 struct Outgoing {
     session: u64,
-    pull_reply: Arc<PullReply>,
-    delivered: bool,
+    pull_reply: Option<PullReply>,
 }
 
 /// Reply bytes waiting for the round loop's verdict.
@@ -221,10 +221,8 @@ impl Coordinator for Service {
                 let mut st = shared.lock();
                 if let Some(out) = st.outbox.get_mut(&r.client)
                     && out.session == r.session
-                    && !out.delivered
+                    && let Some(task) = out.pull_reply.take()
                 {
-                    out.delivered = true;
-                    let task = (*out.pull_reply).clone();
                     // Liveness counts from the delivery: training starts now.
                     if let Some(m) = st.members.get_mut(&r.client) {
                         m.last_seen = Instant::now();
@@ -260,7 +258,7 @@ impl Coordinator for Service {
         {
             let mut st = shared.lock();
             match st.outbox.get(&r.client) {
-                Some(out) if out.session == r.session && out.delivered => {}
+                Some(out) if out.session == r.session && out.pull_reply.is_none() => {}
                 _ => {
                     tracing::warn!(client = r.client, "update refused: no task outstanding");
                     return Err(Status::failed_precondition(format!(
@@ -419,8 +417,7 @@ impl Fleet for NetFleet {
                     c,
                     Outgoing {
                         session,
-                        pull_reply: Arc::new(pull_reply),
-                        delivered: false,
+                        pull_reply: Some(pull_reply),
                     },
                 );
                 pending.insert(c, (p, session, rec));
