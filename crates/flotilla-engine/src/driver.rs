@@ -9,16 +9,17 @@
 
 use crate::EngineError;
 use crate::config::Experiment;
-use crate::local::evaluate;
+use crate::local::{evaluate, evaluate_views};
 use crate::method::{
-    Assignment, ClientData, ClientInfo, KnownMasks, MethodState, PhaseCtx, PhaseEnd, Reply,
-    ServerCtx, ServerHalf, Task,
+    Assignment, ClientData, ClientInfo, EvalModel, KnownMasks, MethodState, PhaseCtx, PhaseEnd,
+    Reply, ServerCtx, ServerHalf, Task,
 };
 use crate::sink::{ClientRecord, Event, RoundRecord, Sink};
 use flotilla_core::device::DeviceProfile;
 use flotilla_core::seed::{self, Purpose};
 use flotilla_core::{ParamSet, Tensor, safetensors_io};
 use flotilla_data::Dataset;
+use flotilla_models::View;
 use rand::Rng;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -107,6 +108,8 @@ pub struct Driver {
     server_data: Option<ClientData>,
     next_round: u64,
     totals: Totals,
+    /// Clients already told to the server half ([`ServerHalf::observe`]).
+    observed: std::collections::HashSet<u64>,
 }
 
 #[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
@@ -120,6 +123,9 @@ struct Totals {
     best_accuracy: Option<f64>,
     last_accuracy: Option<f64>,
     last_loss: Option<f64>,
+    /// Set when the evaluated models carry device counts.
+    #[serde(default)]
+    last_mean_device_accuracy: Option<f64>,
 }
 
 impl Driver {
@@ -154,6 +160,7 @@ impl Driver {
             server_data: None,
             next_round: 1,
             totals: Totals::default(),
+            observed: std::collections::HashSet::new(),
         })
     }
 
@@ -178,12 +185,23 @@ impl Driver {
         self.server_data = Some(data);
     }
 
-    /// Refuses an impossible fleet: a dry-run plan must run at least one of `clients`.
-    /// Clients are planned one at a time, so memory stays flat in the fleet size.
+    /// Tells the server half about `clients` it has not seen yet.
+    fn observe(&mut self, clients: impl Iterator<Item = ClientInfo>) {
+        for info in clients {
+            if self.observed.insert(info.id) {
+                self.server.observe(std::slice::from_ref(&info));
+            }
+        }
+    }
+
+    /// Tells the server half the whole fleet, then refuses an impossible fleet: a dry-run
+    /// plan must run at least one of `clients`. Clients are planned one at a time, so memory
+    /// stays flat in the fleet size.
     pub fn check_fleet(
-        &self,
-        clients: impl Iterator<Item = ClientInfo>,
+        &mut self,
+        clients: impl Iterator<Item = ClientInfo> + Clone,
     ) -> Result<(), EngineError> {
+        self.observe(clients.clone());
         let ctx = PhaseCtx {
             round: 1,
             phase: 0,
@@ -326,6 +344,7 @@ impl Driver {
             "model_parameters": params,
             "final_test_accuracy": t.last_accuracy,
             "best_test_accuracy": t.best_accuracy,
+            "final_mean_device_accuracy": t.last_mean_device_accuracy,
             "final_test_loss": t.last_loss,
             "total_bytes_up": t.bytes_up,
             "total_bytes_down": t.bytes_down,
@@ -402,6 +421,14 @@ impl Driver {
             self.client_masks.remove(&c);
         }
         let available = fleet.available(round)?;
+        if available.iter().any(|c| !self.observed.contains(c)) {
+            let fresh: Vec<ClientInfo> = available
+                .iter()
+                .filter(|c| !self.observed.contains(c))
+                .map(|&c| fleet.info(c))
+                .collect();
+            self.observe(fresh.into_iter());
+        }
         let selected = self.sample(round, available);
         let mut records: BTreeMap<u64, ClientRecord> = BTreeMap::new();
         let mut active = Vec::new();
@@ -514,21 +541,36 @@ impl Driver {
         let mut extra = self.server.round_metrics();
         let (mut acc, mut loss) = (None, None);
         let eval_started = Instant::now();
+        let mut device_acc = None;
         if evaluate_now {
             let models = self.server.eval_models();
-            let mut accs = Vec::new();
-            let mut losses = Vec::new();
-            for m in &models {
-                let (a, l) = self.evaluate_parallel(&m.spec, &m.view, &m.params, &self.test)?;
+            let results = self.evaluate_models(&models)?;
+            for (m, (a, _)) in models.iter().zip(&results) {
                 if models.len() > 1 {
-                    extra.insert(format!("test_accuracy/{}", m.label), a.into());
+                    extra.insert(format!("test_accuracy/{}", m.label), (*a).into());
                 }
-                accs.push(a);
-                losses.push(l);
             }
-            if !accs.is_empty() {
-                acc = Some(accs.iter().sum::<f64>() / accs.len() as f64);
-                loss = Some(losses.iter().sum::<f64>() / losses.len() as f64);
+            // Per-device means when the models say how many devices deploy them.
+            let weights: Vec<f64> = models
+                .iter()
+                .map(|m| m.devices.map_or(1.0, |d| d as f64))
+                .collect();
+            let total: f64 = weights.iter().sum();
+            if total > 0.0 {
+                let mean = |f: fn(&(f64, f64)) -> f64| {
+                    results
+                        .iter()
+                        .zip(&weights)
+                        .map(|(r, w)| f(r) * w)
+                        .sum::<f64>()
+                        / total
+                };
+                acc = Some(mean(|r| r.0));
+                loss = Some(mean(|r| r.1));
+                if models.iter().any(|m| m.devices.is_some()) {
+                    extra.insert("mean_device_accuracy".into(), acc.into());
+                    device_acc = acc;
+                }
             }
         }
         let mut clients = clients;
@@ -601,8 +643,41 @@ impl Driver {
             t.best_accuracy = Some(t.best_accuracy.map_or(a, |b| b.max(a)));
             t.last_accuracy = Some(a);
             t.last_loss = loss;
+            t.last_mean_device_accuracy = device_acc;
         }
         Ok((record, clients))
+    }
+
+    /// Evaluates the models on the test set, one (accuracy, loss) each. Models that share
+    /// architecture and parameters and differ only in their view are evaluated together, so
+    /// depth prefixes of one model share their trunk.
+    fn evaluate_models(&self, models: &[EvalModel]) -> Result<Vec<(f64, f64)>, EngineError> {
+        let mut results = vec![(0.0, 0.0); models.len()];
+        let mut done = vec![false; models.len()];
+        for i in 0..models.len() {
+            if done[i] {
+                continue;
+            }
+            let group: Vec<usize> = (i..models.len())
+                .filter(|&j| {
+                    !done[j]
+                        && models[j].spec == models[i].spec
+                        && models[j].params == models[i].params
+                })
+                .collect();
+            let views: Vec<View> = group.iter().map(|&j| models[j].view.clone()).collect();
+            let r = self.evaluate_parallel_views(
+                &models[i].spec,
+                &views,
+                &models[i].params,
+                &self.test,
+            )?;
+            for (&j, r) in group.iter().zip(r) {
+                results[j] = r;
+                done[j] = true;
+            }
+        }
+        Ok(results)
     }
 
     /// Test-set evaluation split over the workers in chunks aligned to the evaluator's fixed
@@ -614,6 +689,17 @@ impl Driver {
         params: &ParamSet,
         data: &Dataset,
     ) -> Result<(f64, f64), EngineError> {
+        Ok(self.evaluate_parallel_views(spec, std::slice::from_ref(view), params, data)?[0])
+    }
+
+    /// [`Driver::evaluate_parallel`] for several views of the same parameters.
+    pub fn evaluate_parallel_views(
+        &self,
+        spec: &flotilla_models::ModelSpec,
+        views: &[View],
+        params: &ParamSet,
+        data: &Dataset,
+    ) -> Result<Vec<(f64, f64)>, EngineError> {
         let n = data.len();
         let workers = self.pools.len().max(1);
         let chunk = crate::local::EVAL_CHUNK;
@@ -622,7 +708,8 @@ impl Driver {
             .map(|w| (w * per, ((w + 1) * per).min(n)))
             .filter(|(a, b)| a < b)
             .collect();
-        let results: Vec<Result<(f64, f64, usize), EngineError>> = std::thread::scope(|s| {
+        type Part = Result<(Vec<(f64, f64)>, usize), EngineError>;
+        let results: Vec<Part> = std::thread::scope(|s| {
             let hs: Vec<_> = ranges
                 .iter()
                 .enumerate()
@@ -630,10 +717,10 @@ impl Driver {
                     s.spawn(move || {
                         let idx: Vec<usize> = (a..b).collect();
                         let part = data.subset(&idx)?;
-                        let (acc, loss) = self.pools[w].install(|| {
-                            evaluate(spec, view, params, &part, &self.mean, &self.std)
+                        let r = self.pools[w].install(|| {
+                            evaluate_views(spec, views, params, &part, &self.mean, &self.std)
                         })?;
-                        Ok((acc, loss, b - a))
+                        Ok((r, b - a))
                     })
                 })
                 .collect();
@@ -645,13 +732,18 @@ impl Driver {
                 })
                 .collect()
         });
-        let (mut acc, mut loss) = (0.0, 0.0);
+        let mut sums = vec![(0.0, 0.0); views.len()];
         for r in results {
-            let (a, l, k) = r?;
-            acc += a * k as f64;
-            loss += l * k as f64;
+            let (part, k) = r?;
+            for (s, (a, l)) in sums.iter_mut().zip(part) {
+                s.0 += a * k as f64;
+                s.1 += l * k as f64;
+            }
         }
-        Ok((acc / n as f64, loss / n as f64))
+        Ok(sums
+            .into_iter()
+            .map(|(a, l)| (a / n as f64, l / n as f64))
+            .collect())
     }
 }
 

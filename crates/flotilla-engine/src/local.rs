@@ -7,7 +7,7 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer, SgdConfig};
-use burn::tensor::activation::log_softmax;
+use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::{Device, Tensor, TensorData};
 use flotilla_core::{ParamSet, seed};
 use flotilla_data::Dataset;
@@ -84,6 +84,55 @@ impl Recipe {
     }
 }
 
+/// Which output of the network the auto-distillation term compares (methods.md §3.8.2: the
+/// paper says "final activation layer").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DistillOn {
+    /// The classifier's logits.
+    #[default]
+    Logits,
+    /// The class probabilities (softmax of the logits): bounded, so the term cannot dominate
+    /// the cross-entropy when shallow and deep logits differ in scale.
+    Softmax,
+}
+
+/// What local training minimises.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind", deny_unknown_fields)]
+pub enum Objective {
+    /// Cross-entropy of the model under the task's view (plus FedProx's term when set).
+    CrossEntropy,
+    /// FlexTrain on a device (Algorithm 2): the cross-entropy of the depth-`depth` prefix
+    /// plus β·‖f_student − sg(f_depth)‖², where the device's own depth is the detached teacher
+    /// of the shallower `student` prefix (f = logits, squared L2 norm summed over classes and
+    /// averaged over the batch). No student: plain cross-entropy of the prefix.
+    DeviceDepth {
+        /// The device's depth: the view must be the trainable prefix of this depth.
+        depth: usize,
+        /// The shallower prefix pulled toward the device's depth.
+        student: Option<usize>,
+        /// Distillation weight β.
+        beta: f64,
+        /// Output compared by the distillation term.
+        #[serde(default)]
+        on: DistillOn,
+    },
+    /// Centralized FlexTrain (Algorithm 1): for every mini-batch a depth k is drawn from `pi`
+    /// (entry k = probability of the depth-k prefix, k = 0..=K), and the step minimises the
+    /// cross-entropy of prefix k plus β·‖f_k − sg(f_{k+1})‖² (no extra term at k = K).
+    /// Blocks deeper than k get no update in that step.
+    SampledDepth {
+        /// Depth distribution π over 0..=K.
+        pi: Vec<f64>,
+        /// Distillation weight β.
+        beta: f64,
+        /// Output compared by the distillation term.
+        #[serde(default)]
+        on: DistillOn,
+    },
+}
+
 /// Result of local training.
 #[derive(Debug, Clone)]
 pub struct TrainOutcome {
@@ -95,6 +144,8 @@ pub struct TrainOutcome {
     pub samples: usize,
     /// Optimizer steps.
     pub steps: usize,
+    /// Steps per trained depth, for the depth objectives (empty for cross-entropy).
+    pub depth_steps: BTreeMap<usize, usize>,
 }
 
 /// Counts trainable and total parameters of `params` under `view`.
@@ -287,6 +338,112 @@ pub fn train_masked(
     shuffle_seed: u64,
     masks: &TrainMasks,
 ) -> Result<TrainOutcome, EngineError> {
+    train_with(
+        spec,
+        view,
+        params,
+        data,
+        recipe,
+        shuffle_seed,
+        masks,
+        &Objective::CrossEntropy,
+    )
+}
+
+/// Checks a depth objective against the model and view; returns the number of blocks.
+fn check_objective(
+    spec: &ModelSpec,
+    view: &View,
+    objective: &Objective,
+) -> Result<(), EngineError> {
+    let total = spec.num_blocks();
+    let bad = |m: String| Err(EngineError::Task(m));
+    match objective {
+        Objective::CrossEntropy => Ok(()),
+        _ if total == 0 => bad("depth objectives need a model with blocks (resnet or vit)".into()),
+        Objective::DeviceDepth {
+            depth,
+            student,
+            beta,
+            ..
+        } => {
+            if view.prefix_depth(total) != Some(*depth) {
+                return bad(format!(
+                    "the view must be the depth-{depth} prefix of the {total} blocks"
+                ));
+            }
+            if student.is_some_and(|s| s >= *depth) {
+                return bad(format!(
+                    "the student depth must be below the device depth {depth}"
+                ));
+            }
+            if !(beta.is_finite() && *beta >= 0.0) {
+                return bad(format!("beta must be a non-negative number, got {beta}"));
+            }
+            Ok(())
+        }
+        Objective::SampledDepth { pi, beta, .. } => {
+            if pi.len() != total + 1 {
+                return bad(format!(
+                    "pi must give a probability for every depth 0..={total} ({} entries), got {}",
+                    total + 1,
+                    pi.len()
+                ));
+            }
+            let sum: f64 = pi.iter().sum();
+            if pi.iter().any(|p| !(p.is_finite() && *p >= 0.0)) || (sum - 1.0).abs() > 1e-6 {
+                return bad(format!("pi must be probabilities summing to 1, got {pi:?}"));
+            }
+            if !(beta.is_finite() && *beta >= 0.0) {
+                return bad(format!("beta must be a non-negative number, got {beta}"));
+            }
+            if view != &View::full() {
+                return bad("sampled-depth training runs on the full model view".into());
+            }
+            Ok(())
+        }
+    }
+}
+
+/// β·‖student − sg(teacher)‖²: squared L2 distance summed over classes, averaged over the batch;
+/// the teacher is detached, so no gradient reaches its deeper blocks.
+fn distillation(student: Tensor<2>, teacher: Tensor<2>, beta: f64, on: DistillOn) -> Tensor<1> {
+    let b = student.dims()[0] as f32;
+    let teacher = teacher.detach();
+    let diff = match on {
+        DistillOn::Logits => student - teacher,
+        DistillOn::Softmax => softmax(student, 1) - softmax(teacher, 1),
+    };
+    diff.square().sum() * (beta as f32 / b)
+}
+
+/// Draws a depth from π.
+fn draw_depth(pi: &[f64], rng: &mut impl rand::Rng) -> usize {
+    let u: f64 = rng.random();
+    let mut acc = 0.0;
+    for (k, p) in pi.iter().enumerate() {
+        acc += p;
+        if u < acc {
+            return k;
+        }
+    }
+    // Rounding left u above the running sum: the deepest depth with mass.
+    pi.iter().rposition(|p| *p > 0.0).unwrap_or(pi.len() - 1)
+}
+
+/// Local training with any [`Objective`]; masked positions stay at exactly zero.
+#[allow(clippy::too_many_arguments)]
+pub fn train_with(
+    spec: &ModelSpec,
+    view: &View,
+    params: &ParamSet,
+    data: &ClientData,
+    recipe: &Recipe,
+    shuffle_seed: u64,
+    masks: &TrainMasks,
+    objective: &Objective,
+) -> Result<TrainOutcome, EngineError> {
+    check_objective(spec, view, objective)?;
     if data.train.is_empty() {
         return Err(EngineError::Task(
             "the client holds no training data".into(),
@@ -317,6 +474,9 @@ pub fn train_masked(
     let mut pixels = Vec::new();
     let (mut loss_sum, mut steps, mut samples) = (0.0f64, 0usize, 0usize);
     let classes = spec.classes;
+    let total_blocks = spec.num_blocks();
+    let mut depth_rng = seed::rng(shuffle_seed, 0, 0, seed::Purpose::Method);
+    let mut depth_steps = BTreeMap::new();
     for _ in 0..recipe.epochs {
         order.shuffle(&mut rng);
         for batch in order.chunks(recipe.batch_size) {
@@ -328,8 +488,43 @@ pub fn train_masked(
                 &mut pixels,
                 &device,
             )?;
-            let logits = model.forward(x, view);
-            let mut loss = cross_entropy(logits, &labels, classes, &device);
+            let mut loss = match objective {
+                Objective::CrossEntropy => {
+                    cross_entropy(model.forward(x, view), &labels, classes, &device)
+                }
+                Objective::DeviceDepth {
+                    depth,
+                    student,
+                    beta,
+                    on,
+                } => {
+                    *depth_steps.entry(*depth).or_insert(0) += 1;
+                    match student {
+                        Some(s) if *beta > 0.0 => {
+                            let mut out = model.forward_depths(x, &[*s, *depth])?;
+                            let teacher = out.pop().expect("two depths");
+                            let student = out.pop().expect("two depths");
+                            cross_entropy(teacher.clone(), &labels, classes, &device)
+                                + distillation(student, teacher, *beta, *on)
+                        }
+                        _ => cross_entropy(model.forward(x, view), &labels, classes, &device),
+                    }
+                }
+                Objective::SampledDepth { pi, beta, on } => {
+                    let k = draw_depth(pi, &mut depth_rng);
+                    *depth_steps.entry(k).or_insert(0) += 1;
+                    if k < total_blocks && *beta > 0.0 {
+                        let mut out = model.forward_depths(x, &[k, k + 1])?;
+                        let teacher = out.pop().expect("two depths");
+                        let student = out.pop().expect("two depths");
+                        cross_entropy(student.clone(), &labels, classes, &device)
+                            + distillation(student, teacher, *beta, *on)
+                    } else {
+                        let logits = model.forward(x, &View::depth_prefix(k, total_blocks));
+                        cross_entropy(logits, &labels, classes, &device)
+                    }
+                }
+            };
             loss_sum += f64::from(loss.clone().into_scalar::<f32>());
             if let Some(anchor) = &anchor {
                 let mut f = Flatten(Vec::new());
@@ -361,6 +556,7 @@ pub fn train_masked(
         mean_loss: loss_sum / steps as f64,
         samples,
         steps,
+        depth_steps,
     })
 }
 
@@ -378,6 +574,20 @@ pub fn evaluate(
     mean: &[f32],
     std: &[f32],
 ) -> Result<(f64, f64), EngineError> {
+    Ok(evaluate_views(spec, std::slice::from_ref(view), params, data, mean, std)?[0])
+}
+
+/// [`evaluate`] for several views of the same parameters, one (accuracy, loss) per view. When
+/// every view is a depth prefix, the blocks the prefixes share run once per batch
+/// ([`Net::forward_depths`]).
+pub fn evaluate_views(
+    spec: &ModelSpec,
+    views: &[View],
+    params: &ParamSet,
+    data: &Dataset,
+    mean: &[f32],
+    std: &[f32],
+) -> Result<Vec<(f64, f64)>, EngineError> {
     if data.is_empty() {
         return Err(EngineError::Task(
             "cannot evaluate on an empty dataset".into(),
@@ -386,37 +596,72 @@ pub fn evaluate(
     check_shape(spec, data)?;
     let device = compute_device();
     let model = Net::from_params(spec, params, &device)?;
-    let (mut correct, mut loss_sum) = (0usize, 0f64);
+    // Shared trunk when every view is a depth prefix (and there is more than one).
+    let total = spec.num_blocks();
+    let depths: Option<Vec<usize>> = (views.len() > 1 && total > 0)
+        .then(|| views.iter().map(|v| v.prefix_depth(total)).collect())
+        .flatten();
+    let sorted: Option<Vec<usize>> = depths.as_ref().map(|d| {
+        let mut s = d.clone();
+        s.sort_unstable();
+        s.dedup();
+        s
+    });
+    let mut correct = vec![0usize; views.len()];
+    let mut loss_sum = vec![0f64; views.len()];
     let mut pixels = Vec::new();
     let idx: Vec<usize> = (0..data.len()).collect();
     for chunk in idx.chunks(EVAL_CHUNK) {
         let (x, labels) = batch_input(data, chunk, mean, std, &mut pixels, &device)?;
-        let logits = model.forward(x, view);
-        let pred = logits
-            .clone()
-            .argmax(1)
-            .into_data()
-            .convert::<i64>()
-            .try_into_vec::<i64>()
-            .map_err(|e| EngineError::Task(format!("{e:?}")))?;
-        correct += pred
-            .iter()
-            .zip(&labels)
-            .filter(|(p, l)| **p == i64::from(**l))
-            .count();
-        loss_sum +=
-            f64::from(cross_entropy(logits, &labels, spec.classes, &device).into_scalar::<f32>())
-                * chunk.len() as f64;
+        let logits: Vec<Tensor<2>> = match (&depths, &sorted) {
+            (Some(depths), Some(sorted)) => {
+                let out = model.forward_depths(x, sorted)?;
+                depths
+                    .iter()
+                    .map(|d| out[sorted.binary_search(d).expect("listed")].clone())
+                    .collect()
+            }
+            _ => views.iter().map(|v| model.forward(x.clone(), v)).collect(),
+        };
+        for (i, logits) in logits.into_iter().enumerate() {
+            let pred = logits
+                .clone()
+                .argmax(1)
+                .into_data()
+                .convert::<i64>()
+                .try_into_vec::<i64>()
+                .map_err(|e| EngineError::Task(format!("{e:?}")))?;
+            correct[i] += pred
+                .iter()
+                .zip(&labels)
+                .filter(|(p, l)| **p == i64::from(**l))
+                .count();
+            loss_sum[i] += f64::from(
+                cross_entropy(logits, &labels, spec.classes, &device).into_scalar::<f32>(),
+            ) * chunk.len() as f64;
+        }
     }
-    Ok((
-        correct as f64 / data.len() as f64,
-        loss_sum / data.len() as f64,
-    ))
+    let n = data.len() as f64;
+    Ok(correct
+        .iter()
+        .zip(&loss_sum)
+        .map(|(c, l)| (*c as f64 / n, l / n))
+        .collect())
 }
 
 /// The standard client step shared by FedAvg-style methods: check the memory budget, train
 /// the task's model under its view, reply with the trainable tensors and measured resources.
 pub fn train_task(task: &Task, data: &ClientData, ctx: &ClientCtx) -> Result<Reply, EngineError> {
+    train_task_with(task, data, ctx, &Objective::CrossEntropy)
+}
+
+/// [`train_task`] with another [`Objective`] (FlexTrain's depth distillation).
+pub fn train_task_with(
+    task: &Task,
+    data: &ClientData,
+    ctx: &ClientCtx,
+    objective: &Objective,
+) -> Result<Reply, EngineError> {
     let started = Instant::now();
     let estimate = estimate_memory(&task.model, &task.view, &task.params, &task.recipe);
     if estimate.total() > ctx.profile.memory_bytes {
@@ -428,7 +673,7 @@ pub fn train_task(task: &Task, data: &ClientData, ctx: &ClientCtx) -> Result<Rep
     }
     let peak = ThreadPeak::start();
     let shuffle = seed::derive(ctx.seed, task.round, task.client, seed::Purpose::Shuffle);
-    let out = train_masked(
+    let out = train_with(
         &task.model,
         &task.view,
         &task.params,
@@ -436,6 +681,7 @@ pub fn train_task(task: &Task, data: &ClientData, ctx: &ClientCtx) -> Result<Rep
         &task.recipe,
         shuffle,
         &ctx.masks,
+        objective,
     )?;
     let params = out.params.filter(|n| !task.view.is_frozen(n));
     let peak_memory_bytes = peak.peak_above_start();

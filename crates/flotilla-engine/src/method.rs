@@ -281,6 +281,10 @@ pub struct EvalModel {
     pub view: View,
     /// Parameters.
     pub params: ParamSet,
+    /// How many devices deploy this model (e.g. the devices of one capability class). When
+    /// the models set it, the reported test accuracy is the mean over devices
+    /// (`mean_device_accuracy`); otherwise the plain mean over models.
+    pub devices: Option<u64>,
 }
 
 /// Everything a method needs to resume: named parameter collections and JSON state.
@@ -302,6 +306,12 @@ pub struct ServerCtx<'a> {
 pub trait ServerHalf: Send + Sync {
     /// Method name as in configs.
     fn name(&self) -> &str;
+
+    /// Clients the server has not seen before, told before they are first planned (all
+    /// clients of a simulation before round 1; network clients as they become available).
+    /// For methods whose plan or evaluation depends on the whole fleet, e.g. FlexTrain's
+    /// capability classes. Not part of the checkpoint: clients are told again after a restart.
+    fn observe(&mut self, _clients: &[ClientInfo]) {}
 
     /// Plans one phase: one assignment per client, in the order given. Must not change
     /// state, so the engine can also dry-run it (to refuse an impossible fleet at start).

@@ -61,7 +61,7 @@ impl Simulation {
         };
         let (fleet, test) = LocalFleet::new(&exp, data, client, workers)?;
         let checkpoint_every = exp.simulation.checkpoint_every;
-        let driver = Driver::new(exp, test, server, run_dir, workers)?;
+        let mut driver = Driver::new(exp, test, server, run_dir, workers)?;
         driver.check_fleet((0..fleet.parts.len() as u64).map(|c| fleet.info(c)))?;
         Ok(Self {
             driver,

@@ -303,12 +303,14 @@ impl ServerHalf for Showcase {
                 spec: resnet(0.5),
                 view: View::full(),
                 params: self.resnet.clone(),
+                devices: None,
             },
             EvalModel {
                 label: "mlp".into(),
                 spec: ModelSpec::mlp_2nn(),
                 view: View::full(),
                 params: self.mlp.clone(),
+                devices: None,
             },
         ]
     }

@@ -193,6 +193,7 @@ impl ServerHalf for FedAvg {
             spec: self.spec.clone(),
             view: View::full(),
             params: self.global.clone(),
+            devices: None,
         }]
     }
 

@@ -361,6 +361,7 @@ impl ServerHalf for FedMap {
             spec: self.spec.clone(),
             view: View::full(),
             params: self.global.clone(),
+            devices: None,
         }]
     }
 

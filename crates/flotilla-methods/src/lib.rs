@@ -4,13 +4,21 @@
 mod common;
 pub mod fedavg;
 pub mod fedmap;
+pub mod flextrain;
 
 use flotilla_engine::{ClientHalf, EngineError, Experiment, ServerHalf};
 use flotilla_models::Net;
 use std::sync::Arc;
 
 /// Names accepted in `[method] name = …`.
-pub const METHODS: &[&str] = &["fedavg", "fedprox", "fedmap"];
+pub const METHODS: &[&str] = &[
+    "fedavg",
+    "fedprox",
+    "fedmap",
+    "flextrain",
+    "fedsmall",
+    "fedclass",
+];
 
 /// The two halves of a method, as the engine drives them.
 pub type Halves = (Box<dyn ServerHalf>, Arc<dyn ClientHalf>);
@@ -28,6 +36,10 @@ pub fn build(exp: &Experiment) -> Result<Halves, EngineError> {
         "fedmap" => {
             let server = fedmap::FedMap::from_config(exp, spec, init)?;
             Ok((Box::new(server), Arc::new(fedmap::FedMapClient)))
+        }
+        "flextrain" | "fedsmall" | "fedclass" => {
+            let server = flextrain::FlexTrain::from_config(exp, spec, init)?;
+            Ok((Box::new(server), Arc::new(flextrain::FlexTrainClient)))
         }
         other => Err(EngineError::Config(format!(
             "`method.name`: unknown method `{other}`; available: {}",

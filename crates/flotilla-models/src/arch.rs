@@ -203,9 +203,39 @@ impl ResNet {
                 block.shortcut(x)
             };
         }
+        self.head(x)
+    }
+
+    fn head(&self, x: Tensor<4>) -> Tensor<2> {
         let [b, c, h, w] = x.dims();
         let pooled = x.reshape([b, c, h * w]).mean_dim(2).reshape([b, c]);
         self.fc.forward(pooled)
+    }
+
+    pub(crate) fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Logits of the depth-`d` prefix for every `d` of `depths` (ascending, at most the
+    /// number of blocks), computed on one shared trunk: the prefix of depth `d` is the trunk
+    /// after block `d`, then the shortcuts of the deeper blocks, the pooling and the classifier.
+    pub(crate) fn forward_depths(&self, x: Tensor<4>, depths: &[usize]) -> Vec<Tensor<2>> {
+        let mut x = relu(self.norm1.forward(self.conv1.forward(x)));
+        let mut out = Vec::with_capacity(depths.len());
+        let mut next = depths.iter().peekable();
+        for k in 0..=self.blocks.len() {
+            while next.next_if(|&&d| d == k).is_some() {
+                let mut y = x.clone();
+                for block in &self.blocks[k..] {
+                    y = block.shortcut(y);
+                }
+                out.push(self.head(y));
+            }
+            if k < self.blocks.len() && next.peek().is_some() {
+                x = self.blocks[k].forward(x);
+            }
+        }
+        out
     }
 }
 
@@ -329,21 +359,49 @@ impl Vit {
     }
 
     pub(crate) fn forward(&self, x: Tensor<4>, view: &View) -> Tensor<2> {
-        let p = self.patch_embed.forward(x);
-        let [b, d, gh, gw] = p.dims();
-        let tokens = p.reshape([b, d, gh * gw]).swap_dims(1, 2);
-        let cls = self.cls_token.val().repeat_dim(0, b);
-        let mut x = Tensor::cat(vec![cls, tokens], 1) + self.pos_embed.val();
+        let mut x = self.embed(x);
         for (k, block) in self.blocks.iter().enumerate() {
             if view.block_active(k) {
                 x = block.forward(x);
             }
         }
+        self.classify(x)
+    }
+
+    fn classify(&self, x: Tensor<3>) -> Tensor<2> {
+        let [b, _, d] = x.dims();
         let x = self.norm.forward(x);
-        let n = x.dims()[1];
         let cls_out = x.narrow(1, 0, 1).reshape([b, d]);
-        let _ = n;
         self.head.forward(cls_out)
+    }
+
+    fn embed(&self, x: Tensor<4>) -> Tensor<3> {
+        let p = self.patch_embed.forward(x);
+        let [b, d, gh, gw] = p.dims();
+        let tokens = p.reshape([b, d, gh * gw]).swap_dims(1, 2);
+        let cls = self.cls_token.val().repeat_dim(0, b);
+        Tensor::cat(vec![cls, tokens], 1) + self.pos_embed.val()
+    }
+
+    pub(crate) fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Logits of the depth-`d` prefix for every `d` of `depths` (ascending), on one shared
+    /// trunk: skipped transformer blocks are the identity.
+    pub(crate) fn forward_depths(&self, x: Tensor<4>, depths: &[usize]) -> Vec<Tensor<2>> {
+        let mut x = self.embed(x);
+        let mut out = Vec::with_capacity(depths.len());
+        let mut next = depths.iter().peekable();
+        for k in 0..=self.blocks.len() {
+            while next.next_if(|&&d| d == k).is_some() {
+                out.push(self.classify(x.clone()));
+            }
+            if k < self.blocks.len() && next.peek().is_some() {
+                x = self.blocks[k].forward(x);
+            }
+        }
+        out
     }
 }
 

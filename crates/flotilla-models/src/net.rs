@@ -81,6 +81,36 @@ impl Net {
         }
     }
 
+    /// Logits of several depth prefixes of a ResNet or ViT from one forward pass: the blocks
+    /// shared by the prefixes run once. `depths` must be ascending, each at most the number
+    /// of blocks (0 = stem and classifier only). Entry `i` equals
+    /// `forward(x, &View::depth_prefix(depths[i], K))`.
+    pub fn forward_depths(
+        &self,
+        x: Tensor<4>,
+        depths: &[usize],
+    ) -> Result<Vec<Tensor<2>>, ModelError> {
+        let blocks = match self {
+            Net::ResNet(m) => m.num_blocks(),
+            Net::Vit(m) => m.num_blocks(),
+            _ => {
+                return Err(ModelError::View(
+                    "depth prefixes need a model with blocks (resnet or vit)".into(),
+                ));
+            }
+        };
+        if depths.windows(2).any(|w| w[0] > w[1]) || depths.iter().any(|&d| d > blocks) {
+            return Err(ModelError::View(format!(
+                "depths {depths:?} must be ascending and at most {blocks}"
+            )));
+        }
+        Ok(match self {
+            Net::ResNet(m) => m.forward_depths(x, depths),
+            Net::Vit(m) => m.forward_depths(x, depths),
+            _ => unreachable!("checked above"),
+        })
+    }
+
     /// Builds an input tensor from normalised pixels in CHW order.
     pub fn input(pixels: Vec<f32>, batch: usize, shape: [usize; 3], device: &Device) -> Tensor<4> {
         input_tensor(pixels, batch, shape, device)
@@ -378,5 +408,64 @@ mod tests {
         assert_eq!(out(&p, &prefix), out(&scrambled, &prefix));
         assert_eq!(out(&p, &View::depth_prefix(6, 6)), out(&p, &View::full()));
         assert_ne!(out(&p, &View::full()), out(&p, &prefix));
+    }
+
+    #[test]
+    fn shared_trunk_depths_equal_separate_prefix_forwards() {
+        for spec in specs().into_iter().filter(|s| s.num_blocks() > 0) {
+            let k_total = spec.num_blocks();
+            let p = Net::init_params(&spec, 5).unwrap();
+            let net = Net::from_params(&spec, &p, &compute_device()).unwrap();
+            let x = || {
+                Net::input(
+                    (0..2 * 784).map(|i| (i as f32 * 0.11).cos()).collect(),
+                    2,
+                    spec.input,
+                    &compute_device(),
+                )
+            };
+            let depths: Vec<usize> = (0..=k_total).collect();
+            let shared = net.forward_depths(x(), &depths).unwrap();
+            assert_eq!(shared.len(), depths.len());
+            for (d, y) in depths.iter().zip(shared) {
+                let alone = net.forward(x(), &View::depth_prefix(*d, k_total));
+                let (a, b) = (
+                    y.into_data().try_to_vec::<f32>().unwrap(),
+                    alone.into_data().try_to_vec::<f32>().unwrap(),
+                );
+                let diff = a
+                    .iter()
+                    .zip(&b)
+                    .map(|(u, v)| (u - v).abs())
+                    .fold(0f32, f32::max);
+                assert!(diff < 1e-5, "{:?} depth {d}: {diff}", spec.arch);
+            }
+            assert!(net.forward_depths(x(), &[2, 1]).is_err());
+            assert!(net.forward_depths(x(), &[k_total + 1]).is_err());
+        }
+        let cnn = Net::from_params(
+            &ModelSpec::fedavg_cnn(),
+            &Net::init_params(&ModelSpec::fedavg_cnn(), 0).unwrap(),
+            &compute_device(),
+        )
+        .unwrap();
+        let x = Net::input(vec![0.0; 784], 1, [1, 28, 28], &compute_device());
+        assert!(cnn.forward_depths(x, &[0]).is_err());
+    }
+
+    #[test]
+    fn prefix_views_report_their_depth_and_freeze_deeper_blocks() {
+        let v = View::trainable_prefix(2, 5);
+        assert_eq!(v.prefix_depth(5), Some(2));
+        assert!(v.is_frozen("blocks.3.conv1.weight") && !v.is_frozen("blocks.1.conv1.weight"));
+        assert!(!v.is_frozen("fc.weight"));
+        assert_eq!(View::full().prefix_depth(5), Some(5));
+        let holes = View {
+            active_blocks: Some(vec![true, false, true]),
+            frozen: vec![],
+        };
+        assert_eq!(holes.prefix_depth(3), None);
+        assert_eq!(ModelSpec::block_of("blocks.12.norm1.weight"), Some(12));
+        assert_eq!(ModelSpec::block_of("fc.bias"), None);
     }
 }

@@ -113,6 +113,16 @@ impl ModelSpec {
         ((units as f64 * self.width).ceil() as usize).max(1)
     }
 
+    /// The block a tensor belongs to (`blocks.<i>.…`), or `None` for the stem, classifier
+    /// and other shared tensors.
+    pub fn block_of(name: &str) -> Option<usize> {
+        name.strip_prefix("blocks.")?
+            .split('.')
+            .next()?
+            .parse()
+            .ok()
+    }
+
     /// Number of skippable blocks (0 for models without residual blocks).
     pub fn num_blocks(&self) -> usize {
         match &self.arch {
@@ -221,6 +231,27 @@ impl View {
         Self {
             active_blocks: Some((0..total).map(|i| i < k).collect()),
             frozen: Vec::new(),
+        }
+    }
+
+    /// The first `k` of `total` blocks active and trainable; deeper blocks are skipped and
+    /// frozen, so they get no gradients or optimizer state (a FlexTrain device's view).
+    pub fn trainable_prefix(k: usize, total: usize) -> Self {
+        Self {
+            active_blocks: Some((0..total).map(|i| i < k).collect()),
+            frozen: (k..total).map(|i| format!("blocks.{i}")).collect(),
+        }
+    }
+
+    /// The depth `k` when the active blocks are exactly the first `k` (all blocks when no
+    /// selection is set: `total`); `None` for any other pattern.
+    pub fn prefix_depth(&self, total: usize) -> Option<usize> {
+        match &self.active_blocks {
+            None => Some(total),
+            Some(a) => {
+                let k = a.iter().take_while(|x| **x).count();
+                (a.len() == total && a[k..].iter().all(|x| !*x)).then_some(k)
+            }
         }
     }
 

@@ -41,6 +41,16 @@ pub enum Command {
         #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "out", "overrides"])]
         resume: Option<PathBuf>,
     },
+    /// Dry-run the method's plan for round 1 on the config's fleet: what each device tier is
+    /// asked to train (depth, tensors and parameters sent) or why it is left out.
+    Plan {
+        /// Experiment config (TOML).
+        #[arg(long)]
+        config: PathBuf,
+        /// Override a config key, e.g. --set method.depths=[3,6,9].
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+    },
     /// Evaluate a saved model on the test set.
     Evaluate {
         /// Experiment config naming the dataset.
@@ -129,6 +139,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 simulate(&config, out, data_dir.as_deref(), &overrides)
             }
         },
+        Command::Plan { config, overrides } => plan(&config, &overrides),
         Command::Evaluate {
             config,
             model,
@@ -319,6 +330,72 @@ impl Sink for Progress {
         }
         Ok(())
     }
+}
+
+fn plan(config: &Path, overrides: &[String]) -> Result<()> {
+    use flotilla_engine::{Assignment, ClientInfo, PhaseCtx};
+    let exp = load_config(config, overrides)?;
+    let (mut server, _) = flotilla_methods::build(&exp)?;
+    let profiles = flotilla_engine::sim::build_fleet(&exp)?;
+    let infos: Vec<ClientInfo> = profiles
+        .into_iter()
+        .enumerate()
+        .map(|(i, profile)| ClientInfo {
+            id: i as u64,
+            profile,
+            num_examples: 1,
+        })
+        .collect();
+    server.observe(&infos);
+    let ctx = PhaseCtx {
+        round: 1,
+        phase: 0,
+        seed: exp.seed,
+    };
+    let blocks = exp.model_spec().num_blocks();
+    println!(
+        "{:<14} {:>7} {:>10}  plan of `{}` for round 1",
+        "tier",
+        "devices",
+        "memory MiB",
+        server.name()
+    );
+    let mut tiers: Vec<(String, Vec<&ClientInfo>)> = Vec::new();
+    for info in &infos {
+        match tiers.iter_mut().find(|(t, _)| *t == info.profile.tier) {
+            Some((_, v)) => v.push(info),
+            None => tiers.push((info.profile.tier.clone(), vec![info])),
+        }
+    }
+    for (tier, members) in &tiers {
+        let first = members[0];
+        let decision = match server.plan(&ctx, std::slice::from_ref(first))?.pop() {
+            Some(Assignment::Run(task)) => {
+                let depth = match task.view.prefix_depth(blocks) {
+                    Some(d) if blocks > 0 => format!("depth {d}/{blocks}, "),
+                    _ => String::new(),
+                };
+                let options = if task.options.is_null() {
+                    String::new()
+                } else {
+                    format!(", options {}", task.options)
+                };
+                format!(
+                    "train {depth}{} tensors, {} parameters sent{options}",
+                    task.params.len(),
+                    task.params.numel()
+                )
+            }
+            Some(Assignment::Skip(reason)) => format!("skipped: {reason}"),
+            None => "no assignment".into(),
+        };
+        println!(
+            "{tier:<14} {:>7} {:>10.1}  {decision}",
+            members.len(),
+            first.profile.memory_bytes as f64 / 1048576.0
+        );
+    }
+    Ok(())
 }
 
 fn evaluate(config: &Path, model: &Path, data_dir: Option<&Path>) -> Result<()> {
