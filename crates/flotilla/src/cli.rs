@@ -367,6 +367,7 @@ fn plan(config: &Path, overrides: &[String]) -> Result<()> {
             None => tiers.push((info.profile.tier.clone(), vec![info])),
         }
     }
+    tiers.sort_by_key(|(_, m)| m[0].profile.memory_bytes);
     for (tier, members) in &tiers {
         let first = members[0];
         let decision = match server.plan(&ctx, std::slice::from_ref(first))?.pop() {

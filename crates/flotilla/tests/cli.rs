@@ -728,3 +728,67 @@ fn results_do_not_depend_on_the_worker_count() {
     ));
     assert_no_diffs("1 worker vs 2 workers", &diffs);
 }
+
+// ---------------------------------------------------------------------------------------------
+// FlexTrain's planner: each tier gets the deepest prefix its memory fits.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn plan_gives_each_tier_its_depth_and_names_a_device_that_fits_none() {
+    let tmp = TempDir::new().unwrap();
+    let example = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/flextrain.toml"),
+    )
+    .unwrap();
+    let tiny = "\n[[fleet.tiers]]\nname = \"tiny\"\nshare = 1\nmemory_mib = 8\ngflops = 1\nuplink_mbps = 1\ndownlink_mbps = 1\n";
+    let cfg = write_config(tmp.path(), "flex.toml", &format!("{example}{tiny}"));
+    let out = flotilla(tmp.path(), &["plan", "--config", s(&cfg)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = |tier: &str| {
+        text.lines()
+            .find(|l| l.split_whitespace().next() == Some(tier))
+            .unwrap_or_else(|| panic!("no line for {tier} in\n{text}"))
+            .to_string()
+    };
+    // The capability table of the example: depths 3, 4, 5, 6, 7, 8, 8, 9 of 9.
+    for (tier, depth) in [
+        ("r05", 3),
+        ("r12", 4),
+        ("r20", 5),
+        ("r25", 6),
+        ("r48", 7),
+        ("r66", 8),
+        ("r83", 8),
+        ("r100", 9),
+    ] {
+        assert!(
+            line(tier).contains(&format!("train depth {depth}/9")),
+            "{tier}: {}",
+            line(tier)
+        );
+    }
+    assert!(
+        line("r05").contains("\"student\":null"),
+        "the weakest class distils nothing"
+    );
+    assert!(line("r100").contains("\"student\":8"));
+    assert!(line("tiny").contains("skipped") && line("tiny").contains("fits no prefix"));
+    // FedSmall: every tier trains the weakest tier's depth.
+    let out = flotilla(
+        tmp.path(),
+        &[
+            "plan",
+            "--config",
+            s(&cfg),
+            "--set",
+            "method.name=\"fedsmall\"",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.matches("train depth 3/9").count(), 8, "{text}");
+}
