@@ -2,8 +2,6 @@
 //! (PyTorch's), and a builder that creates them from a seeded init or from a ParamSet.
 
 use burn::module::{Module, Param};
-use burn::tensor::module::{conv2d, max_pool2d};
-use burn::tensor::ops::{ConvOptions, MaxPoolOptions};
 use burn::tensor::{Device, Tensor, TensorData};
 use flotilla_core::ParamSet;
 use rand::Rng;
@@ -210,11 +208,12 @@ pub struct Conv {
 
 impl Conv {
     pub(crate) fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        conv2d(
+        crate::kernels::conv2d(
             x,
             self.weight.val(),
             self.bias.as_ref().map(|b| b.val()),
-            ConvOptions::new([self.stride; 2], [self.padding; 2], [1, 1], 1),
+            self.stride,
+            self.padding,
         )
     }
 }
@@ -271,5 +270,5 @@ impl LayerNorm {
 
 /// 2×2 max pooling with stride 2.
 pub(crate) fn max_pool2(x: Tensor<4>) -> Tensor<4> {
-    max_pool2d(x, MaxPoolOptions::new([2, 2]))
+    crate::kernels::max_pool2(x)
 }

@@ -12,6 +12,7 @@
 
 mod arch;
 pub mod flops;
+pub mod kernels;
 mod layers;
 pub mod memory;
 mod net;

@@ -1,0 +1,892 @@
+//! CPU kernels for the hot training ops (square convolution, 2×2 max pooling), plugged into
+//! burn's `flex` backend and its autodiff through the backend extension API, so that layers,
+//! models and methods stay as they are.
+//!
+//! - Convolution: per-sample im2col + one GEMM, NCHW in and out, bias folded into the GEMM.
+//!   Backward recomputes im2col (nothing extra is kept alive) and produces dW, dX and the bias
+//!   gradient in one pass over the batch: dW accumulates dY_b · cols_bᵀ, dX is col2im(Wᵀ · dY_b),
+//!   and dX is skipped when the input needs no gradient (the first layer).
+//! - Max pooling 2×2 stride 2: keeps a one-byte argmax per output instead of the input and i64
+//!   indices; ties and NaNs resolve like burn's (first maximum, NaN wins).
+//!
+//! The batch is split across rayon's threads with single-threaded GEMMs; a batch smaller than
+//! the thread count runs sample by sample with multi-threaded GEMMs instead.
+//!
+//! [`set_fast`] switches back to burn's own ops process-wide (for comparisons and tests).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use burn::backend::autodiff::NodeId;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::{DType, Tensor, TensorData};
+use rayon::prelude::*;
+
+static FAST: AtomicBool = AtomicBool::new(true);
+
+/// Chooses between these kernels (`true`, the default) and burn's reference ops (`false`)
+/// for every convolution and 2×2 max pool built by this crate, process-wide.
+pub fn set_fast(on: bool) {
+    FAST.store(on, Ordering::Relaxed);
+}
+
+thread_local! {
+    static OVERRIDE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Whether the fast kernels are in use on this thread (see [`set_fast`], [`with_fast`]).
+pub fn fast() -> bool {
+    OVERRIDE
+        .with(|o| o.get())
+        .unwrap_or_else(|| FAST.load(Ordering::Relaxed))
+}
+
+/// Runs `f` with the fast kernels on or off for ops dispatched from this thread only (the
+/// backward pass follows the choice made in the forward pass), leaving other threads alone.
+pub fn with_fast<T>(on: bool, f: impl FnOnce() -> T) -> T {
+    struct Restore(Option<bool>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            OVERRIDE.with(|o| o.set(self.0));
+        }
+    }
+    let _restore = Restore(OVERRIDE.with(|o| o.replace(Some(on))));
+    f()
+}
+
+type Ad = Autodiff<Flex>;
+
+/// Calls that took a fast path (tests check that the fast kernels really ran).
+#[cfg(test)]
+static FAST_CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn count_fast_call() {
+    #[cfg(test)]
+    FAST_CALLS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Shape of one convolution.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Geom {
+    b: usize,
+    cin: usize,
+    h: usize,
+    w: usize,
+    cout: usize,
+    k: usize,
+    s: usize,
+    p: usize,
+    ho: usize,
+    wo: usize,
+}
+
+impl Geom {
+    fn new(x: [usize; 4], wt: [usize; 4], s: usize, p: usize) -> Option<Self> {
+        let [b, cin, h, w] = x;
+        let [cout, wcin, k, k2] = wt;
+        if wcin != cin || k != k2 || k == 0 || s == 0 || h + 2 * p < k || w + 2 * p < k {
+            return None;
+        }
+        Some(Self {
+            b,
+            cin,
+            h,
+            w,
+            cout,
+            k,
+            s,
+            p,
+            ho: (h + 2 * p - k) / s + 1,
+            wo: (w + 2 * p - k) / s + 1,
+        })
+    }
+    fn ckk(&self) -> usize {
+        self.cin * self.k * self.k
+    }
+    fn hw_out(&self) -> usize {
+        self.ho * self.wo
+    }
+    fn in_len(&self) -> usize {
+        self.cin * self.h * self.w
+    }
+    /// A 1×1, stride-1, unpadded convolution: im2col is the input itself.
+    fn pointwise(&self) -> bool {
+        self.k == 1 && self.s == 1 && self.p == 0
+    }
+}
+
+/// Output columns `lo..hi` whose input column `ow·s + kw − p` lies inside `0..w`.
+fn valid_cols(kw: usize, g: &Geom) -> (usize, usize) {
+    let lo = if kw >= g.p {
+        0
+    } else {
+        (g.p - kw).div_ceil(g.s)
+    };
+    let hi = if g.w - 1 + g.p < kw {
+        0
+    } else {
+        (g.w - 1 + g.p - kw) / g.s + 1
+    };
+    let lo = lo.min(g.wo);
+    (lo, hi.min(g.wo).max(lo))
+}
+
+/// One sample's `[cin, h, w]` into columns `[cin·k·k, ho·wo]`.
+fn im2col(x: &[f32], g: &Geom, cols: &mut [f32]) {
+    let hw = g.hw_out();
+    for c in 0..g.cin {
+        let xc = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
+        for kh in 0..g.k {
+            for kw in 0..g.k {
+                let r = (c * g.k + kh) * g.k + kw;
+                let row = &mut cols[r * hw..(r + 1) * hw];
+                let (lo, hi) = valid_cols(kw, g);
+                for oh in 0..g.ho {
+                    let dst = &mut row[oh * g.wo..(oh + 1) * g.wo];
+                    let ih = (oh * g.s + kh) as isize - g.p as isize;
+                    if ih < 0 || ih >= g.h as isize {
+                        dst.fill(0.0);
+                        continue;
+                    }
+                    let src = &xc[ih as usize * g.w..(ih as usize + 1) * g.w];
+                    dst[..lo].fill(0.0);
+                    dst[hi..].fill(0.0);
+                    if g.s == 1 {
+                        let a = lo + kw - g.p;
+                        dst[lo..hi].copy_from_slice(&src[a..a + hi - lo]);
+                    } else {
+                        for (ow, d) in dst[lo..hi].iter_mut().enumerate() {
+                            *d = src[(ow + lo) * g.s + kw - g.p];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adds columns `[cin·k·k, ho·wo]` back into one sample's `[cin, h, w]`.
+fn col2im(cols: &[f32], g: &Geom, x: &mut [f32]) {
+    let hw = g.hw_out();
+    for c in 0..g.cin {
+        let xc = &mut x[c * g.h * g.w..(c + 1) * g.h * g.w];
+        for kh in 0..g.k {
+            for kw in 0..g.k {
+                let r = (c * g.k + kh) * g.k + kw;
+                let row = &cols[r * hw..(r + 1) * hw];
+                let (lo, hi) = valid_cols(kw, g);
+                for oh in 0..g.ho {
+                    let ih = (oh * g.s + kh) as isize - g.p as isize;
+                    if ih < 0 || ih >= g.h as isize {
+                        continue;
+                    }
+                    let src = &row[oh * g.wo + lo..oh * g.wo + hi];
+                    let dst = &mut xc[ih as usize * g.w..(ih as usize + 1) * g.w];
+                    if g.s == 1 {
+                        let a = lo + kw - g.p;
+                        for (d, v) in dst[a..a + hi - lo].iter_mut().zip(src) {
+                            *d += v;
+                        }
+                    } else {
+                        for (ow, v) in src.iter().enumerate() {
+                            dst[(ow + lo) * g.s + kw - g.p] += v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `dst[m×n] (+)= A[m×k] · B[k×n]`, all row-major; `a_t`/`b_t` read A/B from their transposes
+/// (`[k×m]`, `[n×k]` row-major).
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    accumulate: bool,
+    a: &[f32],
+    a_t: bool,
+    b: &[f32],
+    b_t: bool,
+    par: gemm::Parallelism,
+) {
+    assert!(dst.len() >= m * n && a.len() >= m * k && b.len() >= k * n);
+    let (a_cs, a_rs) = if a_t { (m, 1) } else { (1, k) };
+    let (b_cs, b_rs) = if b_t { (k, 1) } else { (1, n) };
+    // SAFETY: the asserts above keep every (row, column) the strides reach inside the slices,
+    // and `dst` does not alias `a` or `b` (it is borrowed mutably).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// Whether to split the batch across threads (single-threaded GEMMs) or to run the samples one
+/// after another with multi-threaded GEMMs.
+fn split_batch(b: usize) -> (bool, usize) {
+    let threads = rayon::current_num_threads();
+    (threads > 1 && b >= threads, threads)
+}
+
+fn gemm_par(threads: usize) -> gemm::Parallelism {
+    if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
+fn conv_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geom) -> Vec<f32> {
+    let (hw, ckk, out_len) = (g.hw_out(), g.ckk(), g.cout * g.hw_out());
+    let mut y = vec![0f32; g.b * out_len];
+    let sample = |xb: &[f32], yb: &mut [f32], cols: &mut Vec<f32>, par| {
+        let cols: &[f32] = if g.pointwise() {
+            xb
+        } else {
+            cols.resize(ckk * hw, 0.0);
+            im2col(xb, g, cols);
+            cols
+        };
+        if let Some(bias) = bias {
+            for (row, v) in yb.chunks_mut(hw).zip(bias) {
+                row.fill(*v);
+            }
+        }
+        matmul(
+            g.cout,
+            hw,
+            ckk,
+            yb,
+            bias.is_some(),
+            w,
+            false,
+            cols,
+            false,
+            par,
+        );
+    };
+    let (split, threads) = split_batch(g.b);
+    if split {
+        x.par_chunks(g.in_len())
+            .zip(y.par_chunks_mut(out_len))
+            .for_each_init(Vec::new, |cols, (xb, yb)| {
+                sample(xb, yb, cols, gemm::Parallelism::None)
+            });
+    } else {
+        let mut cols = Vec::new();
+        for (xb, yb) in x.chunks(g.in_len()).zip(y.chunks_mut(out_len)) {
+            sample(xb, yb, &mut cols, gemm_par(threads));
+        }
+    }
+    y
+}
+
+/// A raw output pointer shared by workers that write disjoint ranges.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: only used to write disjoint per-sample ranges of one live buffer.
+unsafe impl Send for SharedOut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedOut {}
+
+struct ConvGrads {
+    dx: Option<Vec<f32>>,
+    dw: Option<Vec<f32>>,
+    db: Option<Vec<f32>>,
+}
+
+fn conv_backward(x: &[f32], w: &[f32], dy: &[f32], g: &Geom, need: [bool; 3]) -> ConvGrads {
+    let [need_dx, need_dw, need_db] = need;
+    let (hw, ckk, out_len) = (g.hw_out(), g.ckk(), g.cout * g.hw_out());
+    let mut dx = need_dx.then(|| vec![0f32; g.b * g.in_len()]);
+    let dx_ptr = SharedOut(dx.as_mut().map_or(std::ptr::null_mut(), |v| v.as_mut_ptr()));
+    let wlen = g.cout * ckk;
+
+    // Per worker: (dW accumulator, bias accumulator, columns, column gradients).
+    type Acc = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
+    let new_acc = || -> Acc {
+        (
+            vec![0f32; if need_dw { wlen } else { 0 }],
+            vec![0f32; if need_db { g.cout } else { 0 }],
+            Vec::new(),
+            Vec::new(),
+        )
+    };
+    let sample = |mut acc: Acc, i: usize, par: gemm::Parallelism| -> Acc {
+        let (dw, db, cols, dcols) = (&mut acc.0, &mut acc.1, &mut acc.2, &mut acc.3);
+        let xb = &x[i * g.in_len()..(i + 1) * g.in_len()];
+        let dyb = &dy[i * out_len..(i + 1) * out_len];
+        if need_dw {
+            let cols: &[f32] = if g.pointwise() {
+                xb
+            } else {
+                cols.resize(ckk * hw, 0.0);
+                im2col(xb, g, cols);
+                cols
+            };
+            matmul(g.cout, ckk, hw, dw, true, dyb, false, cols, true, par);
+        }
+        if need_db {
+            for (d, row) in db.iter_mut().zip(dyb.chunks(hw)) {
+                *d += row.iter().sum::<f32>();
+            }
+        }
+        if need_dx {
+            // SAFETY: sample i owns `in_len` elements at offset i·in_len of the dX buffer,
+            // which outlives this pass; no other worker touches them.
+            let dxb = unsafe {
+                std::slice::from_raw_parts_mut({ dx_ptr }.0.add(i * g.in_len()), g.in_len())
+            };
+            if g.pointwise() {
+                matmul(ckk, hw, g.cout, dxb, false, w, true, dyb, false, par);
+            } else {
+                dcols.resize(ckk * hw, 0.0);
+                matmul(ckk, hw, g.cout, dcols, false, w, true, dyb, false, par);
+                col2im(dcols, g, dxb);
+            }
+        }
+        acc
+    };
+    let (split, threads) = split_batch(g.b);
+    let acc = if split {
+        (0..g.b)
+            .into_par_iter()
+            .with_min_len(g.b.div_ceil(threads))
+            .fold(new_acc, |acc, i| sample(acc, i, gemm::Parallelism::None))
+            .reduce(new_acc, |mut a, b| {
+                a.0.iter_mut().zip(&b.0).for_each(|(x, y)| *x += y);
+                a.1.iter_mut().zip(&b.1).for_each(|(x, y)| *x += y);
+                a
+            })
+    } else {
+        (0..g.b).fold(new_acc(), |acc, i| sample(acc, i, gemm_par(threads)))
+    };
+    ConvGrads {
+        dx,
+        dw: need_dw.then_some(acc.0),
+        db: need_db.then_some(acc.1),
+    }
+}
+
+/// Flattened `[B, C, H/2, W/2]` maximum and its position in each 2×2 window (0..4, row-major).
+fn pool_forward(x: &[f32], [b, c, h, w]: [usize; 4]) -> (Vec<f32>, Vec<u8>) {
+    let (ho, wo) = (h / 2, w / 2);
+    let mut out = vec![0f32; b * c * ho * wo];
+    let mut arg = vec![0u8; b * c * ho * wo];
+    if ho * wo == 0 {
+        return (out, arg);
+    }
+    out.par_chunks_mut(ho * wo)
+        .zip(arg.par_chunks_mut(ho * wo))
+        .zip(x.par_chunks(h * w))
+        .with_min_len(8)
+        .for_each(|((o, a), xp)| {
+            for i in 0..ho {
+                let r0 = &xp[2 * i * w..(2 * i + 1) * w];
+                let r1 = &xp[(2 * i + 1) * w..(2 * i + 2) * w];
+                let o = &mut o[i * wo..(i + 1) * wo];
+                let a = &mut a[i * wo..(i + 1) * wo];
+                for j in 0..wo {
+                    let cand = [r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1]];
+                    let (mut m, mut at) = (cand[0], 0u8);
+                    for (q, v) in cand.into_iter().enumerate().skip(1) {
+                        if v > m || v.is_nan() {
+                            m = v;
+                            at = q as u8;
+                        }
+                    }
+                    o[j] = m;
+                    a[j] = at;
+                }
+            }
+        });
+    (out, arg)
+}
+
+fn pool_backward(dy: &[f32], arg: &[u8], [b, c, h, w]: [usize; 4]) -> Vec<f32> {
+    let (ho, wo) = (h / 2, w / 2);
+    let mut dx = vec![0f32; b * c * h * w];
+    if ho * wo == 0 {
+        return dx;
+    }
+    dx.par_chunks_mut(h * w)
+        .zip(dy.par_chunks(ho * wo))
+        .zip(arg.par_chunks(ho * wo))
+        .with_min_len(8)
+        .for_each(|((dxp, g), a)| {
+            for i in 0..ho {
+                for j in 0..wo {
+                    let q = a[i * wo + j] as usize;
+                    dxp[(2 * i + (q >> 1)) * w + 2 * j + (q & 1)] = g[i * wo + j];
+                }
+            }
+        });
+    dx
+}
+
+/// The tensor with contiguous storage (a copy only when it is a strided view).
+fn contiguous(t: FlexTensor) -> FlexTensor {
+    if t.as_slice::<f32>().is_some() {
+        t
+    } else {
+        t.to_contiguous()
+    }
+}
+
+fn values(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("contiguous f32 tensor")
+}
+
+fn flex(v: Vec<f32>, shape: [usize; 4]) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(v, shape))
+}
+
+#[derive(Clone, Debug)]
+struct ConvState {
+    x: FlexTensor,
+    w: FlexTensor,
+    g: Geom,
+}
+
+#[derive(Debug)]
+struct ConvOp;
+
+#[derive(Debug)]
+struct ConvBiasOp;
+
+fn conv_register(st: ConvState, dy: FlexTensor, ids: [Option<NodeId>; 3], grads: &mut Gradients) {
+    let dy = contiguous(dy);
+    let g = st.g;
+    let r = conv_backward(
+        values(&st.x),
+        values(&st.w),
+        values(&dy),
+        &g,
+        ids.map(|i| i.is_some()),
+    );
+    if let (Some(id), Some(v)) = (ids[0], r.dx) {
+        grads.register::<Flex>(id, flex(v, [g.b, g.cin, g.h, g.w]));
+    }
+    if let (Some(id), Some(v)) = (ids[1], r.dw) {
+        grads.register::<Flex>(id, flex(v, [g.cout, g.cin, g.k, g.k]));
+    }
+    if let (Some(id), Some(v)) = (ids[2], r.db) {
+        grads.register::<Flex>(id, FlexTensor::from_data(TensorData::new(v, [g.cout])));
+    }
+}
+
+impl Backward<Flex, 2> for ConvOp {
+    type State = ConvState;
+
+    fn backward(self, ops: Ops<ConvState, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [nx, nw] = ops.parents;
+        let dy = grads.consume::<Flex>(&ops.node);
+        let ids = [nx.map(|n| n.id), nw.map(|n| n.id), None];
+        conv_register(ops.state, dy, ids, grads);
+    }
+}
+
+impl Backward<Flex, 3> for ConvBiasOp {
+    type State = ConvState;
+
+    fn backward(self, ops: Ops<ConvState, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [nx, nw, nb] = ops.parents;
+        let dy = grads.consume::<Flex>(&ops.node);
+        let ids = [nx.map(|n| n.id), nw.map(|n| n.id), nb.map(|n| n.id)];
+        conv_register(ops.state, dy, ids, grads);
+    }
+}
+
+/// 2-D convolution with a square kernel, dilation 1 and one group, on the fast kernels when
+/// they are on and the tensors are f32 on flex (with or without autodiff); burn's op otherwise.
+pub fn conv2d(
+    x: Tensor<4>,
+    weight: Tensor<4>,
+    bias: Option<Tensor<1>>,
+    stride: usize,
+    padding: usize,
+) -> Tensor<4> {
+    let geom = Geom::new(x.dims(), weight.dims(), stride, padding);
+
+    let f32s = x.dtype() == DType::F32
+        && weight.dtype() == DType::F32
+        && bias.as_ref().is_none_or(|b| b.dtype() == DType::F32);
+    let ad = [x.is_autodiff(), weight.is_autodiff()];
+    let same = ad[0] == ad[1] && bias.as_ref().is_none_or(|b| b.is_autodiff() == ad[0]);
+    match geom {
+        Some(g) if fast() && f32s && same && x.device() == weight.device() => {
+            if ad[0] {
+                conv_autodiff(x, weight, bias, g)
+            } else {
+                conv_plain(x, weight, bias, g)
+            }
+        }
+        _ => burn::tensor::module::conv2d(
+            x,
+            weight,
+            bias,
+            burn::tensor::ops::ConvOptions::new([stride; 2], [padding; 2], [1, 1], 1),
+        ),
+    }
+}
+
+fn conv_plain(x: Tensor<4>, w: Tensor<4>, bias: Option<Tensor<1>>, g: Geom) -> Tensor<4> {
+    count_fast_call();
+    let prim = |t: Tensor<4>| contiguous(t.try_into_primitive::<Flex>().expect("flex tensor"));
+    let (x, w) = (prim(x), prim(w));
+    let b = bias.map(|b| contiguous(b.try_into_primitive::<Flex>().expect("flex tensor")));
+    let y = conv_forward(values(&x), values(&w), b.as_ref().map(values), &g);
+    Tensor::from_primitive::<Flex>(flex(y, [g.b, g.cout, g.ho, g.wo]))
+}
+
+fn conv_autodiff(x: Tensor<4>, w: Tensor<4>, bias: Option<Tensor<1>>, g: Geom) -> Tensor<4> {
+    count_fast_call();
+    let (xp, xn) = x
+        .try_into_primitive::<Ad>()
+        .expect("autodiff flex tensor")
+        .into_parts();
+    let (wp, wn) = w
+        .try_into_primitive::<Ad>()
+        .expect("autodiff flex tensor")
+        .into_parts();
+    let (xp, wp) = (contiguous(xp), contiguous(wp));
+    let shape = [g.b, g.cout, g.ho, g.wo];
+    let out = match bias {
+        Some(b) => {
+            let (bp, bn) = b
+                .try_into_primitive::<Ad>()
+                .expect("autodiff flex tensor")
+                .into_parts();
+            let bp = contiguous(bp);
+            let y = flex(
+                conv_forward(values(&xp), values(&wp), Some(values(&bp)), &g),
+                shape,
+            );
+            match ConvBiasOp
+                .prepare::<NoCheckpointing>([xn, wn, bn])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => prep.finish(ConvState { x: xp, w: wp, g }, y),
+                OpsKind::UnTracked(prep) => prep.finish(y),
+            }
+        }
+        None => {
+            let y = flex(conv_forward(values(&xp), values(&wp), None, &g), shape);
+            match ConvOp
+                .prepare::<NoCheckpointing>([xn, wn])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => prep.finish(ConvState { x: xp, w: wp, g }, y),
+                OpsKind::UnTracked(prep) => prep.finish(y),
+            }
+        }
+    };
+    Tensor::from_primitive::<Ad>(out)
+}
+
+#[derive(Debug)]
+struct PoolOp;
+
+impl Backward<Flex, 1> for PoolOp {
+    /// Input shape and the argmax of each window.
+    type State = ([usize; 4], Arc<Vec<u8>>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [nx] = ops.parents;
+        let dy = grads.consume::<Flex>(&ops.node);
+        if let Some(n) = nx {
+            let (shape, arg) = ops.state;
+            let dy = contiguous(dy);
+            let dx = pool_backward(values(&dy), &arg, shape);
+            grads.register::<Flex>(n.id, flex(dx, shape));
+        }
+    }
+}
+
+/// 2×2 max pooling with stride 2 and no padding (odd rows and columns are dropped), on the
+/// fast kernel when it is on and the tensor is f32 on flex; burn's op otherwise.
+pub fn max_pool2(x: Tensor<4>) -> Tensor<4> {
+    if !fast() || x.dtype() != DType::F32 {
+        return burn::tensor::module::max_pool2d(x, burn::tensor::ops::MaxPoolOptions::new([2, 2]));
+    }
+    count_fast_call();
+    let shape = x.dims();
+    let [b, c, h, w] = shape;
+    let out_shape = [b, c, h / 2, w / 2];
+    if x.is_autodiff() {
+        let (xp, xn) = x
+            .try_into_primitive::<Ad>()
+            .expect("autodiff flex tensor")
+            .into_parts();
+        let (y, arg) = pool_forward(values(&contiguous(xp)), shape);
+        let y = flex(y, out_shape);
+        let out = match PoolOp
+            .prepare::<NoCheckpointing>([xn])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((shape, Arc::new(arg)), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        Tensor::from_primitive::<Ad>(out)
+    } else {
+        let xp = contiguous(x.try_into_primitive::<Flex>().expect("flex tensor"));
+        let (y, _) = pool_forward(values(&xp), shape);
+        Tensor::from_primitive::<Flex>(flex(y, out_shape))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Device;
+    use rand::{Rng, SeedableRng};
+
+    /// Relative tolerance: |a − b| ≤ TOL · max(1, max |b|) over a whole tensor.
+    const TOL: f32 = 1e-4;
+
+    fn rand_vec(rng: &mut rand_chacha::ChaCha8Rng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    fn tensor<const D: usize>(v: Vec<f32>, shape: [usize; D], dev: &Device) -> Tensor<D> {
+        Tensor::from_data(TensorData::new(v, shape), dev)
+    }
+
+    fn vals<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+        t.into_data().try_to_vec::<f32>().expect("f32 tensor")
+    }
+
+    fn assert_close(what: &str, got: &[f32], want: &[f32]) {
+        assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+        let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - w).abs() <= TOL * scale,
+                "{what}[{i}]: {g} vs {w} (scale {scale})"
+            );
+        }
+    }
+
+    /// Output, dX, dW and dB of one convolution with the loss Σ y·r.
+    fn conv_run(
+        fast_on: bool,
+        data: &(Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>),
+        g: &Geom,
+        bias: bool,
+        dx: bool,
+    ) -> Vec<Vec<f32>> {
+        let dev = Device::flex().autodiff();
+        let mut x = tensor(data.0.clone(), [g.b, g.cin, g.h, g.w], &dev);
+        if dx {
+            x = x.require_grad();
+        }
+        let w = tensor(data.1.clone(), [g.cout, g.cin, g.k, g.k], &dev).require_grad();
+        let b = bias.then(|| tensor(data.2.clone(), [g.cout], &dev).require_grad());
+        let before = FAST_CALLS.load(Ordering::Relaxed);
+        let y = with_fast(fast_on, || {
+            conv2d(x.clone(), w.clone(), b.clone(), g.s, g.p)
+        });
+        if fast_on {
+            assert!(
+                FAST_CALLS.load(Ordering::Relaxed) > before,
+                "fast conv not taken"
+            );
+        }
+        assert_eq!(y.dims(), [g.b, g.cout, g.ho, g.wo]);
+        let r = tensor(data.3.clone(), [g.b, g.cout, g.ho, g.wo], &dev);
+        let grads = (y.clone() * r).sum().backward();
+        let mut out = vec![vals(y)];
+        if dx {
+            out.push(vals(x.grad(&grads).expect("dx")));
+        } else {
+            assert!(x.grad(&grads).is_none());
+        }
+        out.push(vals(w.grad(&grads).expect("dw")));
+        if let Some(b) = b {
+            out.push(vals(b.grad(&grads).expect("db")));
+        }
+        out
+    }
+
+    #[test]
+    fn conv_matches_burn_values_and_gradients() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        // (batch, cin, h, w, cout, kernel, stride, padding)
+        let cases = [
+            (1, 1, 28, 28, 4, 5, 1, 2),
+            (3, 2, 7, 9, 5, 3, 1, 1),
+            (2, 3, 9, 6, 4, 3, 2, 1),
+            (4, 4, 8, 8, 6, 1, 1, 0),
+            (2, 4, 9, 7, 3, 1, 2, 0),
+            (5, 3, 11, 10, 2, 5, 2, 2),
+            (2, 6, 6, 5, 7, 3, 1, 0),
+            (3, 2, 5, 5, 3, 5, 1, 0),
+            (1, 5, 12, 12, 8, 4, 4, 0),
+            (2, 1, 3, 4, 2, 3, 2, 2),
+            (6, 8, 14, 14, 16, 5, 1, 2),
+        ];
+        for (n, &(b, cin, h, w, cout, k, s, p)) in cases.iter().enumerate() {
+            let g = Geom::new([b, cin, h, w], [cout, cin, k, k], s, p).expect("valid");
+            let data = (
+                rand_vec(&mut rng, b * cin * h * w),
+                rand_vec(&mut rng, cout * cin * k * k),
+                rand_vec(&mut rng, cout),
+                rand_vec(&mut rng, b * cout * g.ho * g.wo),
+            );
+            for (bias, dx) in [(true, true), (false, true), (true, false)] {
+                let fast = conv_run(true, &data, &g, bias, dx);
+                let want = conv_run(false, &data, &g, bias, dx);
+                for (i, (f, r)) in fast.iter().zip(&want).enumerate() {
+                    assert_close(&format!("case {n} bias {bias} dx {dx} part {i}"), f, r);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn conv_inference_matches_burn() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
+        let dev = Device::flex();
+        for &(b, cin, h, w, cout, k, s, p) in &[(3, 2, 9, 8, 4, 3, 1, 1), (2, 3, 10, 7, 5, 5, 2, 2)]
+        {
+            let x = tensor(rand_vec(&mut rng, b * cin * h * w), [b, cin, h, w], &dev);
+            let wt = tensor(
+                rand_vec(&mut rng, cout * cin * k * k),
+                [cout, cin, k, k],
+                &dev,
+            );
+            let bias = tensor(rand_vec(&mut rng, cout), [cout], &dev);
+            let run = |on| {
+                with_fast(on, || {
+                    vals(conv2d(x.clone(), wt.clone(), Some(bias.clone()), s, p))
+                })
+            };
+            assert_close("inference conv", &run(true), &run(false));
+        }
+    }
+
+    #[test]
+    fn max_pool_matches_burn_values_and_gradients() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let dev = Device::flex().autodiff();
+        for &[b, c, h, w] in &[
+            [1, 1, 4, 4],
+            [2, 3, 7, 9],
+            [3, 2, 28, 28],
+            [2, 4, 5, 2],
+            [1, 2, 1, 6],
+        ] {
+            // Rounded values and ReLU-like zeros give ties, which must resolve like burn's.
+            let xv: Vec<f32> = rand_vec(&mut rng, b * c * h * w)
+                .into_iter()
+                .map(|v| (v * 4.0).round().max(0.0))
+                .collect();
+            let rv = rand_vec(&mut rng, b * c * (h / 2) * (w / 2));
+            let run = |on| {
+                let x = tensor(xv.clone(), [b, c, h, w], &dev).require_grad();
+                let before = FAST_CALLS.load(Ordering::Relaxed);
+                let y = with_fast(on, || max_pool2(x.clone()));
+                if on {
+                    assert!(
+                        FAST_CALLS.load(Ordering::Relaxed) > before,
+                        "fast pool not taken"
+                    );
+                }
+                assert_eq!(y.dims(), [b, c, h / 2, w / 2]);
+                let r = tensor(rv.clone(), [b, c, h / 2, w / 2], &dev);
+                let grads = (y.clone() * r).sum().backward();
+                (vals(y), vals(x.grad(&grads).expect("dx")))
+            };
+            let (fy, fdx) = run(true);
+            let (ry, rdx) = run(false);
+            assert_close("pool out", &fy, &ry);
+            assert_close("pool dx", &fdx, &rdx);
+            let plain = tensor(xv.clone(), [b, c, h, w], &Device::flex());
+            let py = with_fast(true, || vals(max_pool2(plain)));
+            assert_close("pool inference", &py, &ry);
+        }
+    }
+
+    /// Loss and every parameter gradient of whole models, fast kernels against burn's ops.
+    #[test]
+    fn models_match_with_switch_on_and_off() {
+        use crate::{Architecture, ModelSpec, Net, View, training_device};
+        use burn::optim::GradientsParams;
+        let resnet = ModelSpec {
+            arch: Architecture::Resnet {
+                blocks_per_stage: 1,
+            },
+            input: [1, 28, 28],
+            classes: 10,
+            width: 0.25,
+        };
+        for spec in [ModelSpec::fedavg_cnn(), resnet] {
+            let params = Net::init_params(&spec, 3).expect("params");
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(10);
+            let batch = 4;
+            let pixels = rand_vec(&mut rng, batch * 784);
+            let weights = rand_vec(&mut rng, batch * spec.classes);
+            let run = |on: bool| {
+                with_fast(on, || {
+                    let dev = training_device();
+                    let net = Net::from_params(&spec, &params, &dev).expect("net");
+                    let x = Net::input(pixels.clone(), batch, spec.input, &dev);
+                    let r = tensor(weights.clone(), [batch, spec.classes], &dev);
+                    let loss = (net.forward(x, &View::full()) * r).sum();
+                    let grads = GradientsParams::from_grads(loss.backward(), &net);
+                    let mut out = vec![vals(loss)];
+                    for (name, id, rank) in net.param_ids() {
+                        let g = match rank {
+                            1 => grads.get::<1>(id).map(vals),
+                            2 => grads.get::<2>(id).map(vals),
+                            3 => grads.get::<3>(id).map(vals),
+                            _ => grads.get::<4>(id).map(vals),
+                        };
+                        out.push(g.unwrap_or_else(|| panic!("no gradient for {name}")));
+                    }
+                    out
+                })
+            };
+            let before = FAST_CALLS.load(Ordering::Relaxed);
+            let fast = run(true);
+            assert!(
+                FAST_CALLS.load(Ordering::Relaxed) > before + 1,
+                "fast kernels not taken"
+            );
+            let reference = run(false);
+            for (i, (f, r)) in fast.iter().zip(&reference).enumerate() {
+                assert_close(&format!("{:?} tensor {i}", spec.arch), f, r);
+            }
+        }
+    }
+}
