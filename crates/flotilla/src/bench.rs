@@ -1,6 +1,7 @@
 //! `flotilla bench`: throughput, overhead and memory, measured in one run and printed as a
 //! table. Ratios are against baselines measured in the same run (the machine's sgemm peak,
-//! and PyTorch when `FLOTILLA_TORCH_PYTHON` names a Python with torch installed).
+//! burn's own conv and pool ops in place of flotilla's kernels, and PyTorch when
+//! `FLOTILLA_TORCH_PYTHON` names a Python with torch installed).
 
 use anyhow::{Context, Result};
 use flotilla_data::Dataset;
@@ -314,6 +315,32 @@ pub fn run(quick: bool, data_dir: Option<&Path>) -> Result<()> {
             format!("W1 train heap peak, batch {batch}"),
             format!("{:.1} MiB", heap as f64 / 1048576.0),
             "counting allocator, one client",
+        ));
+        // The same runs on burn's own conv and pool ops (the flex reference path).
+        flotilla_models::kernels::set_fast(false);
+        let reference = w1_train(batch, samples, 1).and_then(|(one_ref, heap_ref)| {
+            let (all_ref, _) = w1_train(batch, samples, rayon::current_num_threads())?;
+            Ok((one_ref, all_ref, heap_ref))
+        });
+        flotilla_models::kernels::set_fast(true);
+        let (one_ref, all_ref, heap_ref) = reference?;
+        rows.push(row(
+            format!("W1 train, batch {batch}, reference ops, 1 core"),
+            format!("{one_ref:.0} samples/s"),
+            format!("fast kernels/reference = {:.2}", one / one_ref),
+        ));
+        rows.push(row(
+            format!("W1 train, batch {batch}, reference ops, all cores"),
+            format!("{all_ref:.0} samples/s"),
+            format!("fast kernels/reference = {:.2}", all / all_ref),
+        ));
+        rows.push(row(
+            format!("W1 train heap peak, batch {batch}, reference ops"),
+            format!("{:.1} MiB", heap_ref as f64 / 1048576.0),
+            format!(
+                "fast kernels/reference = {:.2}",
+                heap as f64 / heap_ref.max(1) as f64
+            ),
         ));
         if let Some(torch) = torch_samples_per_s(batch, samples) {
             rows.push(row(
