@@ -71,11 +71,18 @@ fn activations_per_sample(spec: &ModelSpec, view: &View) -> (usize, usize) {
     match &spec.arch {
         Architecture::Cnn => {
             let (c1, c2, f) = (spec.scaled(32), spec.scaled(64), spec.scaled(512));
-            let a1 = c1 * h * w; // conv1 out, relu out
+            let a1 = c1 * h * w; // relu out
             let p1 = c1 * (h / 2) * (w / 2);
             let a2 = c2 * (h / 2) * (w / 2);
             let p2 = c2 * (h / 4) * (w / 4);
-            let acts = input + 2 * a1 + p1 + 2 * a2 + p2 + 2 * f + spec.classes * 2;
+            // burn's max pool keeps its input and i64 indices; the fast kernel
+            // (crate::kernels) only a one-byte argmax per window, 1/16 of an f32 per input.
+            let pools = if crate::kernels::fast() {
+                (a1 + a2) / 16
+            } else {
+                a1 + a2
+            };
+            let acts = input + a1 + a2 + pools + p1 + p2 + 2 * f + spec.classes * 2;
             (acts, a1.max(a2).max(input))
         }
         Architecture::Mlp { hidden } => {
