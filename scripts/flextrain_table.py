@@ -4,7 +4,6 @@ scripts/flextrain_experiment.sh. Standard library only."""
 import json
 import os
 import re
-import struct
 import sys
 
 RUNS, OUT = sys.argv[1], sys.argv[2]
@@ -21,26 +20,6 @@ def rows(m):
 
 def clients(m):
     return [json.loads(l) for l in open(os.path.join(RUNS, m, "clients.jsonl")) if l.strip()]
-
-
-def safetensors_sizes(path):
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
-    out = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        size = 1
-        for d in meta["shape"]:
-            size *= d
-        out[name] = size
-    return out
-
-
-def block_of(name):
-    m = re.match(r"blocks\.(\d+)\.", name)
-    return int(m.group(1)) if m else None
 
 
 def svg_lines(title, xlabel, ylabel, series, path):
@@ -83,9 +62,13 @@ for line in open(os.path.join(RUNS, "plan.txt")):
     if m:
         tiers[m.group(1)] = (int(m.group(2)), int(m.group(4)), float(m.group(3)))
 blocks = int(re.search(r"depth \d+/(\d+)", open(os.path.join(RUNS, "plan.txt")).read()).group(1))
-sizes = safetensors_sizes(os.path.join(RUNS, "flextrain", "model.safetensors"))
-total = sum(sizes.values())
-share = {k: sum(v for n, v in sizes.items() if block_of(n) is None or block_of(n) < k) / total for k in range(blocks + 1)}
+# Share of the model's parameters in each class's prefix: what the planner sends it.
+total = json.load(open(os.path.join(RUNS, "flextrain", "summary.json")))["model_parameters"]
+share = {}
+for line in open(os.path.join(RUNS, "plan.txt")):
+    m = re.search(r"train depth (\d+)/\d+, \d+ tensors, (\d+) parameters sent", line)
+    if m:
+        share[int(m.group(1))] = int(m.group(2)) / total
 classes = sorted({d for _, d, _ in tiers.values()})
 devices = {d: sum(n for n, dd, _ in tiers.values() if dd == d) for d in classes}
 
@@ -96,14 +79,18 @@ def final(m):
     return r, per
 
 
-lines = ["# FlexTrain on Fashion-MNIST: the shape of the paper's Table 4 and Figure 2", "",
+lines = ["# FlexTrain: the shape of the paper's Table 4 and Figure 2", "",
          "Produced by `scripts/flextrain_experiment.sh` (config `examples/flextrain.toml`, overrides in the script),",
          "tables and plots by `scripts/flextrain_table.py`. The paper's setup is CIFAR-10/100 on ResNet-56 (27 blocks),",
          "160 rounds × 10 local epochs; here the same 20-device capability table is mapped to a ResNet-20 at width 0.5",
-         "(9 blocks, 67,906 parameters) on Fashion-MNIST so that it runs on 2 CPU cores: 1,000 examples per device, 1 local",
-         "epoch per round. The depths come from the planner (memory budgets per tier, see `plan.txt` below).", ""]
+         f"(9 blocks, 67,906 parameters) so that it runs on 2 CPU cores: {clients('flextrain')[0]['num_examples']:,} examples per device, 1 local",
+         "epoch per round. The depths come from the planner (memory budgets per tier, see the planner output below).",
+         "Wall times are of runs that shared the 2 cores with other work: compare them only loosely.", ""]
 s0 = json.load(open(os.path.join(RUNS, methods[0], "summary.json")))
-lines += [f"Rounds: {s0['rounds']}, seed {s0['seed']}, all 20 devices every round.", ""]
+n_dev = sum(n for n, _, _ in tiers.values())
+lines += [f"Rounds: {s0['rounds']}, seed {s0['seed']}, all {n_dev} devices every round. Command: "
+          f"`scripts/flextrain_experiment.sh {s0['rounds']} {n_dev * clients('flextrain')[0]['num_examples']}`; "
+          "the runs' config, metrics, per-client records and summaries are kept in `runs/` beside this file.", ""]
 lines += ["## Mean device accuracy (Table 4 shape)", "",
           "Each device is evaluated on the 10,000 test images with the model it deploys (the deepest prefix it can host); the mean is over the 20 devices.", "",
           "| method | mean device accuracy | " + " | ".join(f"depth {d} ({100*share[d]:.1f} %, {devices[d]} dev.)" for d in classes) + " | uplink MB total | wall time s |",
@@ -167,4 +154,12 @@ lines += ["", "Expected share of the model a device trains (methods.md §3.2, π
           "  larger share of FLOPs than of parameters: the parameter-based r̄ understates the compute of weak devices.", ""]
 lines += ["## Planner output", "", "```", open(os.path.join(RUNS, "plan.txt")).read().rstrip(), "```", ""]
 open(os.path.join(OUT, "README.md"), "w").write("\n".join(lines) + "\n")
+# Keep what the tables came from, so they can be rebuilt and checked without rerunning.
+import shutil
+for m in methods:
+    dst = os.path.join(OUT, "runs", m)
+    os.makedirs(dst, exist_ok=True)
+    for f in ["config.toml", "metrics.jsonl", "summary.json", "clients.jsonl"]:
+        shutil.copy(os.path.join(RUNS, m, f), dst)
+shutil.copy(os.path.join(RUNS, "plan.txt"), os.path.join(OUT, "runs"))
 print("\n".join(lines))
