@@ -417,6 +417,21 @@ fn distillation(student: Tensor<2>, teacher: Tensor<2>, beta: f64, on: DistillOn
     diff.square().sum() * (beta as f32 / b)
 }
 
+/// Logits of a shallower and a deeper prefix, from one pass over their shared blocks.
+fn prefix_pair(
+    model: &Net,
+    x: Tensor<4>,
+    shallow: usize,
+    deep: usize,
+) -> Result<(Tensor<2>, Tensor<2>), EngineError> {
+    match <[Tensor<2>; 2]>::try_from(model.forward_depths(x, &[shallow, deep])?) {
+        Ok([s, d]) => Ok((s, d)),
+        Err(_) => Err(EngineError::Task(
+            "expected the logits of two prefixes".into(),
+        )),
+    }
+}
+
 /// Draws a depth from π.
 fn draw_depth(pi: &[f64], rng: &mut impl rand::Rng) -> usize {
     let u: f64 = rng.random();
@@ -501,9 +516,7 @@ pub fn train_with(
                     *depth_steps.entry(*depth).or_insert(0) += 1;
                     match student {
                         Some(s) if *beta > 0.0 => {
-                            let mut out = model.forward_depths(x, &[*s, *depth])?;
-                            let teacher = out.pop().expect("two depths");
-                            let student = out.pop().expect("two depths");
+                            let (student, teacher) = prefix_pair(&model, x, *s, *depth)?;
                             cross_entropy(teacher.clone(), &labels, classes, &device)
                                 + distillation(student, teacher, *beta, *on)
                         }
@@ -514,9 +527,7 @@ pub fn train_with(
                     let k = draw_depth(pi, &mut depth_rng);
                     *depth_steps.entry(k).or_insert(0) += 1;
                     if k < total_blocks && *beta > 0.0 {
-                        let mut out = model.forward_depths(x, &[k, k + 1])?;
-                        let teacher = out.pop().expect("two depths");
-                        let student = out.pop().expect("two depths");
+                        let (student, teacher) = prefix_pair(&model, x, k, k + 1)?;
                         cross_entropy(student.clone(), &labels, classes, &device)
                             + distillation(student, teacher, *beta, *on)
                     } else {

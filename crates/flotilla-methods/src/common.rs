@@ -83,3 +83,14 @@ pub fn valid_updates<'a>(
     }
     Ok(valid)
 }
+
+/// Refuses a task whose kind is not `train`, naming the method whose client received it.
+pub fn require_train(task: &Task, method: &str) -> Result<(), EngineError> {
+    if task.kind != "train" {
+        return Err(EngineError::Task(format!(
+            "{method} clients do `train` tasks, not `{}`",
+            task.kind
+        )));
+    }
+    Ok(())
+}

@@ -225,12 +225,7 @@ impl ClientHalf for FedAvgClient {
         data: &ClientData,
         ctx: &ClientCtx,
     ) -> Result<Reply, EngineError> {
-        if task.kind != "train" {
-            return Err(EngineError::Task(format!(
-                "fedavg clients do `train` tasks, not `{}`",
-                task.kind
-            )));
-        }
+        crate::common::require_train(task, "fedavg")?;
         train_task(task, data, ctx)
     }
 }

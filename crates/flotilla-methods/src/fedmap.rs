@@ -434,12 +434,7 @@ impl ClientHalf for FedMapClient {
         data: &ClientData,
         ctx: &ClientCtx,
     ) -> Result<Reply, EngineError> {
-        if task.kind != "train" {
-            return Err(EngineError::Task(format!(
-                "fedmap clients do `train` tasks, not `{}`",
-                task.kind
-            )));
-        }
+        crate::common::require_train(task, "fedmap")?;
         train_task(task, data, ctx)
     }
 }

@@ -522,12 +522,7 @@ impl ClientHalf for FlexTrainClient {
         data: &ClientData,
         ctx: &ClientCtx,
     ) -> Result<Reply, EngineError> {
-        if task.kind != "train" {
-            return Err(EngineError::Task(format!(
-                "flextrain clients do `train` tasks, not `{}`",
-                task.kind
-            )));
-        }
+        crate::common::require_train(task, "flextrain")?;
         let opts: DepthTask = serde_json::from_value(task.options.clone())
             .map_err(|e| EngineError::Task(format!("flextrain task options: {e}")))?;
         let blocks = task.model.num_blocks();

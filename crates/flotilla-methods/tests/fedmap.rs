@@ -3,13 +3,13 @@
 //! aggregation, bytes on the wire equal to the active values (plus the mask when it changes),
 //! and masks that survive a checkpoint.
 
+mod common;
+
+use common::{Rounds, synthetic};
 use flotilla_core::ParamSet;
-use flotilla_data::{Dataset, Split};
+use flotilla_data::Split;
 use flotilla_engine::method::KnownMasks;
-use flotilla_engine::sink::{ClientRecord, Event, RoundRecord, Sink};
-use flotilla_engine::{
-    ClientCtx, ClientData, ClientHalf, EngineError, Experiment, ServerHalf, Simulation,
-};
+use flotilla_engine::{ClientCtx, ClientData, ClientHalf, Experiment, ServerHalf, Simulation};
 use flotilla_methods::fedmap::{FedMap, FedMapClient};
 use flotilla_models::Net;
 use std::sync::Arc;
@@ -51,29 +51,6 @@ fn server(extra: &str) -> (Experiment, FedMap) {
     let init = Net::init_params(&spec, 0).unwrap();
     let s = FedMap::from_config(&exp, spec, init).unwrap();
     (exp, s)
-}
-
-fn synthetic(n: usize, seed: u64) -> Dataset {
-    let mut x = seed.wrapping_add(17);
-    let images = (0..n * 784)
-        .map(|p| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let label = (p / 784) % 10;
-            if (p % 784) / 78 == label {
-                220
-            } else {
-                (x >> 60) as u8 * 8
-            }
-        })
-        .collect();
-    Dataset {
-        images,
-        labels: (0..n).map(|i| (i % 10) as u8).collect(),
-        shape: [1, 28, 28],
-        num_classes: 10,
-    }
 }
 
 fn active(s: &FedMap) -> usize {
@@ -194,17 +171,6 @@ fn client_training_keeps_pruned_entries_at_zero() {
     }
     assert!(moved, "active entries trained");
     let _ = exp;
-}
-
-struct Rounds(Vec<(RoundRecord, Vec<ClientRecord>)>);
-
-impl Sink for Rounds {
-    fn on_event(&mut self, e: &Event<'_>) -> Result<(), EngineError> {
-        if let Event::Round { round, clients } = e {
-            self.0.push(((*round).clone(), clients.to_vec()));
-        }
-        Ok(())
-    }
 }
 
 fn simulate(dir: &std::path::Path, extra: &str) -> Rounds {

@@ -5,15 +5,18 @@
 //! centralized training leaves blocks deeper than the drawn depth untouched, and measured
 //! upload bytes follow the prefix's parameter count.
 
+mod common;
+
+use common::{Rounds, synthetic};
 use flotilla_core::ParamSet;
 use flotilla_core::device::DeviceProfile;
-use flotilla_data::{Dataset, Split};
+use flotilla_data::Split;
 use flotilla_engine::local::{DistillOn, Objective, Recipe, TrainMasks, train_with};
 use flotilla_engine::method::Resources;
-use flotilla_engine::sink::{ClientRecord, Event, RoundRecord, Sink};
+use flotilla_engine::sink::ClientRecord;
 use flotilla_engine::{
-    Assignment, ClientCtx, ClientData, ClientHalf, ClientInfo, EngineError, Experiment, PhaseCtx,
-    Reply, ServerCtx, ServerHalf, Simulation, Task,
+    Assignment, ClientCtx, ClientData, ClientHalf, ClientInfo, Experiment, PhaseCtx, Reply,
+    ServerCtx, ServerHalf, Simulation, Task,
 };
 use flotilla_methods::fedavg::FedAvg;
 use flotilla_methods::flextrain::{FlexTrain, FlexTrainClient};
@@ -60,29 +63,6 @@ fn server(method: &str, extra: &str) -> FlexTrain {
     let spec = exp.model_spec();
     let init = Net::init_params(&spec, 0).unwrap();
     FlexTrain::from_config(&exp, spec, init).unwrap()
-}
-
-fn synthetic(n: usize, seed: u64) -> Dataset {
-    let mut x = seed.wrapping_add(17);
-    let images = (0..n * 784)
-        .map(|p| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let label = (p / 784) % 10;
-            if (p % 784) / 78 == label {
-                220
-            } else {
-                (x >> 60) as u8 * 8
-            }
-        })
-        .collect();
-    Dataset {
-        images,
-        labels: (0..n).map(|i| (i % 10) as u8).collect(),
-        shape: [1, 28, 28],
-        num_classes: 10,
-    }
 }
 
 fn client_data(n: usize, seed: u64) -> ClientData {
@@ -519,17 +499,6 @@ fn fedsmall_trains_the_weakest_depth_and_fedclass_keeps_classes_apart() {
         after.iter().map(|m| m.devices).collect::<Vec<_>>(),
         [Some(1), Some(2)]
     );
-}
-
-struct Rounds(Vec<(RoundRecord, Vec<ClientRecord>)>);
-
-impl Sink for Rounds {
-    fn on_event(&mut self, e: &Event<'_>) -> Result<(), EngineError> {
-        if let Event::Round { round, clients } = e {
-            self.0.push(((*round).clone(), clients.to_vec()));
-        }
-        Ok(())
-    }
 }
 
 #[test]
