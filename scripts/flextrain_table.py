@@ -24,7 +24,7 @@ def clients(m):
 
 def svg_lines(title, xlabel, ylabel, series, path):
     """series: [(label, color, [(x, y), ...])]"""
-    W, H, L, B, T, R = 640, 400, 70, 50, 40, 230
+    W, H, L, B, T, R = 700, 400, 70, 50, 40, 270
     pts = [p for _, _, s in series for p in s]
     x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
     y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
