@@ -792,3 +792,23 @@ fn plan_gives_each_tier_its_depth_and_names_a_device_that_fits_none() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(text.matches("train depth 3/9").count(), 8, "{text}");
 }
+
+#[test]
+fn every_example_config_is_valid_and_plans() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(root.join("examples")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let out = flotilla(&root, &["plan", "--config", s(&path)]);
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 9, "only {checked} example configs found");
+}
