@@ -350,7 +350,7 @@ pub fn train_masked(
     )
 }
 
-/// Checks a depth objective against the model and view; returns the number of blocks.
+/// Checks a depth objective against the model and view.
 fn check_objective(
     spec: &ModelSpec,
     view: &View,
@@ -358,15 +358,15 @@ fn check_objective(
 ) -> Result<(), EngineError> {
     let total = spec.num_blocks();
     let bad = |m: String| Err(EngineError::Task(m));
+    if let Objective::DeviceDepth { beta, .. } | Objective::SampledDepth { beta, .. } = objective
+        && !(beta.is_finite() && *beta >= 0.0)
+    {
+        return bad(format!("beta must be a non-negative number, got {beta}"));
+    }
     match objective {
         Objective::CrossEntropy => Ok(()),
         _ if total == 0 => bad("depth objectives need a model with blocks (resnet or vit)".into()),
-        Objective::DeviceDepth {
-            depth,
-            student,
-            beta,
-            ..
-        } => {
+        Objective::DeviceDepth { depth, student, .. } => {
             if view.prefix_depth(total) != Some(*depth) {
                 return bad(format!(
                     "the view must be the depth-{depth} prefix of the {total} blocks"
@@ -377,12 +377,9 @@ fn check_objective(
                     "the student depth must be below the device depth {depth}"
                 ));
             }
-            if !(beta.is_finite() && *beta >= 0.0) {
-                return bad(format!("beta must be a non-negative number, got {beta}"));
-            }
             Ok(())
         }
-        Objective::SampledDepth { pi, beta, .. } => {
+        Objective::SampledDepth { pi, .. } => {
             if pi.len() != total + 1 {
                 return bad(format!(
                     "pi must give a probability for every depth 0..={total} ({} entries), got {}",
@@ -393,9 +390,6 @@ fn check_objective(
             let sum: f64 = pi.iter().sum();
             if pi.iter().any(|p| !(p.is_finite() && *p >= 0.0)) || (sum - 1.0).abs() > 1e-6 {
                 return bad(format!("pi must be probabilities summing to 1, got {pi:?}"));
-            }
-            if !(beta.is_finite() && *beta >= 0.0) {
-                return bad(format!("beta must be a non-negative number, got {beta}"));
             }
             if view != &View::full() {
                 return bad("sampled-depth training runs on the full model view".into());

@@ -2,7 +2,9 @@
 
 use flotilla_core::ParamSet;
 use flotilla_engine::local::{Recipe, estimate_memory};
-use flotilla_engine::{Assignment, ClientInfo, EngineError, PhaseCtx, Reply, Task};
+use flotilla_engine::{
+    Assignment, ClientInfo, EngineError, Experiment, MethodState, PhaseCtx, Reply, Task,
+};
 use flotilla_models::{ModelSpec, View};
 
 /// One `train` task per client carrying `params`, or a skip with the reason when the
@@ -93,4 +95,24 @@ pub fn require_train(task: &Task, method: &str) -> Result<(), EngineError> {
         )));
     }
     Ok(())
+}
+
+/// The `[method]` table read as a method's options; the error names the table.
+pub fn method_options<T: serde::de::DeserializeOwned>(exp: &Experiment) -> Result<T, EngineError> {
+    toml::Value::Table(exp.method.clone())
+        .try_into()
+        .map_err(|e| EngineError::Config(format!("[method]: {e}")))
+}
+
+/// The `global` model of a checkpoint, checked against the layout of the current one.
+pub fn checkpoint_global<'a>(
+    state: &'a MethodState,
+    current: &ParamSet,
+) -> Result<&'a ParamSet, EngineError> {
+    let global = state
+        .params
+        .get("global")
+        .ok_or_else(|| EngineError::Method("checkpoint lacks the global model".into()))?;
+    current.check_same_layout(global)?;
+    Ok(global)
 }

@@ -6,7 +6,7 @@
 //! their loss. Optional robust rules (coordinate-wise median, trimmed mean) replace the mean
 //! for fleets that may contain broken devices.
 
-use crate::common::{check_full_model_reply, plan_full_model, valid_updates};
+use crate::common::{check_full_model_reply, checkpoint_global, plan_full_model, valid_updates};
 use flotilla_core::ParamSet;
 use flotilla_core::aggregate::{self, Contribution};
 use flotilla_engine::local::{Recipe, train_task};
@@ -79,9 +79,7 @@ impl FedAvg {
         spec: ModelSpec,
         init: ParamSet,
     ) -> Result<Self, EngineError> {
-        let opts: Options = toml::Value::Table(exp.method.clone())
-            .try_into()
-            .map_err(|e| EngineError::Config(format!("[method]: {e}")))?;
+        let opts: Options = crate::common::method_options(exp)?;
         let mut recipe = exp.training.clone();
         match (opts.name.as_str(), opts.mu) {
             ("fedprox", Some(mu)) if mu.is_finite() && mu >= 0.0 => recipe.prox_mu = mu,
@@ -205,12 +203,7 @@ impl ServerHalf for FedAvg {
     }
 
     fn restore(&mut self, state: MethodState) -> Result<(), EngineError> {
-        let global = state
-            .params
-            .get("global")
-            .ok_or_else(|| EngineError::Method("checkpoint lacks the global model".into()))?;
-        self.global.check_same_layout(global)?;
-        self.global = global.clone();
+        self.global = checkpoint_global(&state, &self.global)?.clone();
         Ok(())
     }
 }

@@ -116,9 +116,7 @@ impl FedMap {
         spec: ModelSpec,
         init: ParamSet,
     ) -> Result<Self, EngineError> {
-        let opts: FedMapOptions = toml::Value::Table(exp.method.clone())
-            .try_into()
-            .map_err(|e| EngineError::Config(format!("[method]: {e}")))?;
+        let opts: FedMapOptions = crate::common::method_options(exp)?;
         let bad = |k: &str, m: String| Err(EngineError::Config(format!("`method.{k}` {m}")));
         if !(opts.rate > 0.0 && opts.rate < 1.0) {
             return bad("rate", format!("must be in (0, 1), got {}", opts.rate));
@@ -402,11 +400,7 @@ impl ServerHalf for FedMap {
     }
 
     fn restore(&mut self, state: MethodState) -> Result<(), EngineError> {
-        let global = state
-            .params
-            .get("global")
-            .ok_or_else(|| EngineError::Method("checkpoint lacks the global model".into()))?;
-        self.global.check_same_layout(global)?;
+        let global = crate::common::checkpoint_global(&state, &self.global)?;
         let masks: BTreeMap<String, Mask> = serde_json::from_value(state.json["masks"].clone())
             .map_err(|e| EngineError::Method(format!("checkpoint masks: {e}")))?;
         if masks.keys().ne(self.masks.keys()) {

@@ -133,9 +133,7 @@ impl FlexTrain {
         spec: ModelSpec,
         init: ParamSet,
     ) -> Result<Self, EngineError> {
-        let opts: Options = toml::Value::Table(exp.method.clone())
-            .try_into()
-            .map_err(|e| EngineError::Config(format!("[method]: {e}")))?;
+        let opts: Options = crate::common::method_options(exp)?;
         let mode = match opts.name.as_str() {
             "flextrain" => Mode::FlexTrain,
             "fedsmall" => Mode::FedSmall,
@@ -274,7 +272,7 @@ impl FlexTrain {
 
     /// Tensors of the depth-`depth` prefix (stem, blocks `0..depth`, classifier).
     fn prefix(params: &ParamSet, depth: usize) -> ParamSet {
-        params.filter(|n| ModelSpec::block_of(n).is_none_or(|b| b < depth))
+        params.filter(|n| ModelSpec::in_prefix(n, depth))
     }
 
     /// The prefix depth a reply holds: one past its deepest block.
@@ -305,7 +303,13 @@ impl FlexTrain {
 
     /// Fraction of the model's parameters in the depth-`depth` prefix (A_k / A).
     fn param_fraction(&self, depth: usize) -> f64 {
-        Self::prefix(&self.init, depth).numel() as f64 / self.init.numel() as f64
+        let in_prefix: usize = self
+            .init
+            .iter()
+            .filter(|t| ModelSpec::in_prefix(&t.name, depth))
+            .map(|t| t.numel())
+            .sum();
+        in_prefix as f64 / self.init.numel() as f64
     }
 
     /// Fraction of the full model's forward FLOPs the depth-`depth` prefix costs.
@@ -499,13 +503,7 @@ impl ServerHalf for FlexTrain {
                 }
                 self.classes.extend(classes);
             }
-            _ => {
-                let global = state.params.get("global").ok_or_else(|| {
-                    EngineError::Method("checkpoint lacks the global model".into())
-                })?;
-                self.global.check_same_layout(global)?;
-                self.global = global.clone();
-            }
+            _ => self.global = crate::common::checkpoint_global(&state, &self.global)?.clone(),
         }
         Ok(())
     }
@@ -535,7 +533,7 @@ impl ClientHalf for FlexTrainClient {
         if let Some(name) = task
             .params
             .names()
-            .find(|n| ModelSpec::block_of(n).is_some_and(|b| b >= opts.depth))
+            .find(|n| !ModelSpec::in_prefix(n, opts.depth))
         {
             return Err(EngineError::Task(format!(
                 "the task sends `{name}`, deeper than its depth {}",

@@ -1,13 +1,15 @@
 //! FedAvg and FedProx through their server and client halves.
 
+mod common;
+
+use common::reply;
 use flotilla_core::{ParamSet, Tensor};
 use flotilla_data::Dataset;
 use flotilla_engine::local::{self, OptimizerKind, Recipe};
 use flotilla_engine::method::ClientData;
-use flotilla_engine::{Experiment, PhaseCtx, Reply, ServerCtx};
+use flotilla_engine::{Experiment, PhaseCtx, ServerCtx};
 use flotilla_methods::fedavg::FedAvg;
 use flotilla_models::{ModelSpec, Net, View};
-use std::collections::BTreeMap;
 
 const CONFIG: &str = r#"
 rounds = 1
@@ -28,18 +30,6 @@ clients_per_round = 2
 [method]
 name = "fedavg"
 "#;
-
-fn reply(client: u64, params: ParamSet, n: u64) -> Reply {
-    Reply {
-        round: 1,
-        phase: 0,
-        client,
-        num_examples: n,
-        params,
-        metrics: BTreeMap::new(),
-        resources: Default::default(),
-    }
-}
 
 fn scaled(p: &ParamSet, v: f32) -> ParamSet {
     let mut q = p.clone();

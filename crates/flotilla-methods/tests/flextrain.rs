@@ -7,21 +7,19 @@
 
 mod common;
 
-use common::{Rounds, synthetic};
+use common::{Rounds, reply, synthetic};
 use flotilla_core::ParamSet;
 use flotilla_core::device::DeviceProfile;
 use flotilla_data::Split;
 use flotilla_engine::local::{DistillOn, Objective, Recipe, TrainMasks, train_with};
-use flotilla_engine::method::Resources;
 use flotilla_engine::sink::ClientRecord;
 use flotilla_engine::{
-    Assignment, ClientCtx, ClientData, ClientHalf, ClientInfo, Experiment, PhaseCtx, Reply,
-    ServerCtx, ServerHalf, Simulation, Task,
+    Assignment, ClientCtx, ClientData, ClientHalf, ClientInfo, Experiment, PhaseCtx, ServerCtx,
+    ServerHalf, Simulation, Task,
 };
 use flotilla_methods::fedavg::FedAvg;
 use flotilla_methods::flextrain::{FlexTrain, FlexTrainClient};
 use flotilla_models::{ModelSpec, Net, View};
-use std::collections::BTreeMap;
 
 // Measured peak memory needs the counting allocator, as in the `flotilla` binary.
 #[global_allocator]
@@ -134,11 +132,7 @@ fn the_planner_gives_each_device_the_deepest_prefix_its_memory_fits() {
     for t in &ts {
         let d = depth_of(t);
         // Only the prefix travels: stem, blocks below d, classifier.
-        assert!(
-            t.params
-                .names()
-                .all(|n| ModelSpec::block_of(n).is_none_or(|b| b < d))
-        );
+        assert!(t.params.names().all(|n| ModelSpec::in_prefix(n, d)));
         assert!(t.params.names().any(|n| n.starts_with("fc.")));
         let opts = &t.options;
         // The weakest class skips distillation; the others teach their k − 1 prefix.
@@ -181,10 +175,7 @@ fn uploads_hold_exactly_the_device_prefix() {
         };
         let reply = FlexTrainClient.execute(&t, &data, &cctx).unwrap();
         assert!(
-            reply
-                .params
-                .names()
-                .all(|n| ModelSpec::block_of(n).is_none_or(|b| b < d)),
+            reply.params.names().all(|n| ModelSpec::in_prefix(n, d)),
             "depth {d} uploaded a deeper block"
         );
         s.check_reply(&t, &reply).unwrap();
@@ -216,6 +207,29 @@ fn recipe() -> Recipe {
     }
 }
 
+/// Local training without masks; panics on error (a test helper).
+fn fit(
+    spec: &ModelSpec,
+    view: &View,
+    init: &ParamSet,
+    data: &ClientData,
+    recipe: &Recipe,
+    seed: u64,
+    objective: &Objective,
+) -> flotilla_engine::local::TrainOutcome {
+    train_with(
+        spec,
+        view,
+        init,
+        data,
+        recipe,
+        seed,
+        &TrainMasks::new(),
+        objective,
+    )
+    .unwrap()
+}
+
 fn spec() -> ModelSpec {
     Experiment::from_toml(&config("flextrain", "", ""))
         .unwrap()
@@ -228,19 +242,7 @@ fn beta_zero_is_plain_cross_entropy_and_beta_above_zero_is_not() {
     let init = Net::init_params(&spec, 3).unwrap();
     let data = client_data(48, 2);
     let view = View::trainable_prefix(2, 3);
-    let run = |objective: &Objective| {
-        train_with(
-            &spec,
-            &view,
-            &init,
-            &data,
-            &recipe(),
-            7,
-            &TrainMasks::new(),
-            objective,
-        )
-        .unwrap()
-    };
+    let run = |objective: &Objective| fit(&spec, &view, &init, &data, &recipe(), 7, objective);
     let plain = run(&Objective::CrossEntropy);
     let device = |beta: f64, on: DistillOn| Objective::DeviceDepth {
         depth: 2,
@@ -260,37 +262,33 @@ fn beta_zero_is_plain_cross_entropy_and_beta_above_zero_is_not() {
         );
     }
     // Centralized: all mass on the full depth and β = 0 is plain training of the full model.
-    let full = train_with(
+    let full = fit(
         &spec,
         &View::full(),
         &init,
         &data,
         &recipe(),
         7,
-        &TrainMasks::new(),
         &Objective::SampledDepth {
             pi: vec![0.0, 0.0, 0.0, 1.0],
             beta: 0.0,
             on: DistillOn::Logits,
         },
-    )
-    .unwrap();
-    let plain_full = train_with(
+    );
+    let plain_full = fit(
         &spec,
         &View::full(),
         &init,
         &data,
         &recipe(),
         7,
-        &TrainMasks::new(),
         &Objective::CrossEntropy,
-    )
-    .unwrap();
+    );
     assert_eq!(full.params, plain_full.params);
 }
 
 fn block_tensors(p: &ParamSet, from: usize) -> ParamSet {
-    p.filter(|n| ModelSpec::block_of(n).is_some_and(|b| b >= from))
+    p.filter(|n| !ModelSpec::in_prefix(n, from))
 }
 
 #[test]
@@ -299,21 +297,19 @@ fn centralized_steps_never_update_blocks_deeper_than_the_drawn_depth() {
     let init = Net::init_params(&spec, 4).unwrap();
     let data = client_data(64, 3);
     // Depth 1 or 2 only; depth 2 draws distil toward depth 3, whose block is a detached teacher.
-    let out = train_with(
+    let out = fit(
         &spec,
         &View::full(),
         &init,
         &data,
         &recipe(),
         9,
-        &TrainMasks::new(),
         &Objective::SampledDepth {
             pi: vec![0.0, 0.5, 0.5, 0.0],
             beta: 0.2,
             on: DistillOn::Logits,
         },
-    )
-    .unwrap();
+    );
     assert_eq!(block_tensors(&out.params, 2), block_tensors(&init, 2));
     assert_ne!(block_tensors(&out.params, 1), block_tensors(&init, 1));
     assert_eq!(out.depth_steps.keys().copied().collect::<Vec<_>>(), [1, 2]);
@@ -326,7 +322,7 @@ fn sampled_depths_follow_pi_so_the_trained_share_matches_the_analytic_r_bar() {
     let init = Net::init_params(&spec, 0).unwrap();
     let data = client_data(16 * 200, 4);
     let pi = vec![0.0, 0.25, 0.25, 0.5];
-    let out = train_with(
+    let out = fit(
         &spec,
         &View::full(),
         &init,
@@ -338,19 +334,14 @@ fn sampled_depths_follow_pi_so_the_trained_share_matches_the_analytic_r_bar() {
             ..recipe()
         },
         11,
-        &TrainMasks::new(),
         &Objective::SampledDepth {
             pi: pi.clone(),
             beta: 0.0,
             on: DistillOn::Logits,
         },
-    )
-    .unwrap();
-    let share = |k: usize| {
-        init.filter(|n| ModelSpec::block_of(n).is_none_or(|b| b < k))
-            .numel() as f64
-            / init.numel() as f64
-    };
+    );
+    let share =
+        |k: usize| init.filter(|n| ModelSpec::in_prefix(n, k)).numel() as f64 / init.numel() as f64;
     let analytic: f64 = pi.iter().enumerate().map(|(k, p)| p * share(k)).sum();
     let measured: f64 = out
         .depth_steps
@@ -363,18 +354,6 @@ fn sampled_depths_follow_pi_so_the_trained_share_matches_the_analytic_r_bar() {
         (analytic - measured).abs() < 0.1,
         "analytic {analytic}, measured {measured}"
     );
-}
-
-fn reply(client: u64, params: ParamSet, n: u64) -> Reply {
-    Reply {
-        round: 1,
-        phase: 0,
-        client,
-        num_examples: n,
-        params,
-        metrics: BTreeMap::new(),
-        resources: Resources::default(),
-    }
 }
 
 fn perturbed(p: &ParamSet, by: f32) -> ParamSet {
@@ -420,7 +399,7 @@ fn deep_blocks_shrink_toward_the_global_under_the_papers_rule_and_not_under_hold
         let mut s = server("flextrain", &format!("aggregation = \"{rule}\""));
         let init = s.global().clone();
         let deep = |p: &ParamSet| p.filter(|n| ModelSpec::block_of(n) == Some(2));
-        let shallow = |p: &ParamSet| p.filter(|n| ModelSpec::block_of(n).is_none_or(|b| b < 2));
+        let shallow = |p: &ParamSet| p.filter(|n| ModelSpec::in_prefix(n, 2));
         // Device 0 trained the full model (+1 everywhere, 1 example), device 1 only the
         // depth-2 prefix (+1, 3 examples).
         let plus_one = |p: &ParamSet| {
@@ -561,9 +540,7 @@ fn a_simulated_fleet_reports_mean_device_accuracy_and_bytes_per_prefix() {
     };
     for c in clients.iter().filter(|c| c.status == "ok") {
         let k = depth_of_tier(&c.tier);
-        let prefix = init
-            .filter(|n| ModelSpec::block_of(n).is_none_or(|b| b < k))
-            .numel() as u64;
+        let prefix = init.filter(|n| ModelSpec::in_prefix(n, k)).numel() as u64;
         assert!(
             c.bytes_up >= 4 * prefix && c.bytes_up < 4 * prefix + 4096,
             "{}: {} bytes for {prefix} parameters",

@@ -467,5 +467,8 @@ mod tests {
         assert_eq!(holes.prefix_depth(3), None);
         assert_eq!(ModelSpec::block_of("blocks.12.norm1.weight"), Some(12));
         assert_eq!(ModelSpec::block_of("fc.bias"), None);
+        assert!(ModelSpec::in_prefix("conv1.weight", 0) && ModelSpec::in_prefix("fc.bias", 0));
+        assert!(ModelSpec::in_prefix("blocks.2.conv1.weight", 3));
+        assert!(!ModelSpec::in_prefix("blocks.3.conv1.weight", 3));
     }
 }

@@ -123,6 +123,12 @@ impl ModelSpec {
             .ok()
     }
 
+    /// Whether a tensor belongs to the depth-`depth` prefix: the stem, blocks `0..depth` or
+    /// the classifier.
+    pub fn in_prefix(name: &str, depth: usize) -> bool {
+        Self::block_of(name).is_none_or(|b| b < depth)
+    }
+
     /// Number of skippable blocks (0 for models without residual blocks).
     pub fn num_blocks(&self) -> usize {
         match &self.arch {

@@ -58,11 +58,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     pi[5] = 0.25;
     pi[6] = 0.25;
     pi[blocks] = 0.5;
-    let share = |k: usize| {
-        init.filter(|n| ModelSpec::block_of(n).is_none_or(|b| b < k))
-            .numel() as f64
-            / init.numel() as f64
-    };
+    let share =
+        |k: usize| init.filter(|n| ModelSpec::in_prefix(n, k)).numel() as f64 / init.numel() as f64;
     let objectives = [
         ("Single", Objective::CrossEntropy),
         (

@@ -1,9 +1,11 @@
-//! Helpers shared by the method tests: a learnable synthetic dataset and a sink that keeps
-//! every round's records.
+//! Helpers shared by the method tests: a learnable synthetic dataset, a sink that keeps every
+//! round's records and a hand-made reply. Each test binary uses a subset of them.
+#![allow(dead_code)]
 
+use flotilla_core::ParamSet;
 use flotilla_data::Dataset;
-use flotilla_engine::EngineError;
 use flotilla_engine::sink::{ClientRecord, Event, RoundRecord, Sink};
+use flotilla_engine::{EngineError, Reply};
 
 /// `n` 28×28 images whose label is the band of bright rows (rows 8·label..), over seeded noise.
 pub fn synthetic(n: usize, seed: u64) -> Dataset {
@@ -38,5 +40,18 @@ impl Sink for Rounds {
             self.0.push(((*round).clone(), clients.to_vec()));
         }
         Ok(())
+    }
+}
+
+/// A round-1 reply of `client` carrying `params` for `n` examples.
+pub fn reply(client: u64, params: ParamSet, n: u64) -> Reply {
+    Reply {
+        round: 1,
+        phase: 0,
+        client,
+        num_examples: n,
+        params,
+        metrics: Default::default(),
+        resources: Default::default(),
     }
 }
