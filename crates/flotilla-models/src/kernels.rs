@@ -37,6 +37,7 @@ pub fn set_fast(on: bool) {
 
 thread_local! {
     static OVERRIDE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    static SERIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Whether the fast kernels are in use on this thread (see [`set_fast`], [`with_fast`]).
@@ -57,6 +58,29 @@ pub fn with_fast<T>(on: bool, f: impl FnOnce() -> T) -> T {
     }
     let _restore = Restore(OVERRIDE.with(|o| o.replace(Some(on))));
     f()
+}
+
+/// Runs `f` with these kernels kept on the calling thread: no batch split and no
+/// multi-threaded GEMM. For callers that already give every thread its own share of the work
+/// (micro-batches of one training step), where a second level of splitting only adds waiting.
+pub fn serial<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SERIAL.with(|s| s.set(self.0));
+        }
+    }
+    let _restore = Restore(SERIAL.with(|s| s.replace(true)));
+    f()
+}
+
+/// Threads these kernels may use from the calling thread.
+fn threads() -> usize {
+    if SERIAL.with(|s| s.get()) {
+        1
+    } else {
+        rayon::current_num_threads()
+    }
 }
 
 type Ad = Autodiff<Flex>;
@@ -251,7 +275,7 @@ fn matmul(
 /// Whether to split the batch across threads (single-threaded GEMMs) or to run the samples one
 /// after another with multi-threaded GEMMs.
 fn split_batch(b: usize) -> (bool, usize) {
-    let threads = rayon::current_num_threads();
+    let threads = threads();
     (threads > 1 && b >= threads, threads)
 }
 
@@ -395,8 +419,18 @@ fn conv_backward(x: &[f32], w: &[f32], dy: &[f32], g: &Geom, need: [bool; 3]) ->
     }
 }
 
+/// Planes per pooling task: a whole tensor on one thread under [`serial`].
+fn pool_min_len() -> usize {
+    if threads() == 1 { usize::MAX } else { 8 }
+}
+
+/// The window position that takes no gradient: the fused ReLU clamped the window's maximum.
+const NO_GRAD: u8 = 4;
+
 /// Flattened `[B, C, H/2, W/2]` maximum and its position in each 2×2 window (0..4, row-major).
-fn pool_forward(x: &[f32], [b, c, h, w]: [usize; 4]) -> (Vec<f32>, Vec<u8>) {
+/// With `relu`, the maximum is clamped at 0 (max(relu(x)) = relu(max(x))) and a clamped window
+/// records [`NO_GRAD`].
+fn pool_forward(x: &[f32], [b, c, h, w]: [usize; 4], relu: bool) -> (Vec<f32>, Vec<u8>) {
     let (ho, wo) = (h / 2, w / 2);
     let mut out = vec![0f32; b * c * ho * wo];
     let mut arg = vec![0u8; b * c * ho * wo];
@@ -406,7 +440,7 @@ fn pool_forward(x: &[f32], [b, c, h, w]: [usize; 4]) -> (Vec<f32>, Vec<u8>) {
     out.par_chunks_mut(ho * wo)
         .zip(arg.par_chunks_mut(ho * wo))
         .zip(x.par_chunks(h * w))
-        .with_min_len(8)
+        .with_min_len(pool_min_len())
         .for_each(|((o, a), xp)| {
             for i in 0..ho {
                 let r0 = &xp[2 * i * w..(2 * i + 1) * w];
@@ -421,6 +455,13 @@ fn pool_forward(x: &[f32], [b, c, h, w]: [usize; 4]) -> (Vec<f32>, Vec<u8>) {
                             m = v;
                             at = q as u8;
                         }
+                    }
+                    // NaN stays NaN, like burn's ReLU, and takes no gradient either.
+                    if relu && !(m > 0.0) {
+                        if !m.is_nan() {
+                            m = 0.0;
+                        }
+                        at = NO_GRAD;
                     }
                     o[j] = m;
                     a[j] = at;
@@ -439,12 +480,15 @@ fn pool_backward(dy: &[f32], arg: &[u8], [b, c, h, w]: [usize; 4]) -> Vec<f32> {
     dx.par_chunks_mut(h * w)
         .zip(dy.par_chunks(ho * wo))
         .zip(arg.par_chunks(ho * wo))
-        .with_min_len(8)
+        .with_min_len(pool_min_len())
         .for_each(|((dxp, g), a)| {
             for i in 0..ho {
                 for j in 0..wo {
-                    let q = a[i * wo + j] as usize;
-                    dxp[(2 * i + (q >> 1)) * w + 2 * j + (q & 1)] = g[i * wo + j];
+                    let q = a[i * wo + j];
+                    if q != NO_GRAD {
+                        let q = q as usize;
+                        dxp[(2 * i + (q >> 1)) * w + 2 * j + (q & 1)] = g[i * wo + j];
+                    }
                 }
             }
         });
@@ -638,6 +682,23 @@ pub fn max_pool2(x: Tensor<4>) -> Tensor<4> {
     if !fast() || x.dtype() != DType::F32 {
         return burn::tensor::module::max_pool2d(x, burn::tensor::ops::MaxPoolOptions::new([2, 2]));
     }
+    pool(x, false)
+}
+
+/// `max_pool2(relu(x))` in one pass: the pooled maximum clamped at 0, with a gradient only
+/// through windows whose maximum is positive. No ReLU output is made or kept for the backward
+/// pass. burn's ReLU and pooling when the fast kernels are off.
+pub fn relu_max_pool2(x: Tensor<4>) -> Tensor<4> {
+    if !fast() || x.dtype() != DType::F32 {
+        return burn::tensor::module::max_pool2d(
+            burn::tensor::activation::relu(x),
+            burn::tensor::ops::MaxPoolOptions::new([2, 2]),
+        );
+    }
+    pool(x, true)
+}
+
+fn pool(x: Tensor<4>, relu: bool) -> Tensor<4> {
     count_fast_call();
     let shape = x.dims();
     let [b, c, h, w] = shape;
@@ -647,7 +708,7 @@ pub fn max_pool2(x: Tensor<4>) -> Tensor<4> {
             .try_into_primitive::<Ad>()
             .expect("autodiff flex tensor")
             .into_parts();
-        let (y, arg) = pool_forward(values(&contiguous(xp)), shape);
+        let (y, arg) = pool_forward(values(&contiguous(xp)), shape, relu);
         let y = flex(y, out_shape);
         let out = match PoolOp
             .prepare::<NoCheckpointing>([xn])
@@ -660,7 +721,7 @@ pub fn max_pool2(x: Tensor<4>) -> Tensor<4> {
         Tensor::from_primitive::<Ad>(out)
     } else {
         let xp = contiguous(x.try_into_primitive::<Flex>().expect("flex tensor"));
-        let (y, _) = pool_forward(values(&xp), shape);
+        let (y, _) = pool_forward(values(&xp), shape, relu);
         Tensor::from_primitive::<Flex>(flex(y, out_shape))
     }
 }
@@ -799,23 +860,29 @@ mod tests {
     fn max_pool_matches_burn_values_and_gradients() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
         let dev = Device::flex().autodiff();
-        for &[b, c, h, w] in &[
+        let ops: [(&str, fn(Tensor<4>) -> Tensor<4>); 2] =
+            [("pool", max_pool2), ("relu pool", relu_max_pool2)];
+        for (&[b, c, h, w], (name, op)) in [
             [1, 1, 4, 4],
             [2, 3, 7, 9],
             [3, 2, 28, 28],
             [2, 4, 5, 2],
             [1, 2, 1, 6],
-        ] {
-            // Rounded values and ReLU-like zeros give ties, which must resolve like burn's.
+        ]
+        .iter()
+        .flat_map(|s| ops.iter().map(move |o| (s, *o)))
+        {
+            // Rounded values give ties and zeros (also all-negative windows for the fused
+            // ReLU), which must resolve like burn's ops.
             let xv: Vec<f32> = rand_vec(&mut rng, b * c * h * w)
                 .into_iter()
-                .map(|v| (v * 4.0).round().max(0.0))
+                .map(|v| (v * 4.0).round())
                 .collect();
             let rv = rand_vec(&mut rng, b * c * (h / 2) * (w / 2));
             let run = |on| {
                 let x = tensor(xv.clone(), [b, c, h, w], &dev).require_grad();
                 let before = FAST_CALLS.load(Ordering::Relaxed);
-                let y = with_fast(on, || max_pool2(x.clone()));
+                let y = with_fast(on, || op(x.clone()));
                 if on {
                     assert!(
                         FAST_CALLS.load(Ordering::Relaxed) > before,
@@ -829,11 +896,11 @@ mod tests {
             };
             let (fy, fdx) = run(true);
             let (ry, rdx) = run(false);
-            assert_close("pool out", &fy, &ry);
-            assert_close("pool dx", &fdx, &rdx);
+            assert_close(&format!("{name} out"), &fy, &ry);
+            assert_close(&format!("{name} dx"), &fdx, &rdx);
             let plain = tensor(xv.clone(), [b, c, h, w], &Device::flex());
-            let py = with_fast(true, || vals(max_pool2(plain)));
-            assert_close("pool inference", &py, &ry);
+            let py = with_fast(true, || vals(op(plain)));
+            assert_close(&format!("{name} inference"), &py, &ry);
         }
     }
 

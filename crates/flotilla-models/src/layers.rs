@@ -268,7 +268,7 @@ impl LayerNorm {
     }
 }
 
-/// 2×2 max pooling with stride 2.
-pub(crate) fn max_pool2(x: Tensor<4>) -> Tensor<4> {
-    crate::kernels::max_pool2(x)
+/// `max_pool2(relu(x))`, fused: 2×2 max pooling with stride 2 of the ReLU of `x`.
+pub(crate) fn relu_max_pool2(x: Tensor<4>) -> Tensor<4> {
+    crate::kernels::relu_max_pool2(x)
 }

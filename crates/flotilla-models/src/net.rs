@@ -159,6 +159,28 @@ impl Net {
         };
         self.map(&mut m)
     }
+
+    /// A copy that shares the parameter values and ids, whose trainable tensors are fresh
+    /// autodiff leaves. Forward and backward passes on separate forks build separate graphs,
+    /// so several threads can each run one micro-batch of a step at the same time; their
+    /// gradients come back under the same `ParamId`s, ready to be summed.
+    pub fn fork(&self) -> Self {
+        self.clone().map(&mut Forker)
+    }
+}
+
+struct Forker;
+
+impl ModuleMapper for Forker {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        param.map(|t| {
+            if t.is_require_grad() {
+                t.detach().require_grad()
+            } else {
+                t
+            }
+        })
+    }
 }
 
 /// Dotted name from the module path; enum variants are not part of names.
