@@ -3,10 +3,10 @@
 use crate::EngineError;
 use crate::alloc::ThreadPeak;
 use crate::method::{ClientCtx, ClientData, Reply, Resources, Task};
+use crate::sgd::FusedSgd;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::decay::WeightDecayConfig;
-use burn::optim::momentum::MomentumConfig;
-use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer, SgdConfig};
+use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::{Device, Tensor, TensorData};
 use flotilla_core::{ParamSet, seed};
@@ -15,7 +15,7 @@ use flotilla_models::memory::{self, MemoryEstimate, OptimizerState};
 use flotilla_models::{ModelSpec, Net, View, compute_device, flops, training_device};
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 /// Which optimizer a client uses.
@@ -61,27 +61,77 @@ impl Recipe {
         }
     }
 
-    fn build_optimizer(&self) -> ModuleOptimizer {
+    fn build_optimizer(&self) -> Optim {
+        if self.optimizer == OptimizerKind::Sgd {
+            return Optim::Fused(FusedSgd::new(self.lr, self.momentum, self.weight_decay));
+        }
         let decay =
             (self.weight_decay > 0.0).then(|| WeightDecayConfig::new(self.weight_decay as f32));
-        match self.optimizer {
-            OptimizerKind::Sgd => {
-                let momentum = (self.momentum > 0.0).then_some(MomentumConfig {
-                    momentum: self.momentum,
-                    dampening: 0.0,
-                    nesterov: false,
-                });
-                SgdConfig::new()
-                    .with_momentum(momentum)
-                    .with_weight_decay(decay)
-                    .init()
-            }
-            OptimizerKind::Adam => AdamConfig::new()
+        Optim::Burn(
+            AdamConfig::new()
                 .with_epsilon(1e-8)
                 .with_weight_decay(decay)
                 .init(),
+        )
+    }
+}
+
+/// The optimizer of a local training run.
+enum Optim {
+    /// SGD, fused and in place (crate::sgd).
+    Fused(FusedSgd),
+    /// burn's optimizer (Adam).
+    Burn(ModuleOptimizer),
+}
+
+impl Optim {
+    /// One step with the sum of the micro-batch gradients `parts`, masked.
+    fn step(
+        &mut self,
+        lr: f64,
+        model: Net,
+        mut parts: Vec<GradientsParams>,
+        masks: &GradMasks,
+    ) -> Net {
+        match self {
+            Optim::Fused(sgd) => sgd.step(model, &mut parts, &masks.values),
+            Optim::Burn(optim) => {
+                let mut grads = sum_grads(&model, parts);
+                masks.apply(&mut grads);
+                optim.step(lr, model, grads)
+            }
         }
     }
+}
+
+/// The sum of the micro-batch gradients of one step.
+fn sum_grads(model: &Net, mut parts: Vec<GradientsParams>) -> GradientsParams {
+    if parts.len() == 1 {
+        return parts.pop().unwrap_or_default();
+    }
+    let mut sum = GradientsParams::new();
+    for (_, id, rank) in model.param_ids() {
+        fn add<const D: usize>(
+            sum: &mut GradientsParams,
+            parts: &mut [GradientsParams],
+            id: burn::module::ParamId,
+        ) {
+            let total = parts
+                .iter_mut()
+                .filter_map(|g| g.remove::<D>(id))
+                .reduce(|a, b| a + b);
+            if let Some(total) = total {
+                sum.register(id, total);
+            }
+        }
+        match rank {
+            1 => add::<1>(&mut sum, &mut parts, id),
+            2 => add::<2>(&mut sum, &mut parts, id),
+            3 => add::<3>(&mut sum, &mut parts, id),
+            _ => add::<4>(&mut sum, &mut parts, id),
+        }
+    }
+    sum
 }
 
 /// Which output of the network the auto-distillation term compares (methods.md §3.8.2: the
@@ -234,8 +284,12 @@ fn cross_entropy(logits: Tensor<2>, labels: &[u8], classes: usize, device: &Devi
 /// Binary masks enforced during local training, by tensor name (positions in PyTorch layout).
 pub type TrainMasks = std::collections::HashMap<String, flotilla_core::wire::Mask>;
 
-/// Gradient masks in burn's layout, ready to multiply gradients with.
-struct GradMasks(Vec<(burn::module::ParamId, usize, Tensor<1>)>);
+/// Gradient masks in burn's layout, ready to multiply gradients with: as tensors (for burn's
+/// optimizers) and as values (for the fused SGD).
+struct GradMasks {
+    tensors: Vec<(burn::module::ParamId, usize, Tensor<1>)>,
+    values: HashMap<burn::module::ParamId, Vec<f32>>,
+}
 
 impl GradMasks {
     fn new(
@@ -245,6 +299,7 @@ impl GradMasks {
         device: &Device,
     ) -> Result<Self, EngineError> {
         let mut out = Vec::new();
+        let mut by_id = HashMap::new();
         for (name, id, rank) in model.param_ids() {
             let Some(mask) = masks.get(&name) else {
                 continue;
@@ -277,10 +332,17 @@ impl GradMasks {
             out.push((
                 id,
                 rank,
-                Tensor::from_data(TensorData::new(values, [n]), &device.clone().inner()),
+                Tensor::from_data(
+                    TensorData::new(values.clone(), [n]),
+                    &device.clone().inner(),
+                ),
             ));
+            by_id.insert(id, values);
         }
-        Ok(Self(out))
+        Ok(Self {
+            tensors: out,
+            values: by_id,
+        })
     }
 
     /// Zeroes the gradients of masked positions. The received values are zero there, so with
@@ -296,7 +358,7 @@ impl GradMasks {
                 grads.register(id, g * mask.clone().reshape(dims));
             }
         }
-        for (id, rank, mask) in &self.0 {
+        for (id, rank, mask) in &self.tensors {
             match rank {
                 1 => one::<1>(grads, *id, mask),
                 2 => one::<2>(grads, *id, mask),
@@ -426,6 +488,125 @@ fn prefix_pair(
     }
 }
 
+/// The smallest micro-batch worth its own thread: below it, forking the model and summing
+/// gradients cost more than the split saves.
+const MIN_MICRO_BATCH: usize = 4;
+
+/// What one training step needs besides the model and the batch.
+struct StepInput<'a> {
+    data: &'a ClientData,
+    objective: &'a Objective,
+    view: &'a View,
+    /// The depth of this step (the device's, or the one drawn for the step).
+    depth: Option<usize>,
+    classes: usize,
+    total_blocks: usize,
+    device: &'a Device,
+}
+
+impl StepInput<'_> {
+    /// The objective's loss on one batch: a mean over its samples.
+    fn loss(&self, model: &Net, x: Tensor<4>, labels: &[u8]) -> Result<Tensor<1>, EngineError> {
+        let (classes, device) = (self.classes, self.device);
+        Ok(match (self.objective, self.depth) {
+            (
+                Objective::DeviceDepth {
+                    student: Some(s),
+                    beta,
+                    on,
+                    ..
+                },
+                Some(depth),
+            ) if *beta > 0.0 => {
+                let (student, teacher) = prefix_pair(model, x, *s, depth)?;
+                cross_entropy(teacher.clone(), labels, classes, device)
+                    + distillation(student, teacher, *beta, *on)
+            }
+            (Objective::SampledDepth { beta, on, .. }, Some(k)) => {
+                if k < self.total_blocks && *beta > 0.0 {
+                    let (student, teacher) = prefix_pair(model, x, k, k + 1)?;
+                    cross_entropy(student.clone(), labels, classes, device)
+                        + distillation(student, teacher, *beta, *on)
+                } else {
+                    let logits = model.forward(x, &View::depth_prefix(k, self.total_blocks));
+                    cross_entropy(logits, labels, classes, device)
+                }
+            }
+            _ => cross_entropy(model.forward(x, self.view), labels, classes, device),
+        })
+    }
+}
+
+/// Runs each training step of a client given several threads as one micro-batch per thread.
+///
+/// Every thread runs forward and backward on its own fork of the model (separate autodiff
+/// graphs) with the kernels kept on that thread ([`flotilla_models::kernels::serial`]), and
+/// the optimizer sums the micro-batch gradients. Every loss here is a mean over samples and
+/// no layer mixes samples (group and layer norms only), so each micro-batch's loss weighted by
+/// its share of the batch gives the whole batch's loss and gradients, up to the order of
+/// float sums. This keeps every op of the step busy on all threads, where splitting each op
+/// across the threads left the cheap, serial ones (activations, losses, bookkeeping) on one.
+struct MicroBatches {
+    /// One input buffer per micro-batch.
+    pixels: Vec<std::sync::Mutex<Vec<f32>>>,
+}
+
+impl MicroBatches {
+    fn new(parts: usize) -> Self {
+        Self {
+            pixels: (0..parts)
+                .map(|_| std::sync::Mutex::new(Vec::new()))
+                .collect(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.pixels.len()
+    }
+
+    /// Mean loss and per-micro-batch gradients of one step.
+    fn step_grads(
+        &self,
+        model: &Net,
+        batch: &[usize],
+        step: &StepInput,
+    ) -> Result<(f64, Vec<GradientsParams>), EngineError> {
+        use rayon::prelude::*;
+        let size = batch.len().div_ceil(self.len());
+        let total = batch.len() as f32;
+        let chunks: Vec<&[usize]> = batch.chunks(size).collect();
+        let results: Vec<Result<(f64, GradientsParams), EngineError>> = chunks
+            .par_iter()
+            .zip(&self.pixels)
+            .map(|(idx, pixels)| {
+                flotilla_models::kernels::serial(|| {
+                    let fork = model.fork();
+                    let mut pixels = pixels.lock().unwrap_or_else(|e| e.into_inner());
+                    let (x, labels) = batch_input(
+                        &step.data.train,
+                        idx,
+                        &step.data.mean,
+                        &step.data.std,
+                        &mut pixels,
+                        step.device,
+                    )?;
+                    let loss = step.loss(&fork, x, &labels)? * (idx.len() as f32 / total);
+                    let value = f64::from(loss.clone().into_scalar::<f32>());
+                    Ok((value, GradientsParams::from_grads(loss.backward(), &fork)))
+                })
+            })
+            .collect();
+        let mut loss = 0.0;
+        let mut grads = Vec::with_capacity(results.len());
+        for r in results {
+            let (l, g) = r?;
+            loss += l;
+            grads.push(g);
+        }
+        Ok((loss, grads))
+    }
+}
+
 /// Draws a depth from π.
 fn draw_depth(pi: &[f64], rng: &mut impl rand::Rng) -> usize {
     let u: f64 = rng.random();
@@ -486,66 +667,65 @@ pub fn train_with(
     let total_blocks = spec.num_blocks();
     let mut depth_rng = seed::rng(shuffle_seed, 0, 0, seed::Purpose::Method);
     let mut depth_steps = BTreeMap::new();
+    // One micro-batch per thread (see `MicroBatches`). FedProx's term is a function of the
+    // weights, not a mean over samples, so it keeps the one-batch path.
+    let micro = MicroBatches::new(if anchor.is_none() {
+        rayon::current_num_threads()
+    } else {
+        1
+    });
     for _ in 0..recipe.epochs {
         order.shuffle(&mut rng);
         for batch in order.chunks(recipe.batch_size) {
-            let (x, labels) = batch_input(
-                &data.train,
-                batch,
-                &data.mean,
-                &data.std,
-                &mut pixels,
-                &device,
-            )?;
-            let mut loss = match objective {
-                Objective::CrossEntropy => {
-                    cross_entropy(model.forward(x, view), &labels, classes, &device)
-                }
-                Objective::DeviceDepth {
-                    depth,
-                    student,
-                    beta,
-                    on,
-                } => {
-                    *depth_steps.entry(*depth).or_insert(0) += 1;
-                    match student {
-                        Some(s) if *beta > 0.0 => {
-                            let (student, teacher) = prefix_pair(&model, x, *s, *depth)?;
-                            cross_entropy(teacher.clone(), &labels, classes, &device)
-                                + distillation(student, teacher, *beta, *on)
-                        }
-                        _ => cross_entropy(model.forward(x, view), &labels, classes, &device),
-                    }
-                }
-                Objective::SampledDepth { pi, beta, on } => {
-                    let k = draw_depth(pi, &mut depth_rng);
-                    *depth_steps.entry(k).or_insert(0) += 1;
-                    if k < total_blocks && *beta > 0.0 {
-                        let (student, teacher) = prefix_pair(&model, x, k, k + 1)?;
-                        cross_entropy(student.clone(), &labels, classes, &device)
-                            + distillation(student, teacher, *beta, *on)
-                    } else {
-                        let logits = model.forward(x, &View::depth_prefix(k, total_blocks));
-                        cross_entropy(logits, &labels, classes, &device)
-                    }
-                }
+            let depth = match objective {
+                Objective::CrossEntropy => None,
+                Objective::DeviceDepth { depth, .. } => Some(*depth),
+                Objective::SampledDepth { pi, .. } => Some(draw_depth(pi, &mut depth_rng)),
             };
-            loss_sum += f64::from(loss.clone().into_scalar::<f32>());
-            if let Some(anchor) = &anchor {
-                let mut f = Flatten(Vec::new());
-                model.visit(&mut f);
-                let prox =
-                    f.0.into_iter()
-                        .zip(anchor)
-                        .map(|(w, a)| (w - a.clone()).square().sum())
-                        .reduce(|a, b| a + b);
-                if let Some(prox) = prox {
-                    loss = loss + prox * (recipe.prox_mu as f32 / 2.0);
-                }
+            if let Some(k) = depth {
+                *depth_steps.entry(k).or_insert(0) += 1;
             }
-            let mut grads = GradientsParams::from_grads(loss.backward(), &model);
-            grad_masks.apply(&mut grads);
-            model = optim.step(recipe.lr, model, grads);
+            let step = StepInput {
+                data,
+                objective,
+                view,
+                depth,
+                classes,
+                total_blocks,
+                device: &device,
+            };
+            let (loss, grads) = if micro.len() > 1 && batch.len() >= 2 * MIN_MICRO_BATCH {
+                micro.step_grads(&model, batch, &step)?
+            } else {
+                let (x, labels) = batch_input(
+                    &data.train,
+                    batch,
+                    &data.mean,
+                    &data.std,
+                    &mut pixels,
+                    &device,
+                )?;
+                let mut loss = step.loss(&model, x, &labels)?;
+                let value = f64::from(loss.clone().into_scalar::<f32>());
+                if let Some(anchor) = &anchor {
+                    let mut f = Flatten(Vec::new());
+                    model.visit(&mut f);
+                    let prox =
+                        f.0.into_iter()
+                            .zip(anchor)
+                            .map(|(w, a)| (w - a.clone()).square().sum())
+                            .reduce(|a, b| a + b);
+                    if let Some(prox) = prox {
+                        loss = loss + prox * (recipe.prox_mu as f32 / 2.0);
+                    }
+                }
+                (
+                    value,
+                    vec![GradientsParams::from_grads(loss.backward(), &model)],
+                )
+            };
+            loss_sum += loss;
+            model = optim.step(recipe.lr, model, grads, &grad_masks);
             steps += 1;
             samples += batch.len();
         }
