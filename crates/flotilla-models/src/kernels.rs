@@ -6,6 +6,8 @@
 //!   Backward recomputes im2col (nothing extra is kept alive) and produces dW, dX and the bias
 //!   gradient in one pass over the batch: dW accumulates dY_b · cols_bᵀ, dX is col2im(Wᵀ · dY_b),
 //!   and dX is skipped when the input needs no gradient (the first layer).
+//! - Linear layers: one GEMM with the bias folded in; the backward reads Wᵀ and Xᵀ through
+//!   strides (no transposed copies) and sums the bias gradient in one pass.
 //! - Max pooling 2×2 stride 2: keeps a one-byte argmax per output instead of the input and i64
 //!   indices; ties and NaNs resolve like burn's (first maximum, NaN wins).
 //!
@@ -733,6 +735,131 @@ fn pool(x: Tensor<4>, relu: bool) -> Tensor<4> {
     }
 }
 
+/// Threshold (multiply-adds) above which one linear product is split across threads.
+const LINEAR_PAR_WORK: usize = 1 << 21;
+
+fn linear_par(work: usize) -> gemm::Parallelism {
+    if work >= LINEAR_PAR_WORK {
+        gemm_par(threads())
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
+/// `x[n×i] · w[i×o] + bias`, row-major; the bias rows are the GEMM's starting value.
+fn linear_forward(x: &[f32], w: &[f32], bias: &[f32], [n, i, o]: [usize; 3]) -> Vec<f32> {
+    let mut y = Vec::with_capacity(n * o);
+    for _ in 0..n {
+        y.extend_from_slice(bias);
+    }
+    matmul(
+        n,
+        o,
+        i,
+        &mut y,
+        true,
+        x,
+        false,
+        w,
+        false,
+        linear_par(n * i * o),
+    );
+    y
+}
+
+#[derive(Clone, Debug)]
+struct LinearState {
+    x: FlexTensor,
+    w: FlexTensor,
+    dims: [usize; 3],
+}
+
+#[derive(Debug)]
+struct LinearOp;
+
+impl Backward<Flex, 3> for LinearOp {
+    type State = LinearState;
+
+    fn backward(self, ops: Ops<LinearState, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [nx, nw, nb] = ops.parents;
+        let dy = contiguous(grads.consume::<Flex>(&ops.node));
+        let LinearState { x, w, dims } = ops.state;
+        let [n, i, o] = dims;
+        let (dy, x, w) = (values(&dy), values(&x), values(&w));
+        let par = linear_par(n * i * o);
+        if let Some(node) = nx {
+            // dX = dY · Wᵀ, reading W [i×o] as the transpose of a [o×i] operand.
+            let mut dx = vec![0f32; n * i];
+            matmul(n, i, o, &mut dx, false, dy, false, w, true, par);
+            grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dx, [n, i])));
+        }
+        if let Some(node) = nw {
+            // dW = Xᵀ · dY, reading X [n×i] as the transpose of a [i×n] operand.
+            let mut dw = vec![0f32; i * o];
+            matmul(i, o, n, &mut dw, false, x, true, dy, false, par);
+            grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dw, [i, o])));
+        }
+        if let Some(node) = nb {
+            let mut db = vec![0f32; o];
+            for row in dy.chunks(o) {
+                db.iter_mut().zip(row).for_each(|(d, v)| *d += v);
+            }
+            grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(db, [o])));
+        }
+    }
+}
+
+/// `x · w + bias` for `x` of shape `[n, i]`, `w` of shape `[i, o]` (burn's layout) and `bias`
+/// of shape `[o]`: one GEMM forward (bias folded in), one GEMM per input gradient backward,
+/// reading the transposes through strides instead of copying them. burn's matmul and add when
+/// the fast kernels are off or the tensors are not f32 on flex.
+pub fn linear(x: Tensor<2>, w: Tensor<2>, bias: Tensor<1>) -> Tensor<2> {
+    let [n, i] = x.dims();
+    let [wi, o] = w.dims();
+    let f32s = [x.dtype(), w.dtype(), bias.dtype()]
+        .iter()
+        .all(|d| *d == DType::F32);
+    let ad = [x.is_autodiff(), w.is_autodiff(), bias.is_autodiff()];
+    if !fast() || !f32s || wi != i || bias.dims() != [o] || ad[0] != ad[1] || ad[1] != ad[2] {
+        return x.matmul(w) + bias.unsqueeze::<2>();
+    }
+    count_fast_call();
+    let dims = [n, i, o];
+    if ad[0] {
+        let part = |t: Tensor<2>| {
+            let (p, node) = t
+                .try_into_primitive::<Ad>()
+                .expect("autodiff flex tensor")
+                .into_parts();
+            (contiguous(p), node)
+        };
+        let (xp, xn) = part(x);
+        let (wp, wn) = part(w);
+        let (bp, bn) = bias
+            .try_into_primitive::<Ad>()
+            .expect("autodiff flex tensor")
+            .into_parts();
+        let bp = contiguous(bp);
+        let y = linear_forward(values(&xp), values(&wp), values(&bp), dims);
+        let y = FlexTensor::from_data(TensorData::new(y, [n, o]));
+        let out = match LinearOp
+            .prepare::<NoCheckpointing>([xn, wn, bn])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(LinearState { x: xp, w: wp, dims }, y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        Tensor::from_primitive::<Ad>(out)
+    } else {
+        let prim = |t: Tensor<2>| contiguous(t.try_into_primitive::<Flex>().expect("flex tensor"));
+        let (xp, wp) = (prim(x), prim(w));
+        let bp = contiguous(bias.try_into_primitive::<Flex>().expect("flex tensor"));
+        let y = linear_forward(values(&xp), values(&wp), values(&bp), dims);
+        Tensor::from_primitive::<Flex>(FlexTensor::from_data(TensorData::new(y, [n, o])))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -911,6 +1038,65 @@ mod tests {
         }
     }
 
+    #[test]
+    fn linear_matches_burn_values_and_gradients() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        // (rows, inputs, outputs): odd sizes, a single row, and one above the threading
+        // threshold.
+        for &(n, i, o) in &[
+            (1, 1, 1),
+            (3, 7, 5),
+            (1, 33, 17),
+            (13, 9, 1),
+            (64, 200, 180),
+        ] {
+            let xv = rand_vec(&mut rng, n * i);
+            let wv = rand_vec(&mut rng, i * o);
+            let bv = rand_vec(&mut rng, o);
+            let rv = rand_vec(&mut rng, n * o);
+            let dev = Device::flex().autodiff();
+            let run = |on: bool| {
+                let x = tensor(xv.clone(), [n, i], &dev).require_grad();
+                let w = tensor(wv.clone(), [i, o], &dev).require_grad();
+                let b = tensor(bv.clone(), [o], &dev).require_grad();
+                let before = FAST_CALLS.load(Ordering::Relaxed);
+                let y = with_fast(on, || linear(x.clone(), w.clone(), b.clone()));
+                if on {
+                    assert!(
+                        FAST_CALLS.load(Ordering::Relaxed) > before,
+                        "fast linear not taken"
+                    );
+                }
+                assert_eq!(y.dims(), [n, o]);
+                let grads = (y.clone() * tensor(rv.clone(), [n, o], &dev))
+                    .sum()
+                    .backward();
+                let g = |t: &Tensor<2>| vals(t.grad(&grads).expect("grad"));
+                vec![
+                    vals(y.clone()),
+                    g(&x),
+                    g(&w),
+                    vals(b.grad(&grads).expect("db")),
+                ]
+            };
+            let (fast, want) = (run(true), run(false));
+            for (k, (f, r)) in fast.iter().zip(&want).enumerate() {
+                assert_close(&format!("linear {n}x{i}x{o} part {k}"), f, r);
+            }
+            let plain = |on: bool| {
+                let d = Device::flex();
+                with_fast(on, || {
+                    vals(linear(
+                        tensor(xv.clone(), [n, i], &d),
+                        tensor(wv.clone(), [i, o], &d),
+                        tensor(bv.clone(), [o], &d),
+                    ))
+                })
+            };
+            assert_close("linear inference", &plain(true), &plain(false));
+        }
+    }
+
     /// Loss and every parameter gradient of whole models, fast kernels against burn's ops.
     #[test]
     fn models_match_with_switch_on_and_off() {
@@ -924,7 +1110,19 @@ mod tests {
             classes: 10,
             width: 0.25,
         };
-        for spec in [ModelSpec::fedavg_cnn(), resnet] {
+        let vit = ModelSpec {
+            arch: Architecture::Vit {
+                patch: 7,
+                dim: 16,
+                depth: 1,
+                heads: 2,
+                mlp_ratio: 2,
+            },
+            input: [1, 28, 28],
+            classes: 10,
+            width: 1.0,
+        };
+        for spec in [ModelSpec::fedavg_cnn(), ModelSpec::mlp_2nn(), resnet, vit] {
             let params = Net::init_params(&spec, 3).expect("params");
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(10);
             let batch = 4;

@@ -190,8 +190,18 @@ pub struct Dense {
 
 impl Dense {
     pub(crate) fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let w = self.weight.val().unsqueeze::<D>();
-        x.matmul(w) + self.bias.val().unsqueeze::<D>()
+        // Leading dimensions (batch, tokens) flatten into the rows of one product.
+        let dims = x.dims();
+        let (inputs, outputs) = (dims[D - 1], self.bias.val().dims()[0]);
+        let rows = dims[..D - 1].iter().product();
+        let y = crate::kernels::linear(
+            x.reshape([rows, inputs]),
+            self.weight.val(),
+            self.bias.val(),
+        );
+        let mut out = dims;
+        out[D - 1] = outputs;
+        y.reshape(out)
     }
 }
 
