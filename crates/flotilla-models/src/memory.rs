@@ -1,8 +1,8 @@
 //! Analytic estimate of the peak memory of local training.
 //!
 //! Terms, in bytes (f32 = 4 bytes):
-//! - `weights`: the model's parameters, plus one more copy for the optimizer's update (the new
-//!   value exists before the old one is freed) or the exported update;
+//! - `weights`: the model's parameters, plus, for Adam (burn's optimizer), one more copy of the
+//!   trainable ones (the new value exists before the old one is freed); SGD updates in place;
 //! - `gradients`: one value per trainable parameter;
 //! - `optimizer`: per trainable parameter, 1 value for SGD with momentum, 2 for Adam, 0 for
 //!   plain SGD;
@@ -10,6 +10,9 @@
 //!   backward pass, times the batch size, plus the input batch;
 //! - `workspace`: the gradient buffer of the largest activation during the backward pass,
 //!   times the batch size, plus [`BACKEND_WORKSPACE`] for the matrix kernels' packing buffers.
+//!
+//! The estimate is for a client on one thread. A client given n threads trains one
+//! micro-batch per thread, and holds n − 1 more gradient buffers until the optimizer sums them.
 //!
 //! The per-layer counts of kept tensors (e.g. 8 per residual block) are this backend's, as
 //! checked by the engine's `memory` test against the heap high-water mark measured by the
@@ -71,18 +74,19 @@ fn activations_per_sample(spec: &ModelSpec, view: &View) -> (usize, usize) {
     match &spec.arch {
         Architecture::Cnn => {
             let (c1, c2, f) = (spec.scaled(32), spec.scaled(64), spec.scaled(512));
-            let a1 = c1 * h * w; // relu out
+            let a1 = c1 * h * w; // conv outputs
             let p1 = c1 * (h / 2) * (w / 2);
             let a2 = c2 * (h / 2) * (w / 2);
             let p2 = c2 * (h / 4) * (w / 4);
-            // burn's max pool keeps its input and i64 indices; the fast kernel
-            // (crate::kernels) only a one-byte argmax per window, 1/16 of an f32 per input.
-            let pools = if crate::kernels::fast() {
+            // burn's ReLU keeps its output and its max pool the input and i64 indices; the
+            // fused ReLU + pool kernel (crate::kernels) keeps only a one-byte argmax per
+            // window, 1/16 of an f32 per input, and the conv output lives only until pooled.
+            let kept = if crate::kernels::fast() {
                 (a1 + a2) / 16
             } else {
-                a1 + a2
+                3 * (a1 + a2)
             };
-            let acts = input + a1 + a2 + pools + p1 + p2 + 2 * f + spec.classes * 2;
+            let acts = input + kept + p1 + p2 + 2 * f + spec.classes * 2;
             (acts, a1.max(a2).max(input))
         }
         Architecture::Mlp { hidden } => {
@@ -130,9 +134,10 @@ fn activations_per_sample(spec: &ModelSpec, view: &View) -> (usize, usize) {
             let mut acts = input + 3 * t * d;
             for k in 0..*depth {
                 if view.block_active(k) {
-                    // norms, q k v, heads' reshapes, scores and softmax, context, projection,
-                    // residuals, the MLP's hidden layer before and after GELU
-                    acts += 18 * t * d + 3 * heads * t * t + 4 * mlp_ratio * t * d;
+                    // norms, q k v, context, projection, residuals (8 token-width tensors),
+                    // scores and softmax, the MLP's hidden layer before and after GELU; the
+                    // linear kernel keeps only each layer's input
+                    acts += 8 * t * d + 3 * heads * t * t + 2 * mlp_ratio * t * d;
                 }
             }
             (
@@ -155,7 +160,13 @@ pub fn estimate(
 ) -> MemoryEstimate {
     let (acts, largest) = activations_per_sample(spec, view);
     MemoryEstimate {
-        weights: 4 * (params + trainable) as u64,
+        weights: 4
+            * (params
+                + if optimizer == OptimizerState::Adam {
+                    trainable
+                } else {
+                    0
+                }) as u64,
         gradients: 4 * trainable as u64,
         optimizer: 4 * (optimizer.buffers() * trainable) as u64,
         activations: 4 * (acts * batch) as u64,
