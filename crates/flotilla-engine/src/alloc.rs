@@ -3,25 +3,36 @@
 //! Install it in a binary with
 //! `#[global_allocator] static ALLOC: flotilla_engine::alloc::CountingAlloc = flotilla_engine::alloc::CountingAlloc;`.
 //! It keeps two counts: live heap bytes of the whole process (with its high-water mark) and
-//! live heap bytes allocated minus freed by the current thread. The simulator runs each client
-//! on one thread of its own (burn's internal parallelism is confined to that thread), so the
-//! thread count of that thread measures that client alone, even with clients in parallel.
-//! Without the allocator installed, measurements read zero and [`is_installed`] says so.
+//! live heap bytes of each measurement ([`ThreadPeak`]): what the measuring thread, and the
+//! threads that [`Scope::enter`] it, allocate minus what they free. The simulator runs each
+//! client on one thread of its own, so that count measures that client alone, even with
+//! clients in parallel; a client given several threads hands its scope to the threads that
+//! train its micro-batches. Without the allocator installed, measurements read zero and
+//! [`is_installed`] says so.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicIsize, Ordering};
 
 static LIVE: AtomicIsize = AtomicIsize::new(0);
 static PEAK: AtomicIsize = AtomicIsize::new(0);
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 
-thread_local! {
-    static THREAD_LIVE: Cell<isize> = const { Cell::new(0) };
-    static THREAD_PEAK: Cell<isize> = const { Cell::new(0) };
+/// Live bytes and high-water mark of one measurement; allocations also count in the
+/// enclosing measurement (`parent`).
+struct Counters {
+    live: AtomicIsize,
+    peak: AtomicIsize,
+    parent: Option<Arc<Counters>>,
 }
 
-/// The counting allocator; forwards to the system allocator.
+thread_local! {
+    /// The measurement this thread's allocations count in: a pointer into an `Arc` that a
+    /// [`ThreadPeak`] or a [`Scope::enter`] guard on this thread keeps alive while it is set.
+    static CURRENT: Cell<*const Counters> = const { Cell::new(std::ptr::null()) };
+}
+
 pub struct CountingAlloc;
 
 fn record(delta: isize) {
@@ -30,15 +41,16 @@ fn record(delta: isize) {
         PEAK.fetch_max(live, Ordering::Relaxed);
     }
     // try_with: the thread-local may already be gone while a thread shuts down.
-    let _ = THREAD_LIVE.try_with(|l| {
-        let v = l.get() + delta;
-        l.set(v);
-        if delta > 0 {
-            let _ = THREAD_PEAK.try_with(|p| {
-                if v > p.get() {
-                    p.set(v);
-                }
-            });
+    let _ = CURRENT.try_with(|c| {
+        // SAFETY: a non-null pointer is kept alive by the guard that set it on this thread
+        // (see `CURRENT`); parents are kept alive by their children's `Arc`s.
+        let mut next = unsafe { c.get().as_ref() };
+        while let Some(counters) = next {
+            let v = counters.live.fetch_add(delta, Ordering::Relaxed) + delta;
+            if delta > 0 {
+                counters.peak.fetch_max(v, Ordering::Relaxed);
+            }
+            next = counters.parent.as_deref();
         }
     });
 }
@@ -96,21 +108,99 @@ pub fn reset_peak() {
     PEAK.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
 }
 
-/// Measures the heap high-water mark of the current thread during a piece of work.
+/// Measures the heap high-water mark of a piece of work on the current thread (and on the
+/// threads it hands its [`Scope`] to), from the moment of [`ThreadPeak::start`]. A guard:
+/// measurements on one thread end in the reverse order of their start.
 pub struct ThreadPeak {
-    start: isize,
+    counters: Arc<Counters>,
+    previous: *const Counters,
 }
 
 impl ThreadPeak {
-    /// Starts measuring: the thread's peak is reset to its current live bytes.
+    /// Starts measuring on this thread. A measurement started inside another one also counts
+    /// in the outer one.
     pub fn start() -> Self {
-        let start = THREAD_LIVE.with(Cell::get);
-        THREAD_PEAK.with(|p| p.set(start));
-        Self { start }
+        let previous = CURRENT.with(Cell::get);
+        // SAFETY: as in `record`: the outer guard keeps `previous` alive.
+        let parent = unsafe { Arc::increment_strong_count_if_some(previous) };
+        let counters = Arc::new(Counters {
+            live: AtomicIsize::new(0),
+            peak: AtomicIsize::new(0),
+            parent,
+        });
+        CURRENT.with(|c| c.set(Arc::as_ptr(&counters)));
+        Self { counters, previous }
     }
 
     /// Bytes above the starting point at the highest moment so far.
     pub fn peak_above_start(&self) -> u64 {
-        (THREAD_PEAK.with(Cell::get) - self.start).max(0) as u64
+        self.counters.peak.load(Ordering::Relaxed).max(0) as u64
+    }
+
+    /// The measurement, to hand to other threads that work for it.
+    pub fn scope(&self) -> Scope {
+        Scope(Some(self.counters.clone()))
+    }
+}
+
+impl Drop for ThreadPeak {
+    fn drop(&mut self) {
+        let _ = CURRENT.try_with(|c| {
+            debug_assert_eq!(
+                c.get(),
+                Arc::as_ptr(&self.counters),
+                "measurements out of order"
+            );
+            c.set(self.previous)
+        });
+    }
+}
+
+/// A measurement that other threads can work inside ([`Scope::enter`]).
+#[derive(Clone, Default)]
+pub struct Scope(Option<Arc<Counters>>);
+
+impl Scope {
+    /// The measurement the current thread counts in (none outside any [`ThreadPeak`]).
+    pub fn current() -> Self {
+        let p = CURRENT.with(Cell::get);
+        // SAFETY: as in `record`.
+        Scope(unsafe { Arc::increment_strong_count_if_some(p) })
+    }
+
+    /// Runs `f` on this thread with its allocations counted in this measurement.
+    pub fn enter<T>(&self, f: impl FnOnce() -> T) -> T {
+        struct Restore(*const Counters);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                let _ = CURRENT.try_with(|c| c.set(self.0));
+            }
+        }
+        let ptr = self.0.as_ref().map_or(std::ptr::null(), Arc::as_ptr);
+        let _restore = Restore(CURRENT.with(|c| c.replace(ptr)));
+        f()
+    }
+}
+
+/// `Arc` helpers for the raw pointers kept in `CURRENT`.
+trait FromCurrent {
+    /// A new strong reference to the `Arc` behind `p`, if `p` is not null.
+    ///
+    /// # Safety
+    /// `p` is null or points into a live `Arc<Counters>`.
+    unsafe fn increment_strong_count_if_some(p: *const Counters) -> Option<Arc<Counters>>;
+}
+
+impl FromCurrent for Arc<Counters> {
+    unsafe fn increment_strong_count_if_some(p: *const Counters) -> Option<Arc<Counters>> {
+        if p.is_null() {
+            return None;
+        }
+        // SAFETY: the caller guarantees `p` comes from a live `Arc`; the increment makes the
+        // returned `Arc` an owned reference of its own.
+        unsafe {
+            Arc::increment_strong_count(p);
+            Some(Arc::from_raw(p))
+        }
     }
 }

@@ -575,24 +575,28 @@ impl MicroBatches {
         let size = batch.len().div_ceil(self.len());
         let total = batch.len() as f32;
         let chunks: Vec<&[usize]> = batch.chunks(size).collect();
+        // Memory the micro-batches allocate counts in the client's measurement.
+        let scope = crate::alloc::Scope::current();
         let results: Vec<Result<(f64, GradientsParams), EngineError>> = chunks
             .par_iter()
             .zip(&self.pixels)
             .map(|(idx, pixels)| {
-                flotilla_models::kernels::serial(|| {
-                    let fork = model.fork();
-                    let mut pixels = pixels.lock().unwrap_or_else(|e| e.into_inner());
-                    let (x, labels) = batch_input(
-                        &step.data.train,
-                        idx,
-                        &step.data.mean,
-                        &step.data.std,
-                        &mut pixels,
-                        step.device,
-                    )?;
-                    let loss = step.loss(&fork, x, &labels)? * (idx.len() as f32 / total);
-                    let value = f64::from(loss.clone().into_scalar::<f32>());
-                    Ok((value, GradientsParams::from_grads(loss.backward(), &fork)))
+                scope.enter(|| {
+                    flotilla_models::kernels::serial(|| {
+                        let fork = model.fork();
+                        let mut pixels = pixels.lock().unwrap_or_else(|e| e.into_inner());
+                        let (x, labels) = batch_input(
+                            &step.data.train,
+                            idx,
+                            &step.data.mean,
+                            &step.data.std,
+                            &mut pixels,
+                            step.device,
+                        )?;
+                        let loss = step.loss(&fork, x, &labels)? * (idx.len() as f32 / total);
+                        let value = f64::from(loss.clone().into_scalar::<f32>());
+                        Ok((value, GradientsParams::from_grads(loss.backward(), &fork)))
+                    })
                 })
             })
             .collect();

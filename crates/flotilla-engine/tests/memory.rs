@@ -34,12 +34,16 @@ fn data(n: usize) -> ClientData {
 }
 
 fn measure(spec: &ModelSpec, view: &View, recipe: &Recipe) -> (u64, u64) {
+    measure_on(1, spec, view, recipe)
+}
+
+fn measure_on(threads: usize, spec: &ModelSpec, view: &View, recipe: &Recipe) -> (u64, u64) {
     let params: ParamSet = Net::init_params(spec, 0).unwrap();
     let d = data(4 * recipe.batch_size);
     // One warm-up run so that lazily allocated, process-wide buffers do not count.
     train(spec, view, &params, &d, recipe, 0).unwrap();
     let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
+        .num_threads(threads)
         .build()
         .unwrap();
     let measured = pool.install(|| {
@@ -156,5 +160,31 @@ fn estimate_tracks_measurement() {
     assert!(
         (0.7..=1.3).contains(&worst),
         "estimate off by a factor of {worst}"
+    );
+}
+
+/// A client on two threads trains one micro-batch per thread; the measurement counts what both
+/// threads allocate: the one-thread peak with the activations split in two, plus the second
+/// micro-batch's gradient buffer.
+#[test]
+fn measurement_counts_every_micro_batch_thread() {
+    let spec = ModelSpec::fedavg_cnn();
+    let r = recipe(32, OptimizerKind::Sgd, 0.9);
+    let (one, _) = measure_on(1, &spec, &View::full(), &r);
+    let (two, _) = measure_on(2, &spec, &View::full(), &r);
+    let gradients = 4 * Net::init_params(&spec, 0).unwrap().numel() as u64;
+    eprintln!(
+        "one thread {:.2} MiB, two threads {:.2} MiB, one gradient {:.2} MiB",
+        one as f64 / 1048576.0,
+        two as f64 / 1048576.0,
+        gradients as f64 / 1048576.0
+    );
+    assert!(
+        two as f64 >= one as f64 + 0.7 * gradients as f64,
+        "two threads measured {two} bytes, one thread {one}: a thread went uncounted"
+    );
+    assert!(
+        (two as f64) <= one as f64 + 1.3 * gradients as f64,
+        "two threads measured {two} bytes, one thread {one}"
     );
 }
