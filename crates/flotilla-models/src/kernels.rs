@@ -489,15 +489,13 @@ fn pool_backward(dy: &[f32], arg: &[u8], [b, c, h, w]: [usize; 4]) -> Vec<f32> {
         .with_min_len(pool_min_len())
         .for_each(|((dxp, g), a)| {
             for i in 0..ho {
-                let (top, bottom) = dxp[2 * i * w..(2 * i + 2) * w].split_at_mut(w);
                 for j in 0..wo {
-                    // All four positions written with selects: which one won is random, and
-                    // a branch on it mispredicts half the time.
+                    // A scatter without a branch on the winner (random for activations): a
+                    // clamped window (NO_GRAD, q & 3 = 0) writes its zero to position 0.
                     let (q, v) = (a[i * wo + j], g[i * wo + j]);
-                    top[2 * j] = if q == 0 { v } else { 0.0 };
-                    top[2 * j + 1] = if q == 1 { v } else { 0.0 };
-                    bottom[2 * j] = if q == 2 { v } else { 0.0 };
-                    bottom[2 * j + 1] = if q == 3 { v } else { 0.0 };
+                    let r = (q & 3) as usize;
+                    dxp[(2 * i + (r >> 1)) * w + 2 * j + (r & 1)] =
+                        if q == NO_GRAD { 0.0 } else { v };
                 }
             }
         });

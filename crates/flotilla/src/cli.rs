@@ -92,6 +92,9 @@ pub enum Command {
         /// Dataset folder for the W2 simulations.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Internal: run the W1 process-RSS measurement at this batch size and exit.
+        #[arg(long, hide = true)]
+        w1_process: Option<usize>,
     },
     /// Load benchmark of the network deployment: a server and N echo clients on loopback.
     BenchNet {
@@ -151,7 +154,13 @@ pub fn run(cli: Cli) -> Result<()> {
             json,
         } => partition(&config, data_dir.as_deref(), json),
         Command::Report { runs, out } => report(&runs, out),
-        Command::Bench { quick, data_dir } => crate::bench::run(quick, data_dir.as_deref()),
+        Command::Bench {
+            w1_process: Some(batch),
+            ..
+        } => crate::bench::w1_process(batch),
+        Command::Bench {
+            quick, data_dir, ..
+        } => crate::bench::run(quick, data_dir.as_deref()),
         Command::BenchNet {
             clients,
             rounds,
