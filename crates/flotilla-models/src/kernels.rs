@@ -509,7 +509,7 @@ fn pool_forward(x: &[f32], [b, c, h, w]: [usize; 4], relu: bool) -> (Vec<f32>, V
                     let (m, at) = window_max([r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1]]);
                     // A clamped window (and NaN, which stays NaN like burn's ReLU) takes no
                     // gradient. Arithmetic selects keep the loop free of branches.
-                    let clamp = (relu & !(m > 0.0)) as u8;
+                    let clamp = (relu & ((m <= 0.0) | m.is_nan())) as u8;
                     o[j] = if (clamp == 1) & !m.is_nan() { 0.0 } else { m };
                     a[j] = at + clamp * (NO_GRAD - at);
                 }
@@ -1033,8 +1033,8 @@ mod tests {
     fn max_pool_matches_burn_values_and_gradients() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
         let dev = Device::flex().autodiff();
-        let ops: [(&str, fn(Tensor<4>) -> Tensor<4>); 2] =
-            [("pool", max_pool2), ("relu pool", relu_max_pool2)];
+        type Op = fn(Tensor<4>) -> Tensor<4>;
+        let ops: [(&str, Op); 2] = [("pool", max_pool2), ("relu pool", relu_max_pool2)];
         for (&[b, c, h, w], (name, op)) in [
             [1, 1, 4, 4],
             [2, 3, 7, 9],
