@@ -572,7 +572,9 @@ impl MicroBatches {
         step: &StepInput,
     ) -> Result<(f64, Vec<GradientsParams>), EngineError> {
         use rayon::prelude::*;
-        let size = batch.len().div_ceil(self.len());
+        // As many micro-batches as threads, none smaller than MIN_MICRO_BATCH.
+        let parts = self.len().min(batch.len() / MIN_MICRO_BATCH).max(1);
+        let size = batch.len().div_ceil(parts);
         let total = batch.len() as f32;
         let chunks: Vec<&[usize]> = batch.chunks(size).collect();
         // Memory the micro-batches allocate counts in the client's measurement.

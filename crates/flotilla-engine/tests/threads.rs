@@ -64,7 +64,8 @@ fn assert_close(what: &str, a: &ParamSet, b: &ParamSet) {
 }
 
 /// CNN, MLP and a GroupNorm ResNet under plain cross-entropy and FlexTrain's sampled-depth
-/// objective; 2 and 3 threads (an uneven split, and a last batch of 10 that splits 4/3/3),
+/// objective; 2 and 3 threads (batches of 16 split 6/6/4, and a last batch of 10 that splits
+/// 5/5: no micro-batch under four samples),
 /// SGD with momentum and weight decay, and Adam.
 #[test]
 fn micro_batches_match_one_thread() {
