@@ -4,7 +4,7 @@ use burn::module::{Module, Param};
 use burn::tensor::activation::{gelu, relu, softmax};
 use burn::tensor::{Tensor, TensorData};
 
-use crate::layers::{Builder, Conv, Dense, GroupNorm, LayerNorm, relu_max_pool2};
+use crate::layers::{Builder, Conv, Dense, GroupNorm, LayerNorm};
 use crate::{Architecture, ModelError, ModelSpec, View};
 
 /// The FedAvg CNN.
@@ -29,8 +29,8 @@ impl Cnn {
     }
 
     pub(crate) fn forward(&self, x: Tensor<4>) -> Tensor<2> {
-        let x = relu_max_pool2(self.conv1.forward(x));
-        let x = relu_max_pool2(self.conv2.forward(x));
+        let x = self.conv1.forward_relu_pool2(x);
+        let x = self.conv2.forward_relu_pool2(x);
         let [b, c, h, w] = x.dims();
         let x = relu(self.fc1.forward(x.reshape([b, c * h * w])));
         self.fc2.forward(x)

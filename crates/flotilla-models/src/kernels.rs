@@ -8,6 +8,9 @@
 //!   and dX is skipped when the input needs no gradient (the first layer).
 //! - Linear layers: one GEMM with the bias folded in; the backward reads Wᵀ and Xᵀ through
 //!   strides (no transposed copies) and sums the bias gradient in one pass.
+//! - Convolution + ReLU + 2×2 max pooling fused: each sample's convolution output is pooled
+//!   while in cache and never stored; the backward pass rebuilds a sample's output gradient
+//!   from the pooled one in a scratch buffer.
 //! - Max pooling 2×2 stride 2: keeps a one-byte argmax per output instead of the input and i64
 //!   indices; ties and NaNs resolve like burn's (first maximum, NaN wins).
 //!
@@ -375,6 +378,60 @@ fn conv_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geom) -> Vec<f32
     y
 }
 
+/// Convolution (with bias), ReLU and 2×2 max pool per sample: each sample's convolution
+/// output is pooled while it is in cache and never stored. Returns the pooled output and the
+/// pool's argmax, `[B, cout, ho/2, wo/2]` each.
+fn conv_pool_forward(x: &[f32], w: &[f32], bias: &[f32], g: &Geom) -> (Vec<f32>, Vec<u8>) {
+    let (hw, ckk) = (g.hw_out(), g.ckk());
+    let plen = g.cout * (g.ho / 2) * (g.wo / 2);
+    let mut out = vec![0f32; g.b * plen];
+    let mut arg = vec![0u8; g.b * plen];
+    if plen == 0 {
+        return (out, arg);
+    }
+    // Per worker: columns and one sample's convolution output.
+    let sample =
+        |xb: &[f32], ob: &mut [f32], ab: &mut [u8], bufs: &mut (Vec<f32>, Vec<f32>), par| {
+            let (cols, y) = (&mut bufs.0, &mut bufs.1);
+            let cols: &[f32] = if g.pointwise() {
+                xb
+            } else {
+                cols.resize(ckk * hw, 0.0);
+                im2col(xb, g, cols);
+                cols
+            };
+            y.clear();
+            for v in bias {
+                y.extend(std::iter::repeat_n(*v, hw));
+            }
+            matmul(g.cout, hw, ckk, y, true, w, false, cols, false, par);
+            let pp = (g.ho / 2) * (g.wo / 2);
+            for ((yp, op), ap) in y.chunks(hw).zip(ob.chunks_mut(pp)).zip(ab.chunks_mut(pp)) {
+                pool_plane(yp, op, ap, g.ho, g.wo, true);
+            }
+        };
+    let (split, threads) = split_batch(g.b);
+    if split {
+        x.par_chunks(g.in_len())
+            .zip(out.par_chunks_mut(plen))
+            .zip(arg.par_chunks_mut(plen))
+            .for_each_init(
+                || (Vec::new(), Vec::new()),
+                |bufs, ((xb, ob), ab)| sample(xb, ob, ab, bufs, gemm::Parallelism::None),
+            );
+    } else {
+        let mut bufs = (Vec::new(), Vec::new());
+        for ((xb, ob), ab) in x
+            .chunks(g.in_len())
+            .zip(out.chunks_mut(plen))
+            .zip(arg.chunks_mut(plen))
+        {
+            sample(xb, ob, ab, &mut bufs, gemm_par(threads));
+        }
+    }
+    (out, arg)
+}
+
 /// A raw output pointer shared by workers that write disjoint ranges.
 #[derive(Clone, Copy)]
 struct SharedOut(*mut f32);
@@ -389,27 +446,51 @@ struct ConvGrads {
     db: Option<Vec<f32>>,
 }
 
-fn conv_backward(x: &[f32], w: &[f32], dy: &[f32], g: &Geom, need: [bool; 3]) -> ConvGrads {
+/// Where the backward pass of a convolution finds its output gradient.
+#[derive(Clone, Copy)]
+enum DySource<'a> {
+    /// The gradient of the convolution's output, `[B, cout, ho, wo]`.
+    Dense(&'a [f32]),
+    /// The gradient of the fused ReLU + 2×2 max pool after it, `[B, cout, ho/2, wo/2]`, and
+    /// the pool's argmax: each sample's output gradient is rebuilt in a scratch buffer.
+    Pooled { dpool: &'a [f32], arg: &'a [u8] },
+}
+
+fn conv_backward(x: &[f32], w: &[f32], dy: DySource, g: &Geom, need: [bool; 3]) -> ConvGrads {
     let [need_dx, need_dw, need_db] = need;
     let (hw, ckk, out_len) = (g.hw_out(), g.ckk(), g.cout * g.hw_out());
     let mut dx = need_dx.then(|| vec![0f32; g.b * g.in_len()]);
     let dx_ptr = SharedOut(dx.as_mut().map_or(std::ptr::null_mut(), |v| v.as_mut_ptr()));
     let wlen = g.cout * ckk;
 
-    // Per worker: (dW accumulator, bias accumulator, columns, column gradients).
-    type Acc = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
+    let pooled_len = g.cout * (g.ho / 2) * (g.wo / 2);
+
+    // Per worker: (dW accumulator, bias accumulator, columns, column gradients, output
+    // gradient of one sample when it is rebuilt from the pool's).
+    type Acc = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
     let new_acc = || -> Acc {
         (
             vec![0f32; if need_dw { wlen } else { 0 }],
             vec![0f32; if need_db { g.cout } else { 0 }],
             Vec::new(),
             Vec::new(),
+            Vec::new(),
         )
     };
     let sample = |mut acc: Acc, i: usize, par: gemm::Parallelism| -> Acc {
-        let (dw, db, cols, dcols) = (&mut acc.0, &mut acc.1, &mut acc.2, &mut acc.3);
+        let (dw, db, cols, dcols, dy_buf) =
+            (&mut acc.0, &mut acc.1, &mut acc.2, &mut acc.3, &mut acc.4);
         let xb = &x[i * g.in_len()..(i + 1) * g.in_len()];
-        let dyb = &dy[i * out_len..(i + 1) * out_len];
+        let dyb: &[f32] = match dy {
+            DySource::Dense(dy) => &dy[i * out_len..(i + 1) * out_len],
+            DySource::Pooled { dpool, arg } => {
+                dy_buf.clear();
+                dy_buf.resize(out_len, 0.0);
+                let range = i * pooled_len..(i + 1) * pooled_len;
+                unpool_sample(&dpool[range.clone()], &arg[range], g.ho, g.wo, dy_buf);
+                dy_buf
+            }
+        };
         if need_dw {
             let cols: &[f32] = if g.pointwise() {
                 xb
@@ -485,6 +566,53 @@ fn window_max(v: [f32; 4]) -> (f32, u8) {
 /// The window position that takes no gradient: the fused ReLU clamped the window's maximum.
 const NO_GRAD: u8 = 4;
 
+/// One plane `[h, w]` pooled into `o` (`[h/2, w/2]`) with its argmax in `a`; see
+/// [`pool_forward`].
+#[inline]
+fn pool_plane(xp: &[f32], o: &mut [f32], a: &mut [u8], h: usize, w: usize, relu: bool) {
+    let (ho, wo) = (h / 2, w / 2);
+    for i in 0..ho {
+        let r0 = &xp[2 * i * w..(2 * i + 1) * w];
+        let r1 = &xp[(2 * i + 1) * w..(2 * i + 2) * w];
+        let o = &mut o[i * wo..(i + 1) * wo];
+        let a = &mut a[i * wo..(i + 1) * wo];
+        for j in 0..wo {
+            let (m, at) = window_max([r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1]]);
+            // A clamped window (and NaN, which stays NaN like burn's ReLU) takes no
+            // gradient. Arithmetic selects keep the loop free of branches.
+            let clamp = (relu & ((m <= 0.0) | m.is_nan())) as u8;
+            o[j] = if (clamp == 1) & !m.is_nan() { 0.0 } else { m };
+            a[j] = at + clamp * (NO_GRAD - at);
+        }
+    }
+}
+
+/// One plane's gradient `[h, w]` from the pooled gradient `g` and argmax `a`, into a zeroed
+/// `dxp`: a scatter without a branch on the winner (random for activations); a clamped
+/// window (NO_GRAD, q & 3 = 0) writes its zero to position 0.
+#[inline]
+fn unpool_plane(g: &[f32], a: &[u8], h: usize, w: usize, dxp: &mut [f32]) {
+    let (ho, wo) = (h / 2, w / 2);
+    for i in 0..ho {
+        for j in 0..wo {
+            let (q, v) = (a[i * wo + j], g[i * wo + j]);
+            let r = (q & 3) as usize;
+            dxp[(2 * i + (r >> 1)) * w + 2 * j + (r & 1)] = if q == NO_GRAD { 0.0 } else { v };
+        }
+    }
+}
+
+/// One sample's `[C, h, w]` gradient from its pooled gradient, into a zeroed `dx`.
+fn unpool_sample(g: &[f32], a: &[u8], h: usize, w: usize, dx: &mut [f32]) {
+    let plen = (h / 2) * (w / 2);
+    if plen == 0 {
+        return;
+    }
+    for ((gp, ap), dxp) in g.chunks(plen).zip(a.chunks(plen)).zip(dx.chunks_mut(h * w)) {
+        unpool_plane(gp, ap, h, w, dxp);
+    }
+}
+
 /// Flattened `[B, C, H/2, W/2]` maximum and its position in each 2×2 window (0..4, row-major).
 /// With `relu`, the maximum is clamped at 0 (max(relu(x)) = relu(max(x))) and a clamped window
 /// records [`NO_GRAD`].
@@ -499,22 +627,7 @@ fn pool_forward(x: &[f32], [b, c, h, w]: [usize; 4], relu: bool) -> (Vec<f32>, V
         .zip(arg.par_chunks_mut(ho * wo))
         .zip(x.par_chunks(h * w))
         .with_min_len(pool_min_len())
-        .for_each(|((o, a), xp)| {
-            for i in 0..ho {
-                let r0 = &xp[2 * i * w..(2 * i + 1) * w];
-                let r1 = &xp[(2 * i + 1) * w..(2 * i + 2) * w];
-                let o = &mut o[i * wo..(i + 1) * wo];
-                let a = &mut a[i * wo..(i + 1) * wo];
-                for j in 0..wo {
-                    let (m, at) = window_max([r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1]]);
-                    // A clamped window (and NaN, which stays NaN like burn's ReLU) takes no
-                    // gradient. Arithmetic selects keep the loop free of branches.
-                    let clamp = (relu & ((m <= 0.0) | m.is_nan())) as u8;
-                    o[j] = if (clamp == 1) & !m.is_nan() { 0.0 } else { m };
-                    a[j] = at + clamp * (NO_GRAD - at);
-                }
-            }
-        });
+        .for_each(|((o, a), xp)| pool_plane(xp, o, a, h, w, relu));
     (out, arg)
 }
 
@@ -528,18 +641,7 @@ fn pool_backward(dy: &[f32], arg: &[u8], [b, c, h, w]: [usize; 4]) -> Vec<f32> {
         .zip(dy.par_chunks(ho * wo))
         .zip(arg.par_chunks(ho * wo))
         .with_min_len(pool_min_len())
-        .for_each(|((dxp, g), a)| {
-            for i in 0..ho {
-                for j in 0..wo {
-                    // A scatter without a branch on the winner (random for activations): a
-                    // clamped window (NO_GRAD, q & 3 = 0) writes its zero to position 0.
-                    let (q, v) = (a[i * wo + j], g[i * wo + j]);
-                    let r = (q & 3) as usize;
-                    dxp[(2 * i + (r >> 1)) * w + 2 * j + (r & 1)] =
-                        if q == NO_GRAD { 0.0 } else { v };
-                }
-            }
-        });
+        .for_each(|((dxp, g), a)| unpool_plane(g, a, h, w, dxp));
     dx
 }
 
@@ -579,7 +681,7 @@ fn conv_register(st: ConvState, dy: FlexTensor, ids: [Option<NodeId>; 3], grads:
     let r = conv_backward(
         values(&st.x),
         values(&st.w),
-        values(&dy),
+        DySource::Dense(values(&dy)),
         &g,
         ids.map(|i| i.is_some()),
     );
@@ -770,6 +872,123 @@ fn pool(x: Tensor<4>, relu: bool) -> Tensor<4> {
     } else {
         let xp = contiguous(x.try_into_primitive::<Flex>().expect("flex tensor"));
         let (y, _) = pool_forward(values(&xp), shape, relu);
+        Tensor::from_primitive::<Flex>(flex(y, out_shape))
+    }
+}
+
+#[derive(Clone, Debug)]
+struct ConvPoolState {
+    x: FlexTensor,
+    w: FlexTensor,
+    arg: Arc<Vec<u8>>,
+    g: Geom,
+}
+
+#[derive(Debug)]
+struct ConvPoolOp;
+
+impl Backward<Flex, 3> for ConvPoolOp {
+    type State = ConvPoolState;
+
+    fn backward(self, ops: Ops<ConvPoolState, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [nx, nw, nb] = ops.parents;
+        let dpool = contiguous(grads.consume::<Flex>(&ops.node));
+        let ConvPoolState { x, w, arg, g } = ops.state;
+        let ids = [nx.map(|n| n.id), nw.map(|n| n.id), nb.map(|n| n.id)];
+        let r = conv_backward(
+            values(&x),
+            values(&w),
+            DySource::Pooled {
+                dpool: values(&dpool),
+                arg: &arg,
+            },
+            &g,
+            ids.map(|i| i.is_some()),
+        );
+        if let (Some(id), Some(v)) = (ids[0], r.dx) {
+            grads.register::<Flex>(id, flex(v, [g.b, g.cin, g.h, g.w]));
+        }
+        if let (Some(id), Some(v)) = (ids[1], r.dw) {
+            grads.register::<Flex>(id, flex(v, [g.cout, g.cin, g.k, g.k]));
+        }
+        if let (Some(id), Some(v)) = (ids[2], r.db) {
+            grads.register::<Flex>(id, FlexTensor::from_data(TensorData::new(v, [g.cout])));
+        }
+    }
+}
+
+/// `max_pool2(relu(conv2d(x, weight, bias)))` in one op: each sample's convolution output is
+/// pooled while in cache and never stored, and the backward pass rebuilds each sample's
+/// output gradient from the pooled one and the argmax. burn's ops (or the separate kernels)
+/// when the fast kernels are off or the shapes or types do not suit.
+pub fn conv_relu_pool2(
+    x: Tensor<4>,
+    weight: Tensor<4>,
+    bias: Tensor<1>,
+    stride: usize,
+    padding: usize,
+) -> Tensor<4> {
+    let geom = Geom::new(x.dims(), weight.dims(), stride, padding);
+    let f32s = [x.dtype(), weight.dtype(), bias.dtype()]
+        .iter()
+        .all(|d| *d == DType::F32);
+    let ad = [x.is_autodiff(), weight.is_autodiff(), bias.is_autodiff()];
+    let g = match geom {
+        Some(g)
+            if fast()
+                && f32s
+                && ad[0] == ad[1]
+                && ad[1] == ad[2]
+                && x.device() == weight.device()
+                && bias.dims() == [g.cout]
+                && g.ho >= 2
+                && g.wo >= 2 =>
+        {
+            g
+        }
+        _ => return relu_max_pool2(conv2d(x, weight, Some(bias), stride, padding)),
+    };
+    count_fast_call();
+    let out_shape = [g.b, g.cout, g.ho / 2, g.wo / 2];
+    if ad[0] {
+        let part = |t: Tensor<4>| {
+            let (p, node) = t
+                .try_into_primitive::<Ad>()
+                .expect("autodiff flex tensor")
+                .into_parts();
+            (contiguous(p), node)
+        };
+        let (xp, xn) = part(x);
+        let (wp, wn) = part(weight);
+        let (bp, bn) = bias
+            .try_into_primitive::<Ad>()
+            .expect("autodiff flex tensor")
+            .into_parts();
+        let bp = contiguous(bp);
+        let (y, arg) = conv_pool_forward(values(&xp), values(&wp), values(&bp), &g);
+        let y = flex(y, out_shape);
+        let out = match ConvPoolOp
+            .prepare::<NoCheckpointing>([xn, wn, bn])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(
+                ConvPoolState {
+                    x: xp,
+                    w: wp,
+                    arg: Arc::new(arg),
+                    g,
+                },
+                y,
+            ),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        Tensor::from_primitive::<Ad>(out)
+    } else {
+        let prim = |t: Tensor<4>| contiguous(t.try_into_primitive::<Flex>().expect("flex tensor"));
+        let (xp, wp) = (prim(x), prim(weight));
+        let bp = contiguous(bias.try_into_primitive::<Flex>().expect("flex tensor"));
+        let (y, _) = conv_pool_forward(values(&xp), values(&wp), values(&bp), &g);
         Tensor::from_primitive::<Flex>(flex(y, out_shape))
     }
 }
@@ -1074,6 +1293,79 @@ mod tests {
             let plain = tensor(xv.clone(), [b, c, h, w], &Device::flex());
             let py = with_fast(true, || vals(op(plain)));
             assert_close(&format!("{name} inference"), &py, &ry);
+        }
+    }
+
+    /// The fused convolution + ReLU + pool against burn's conv2d, relu and max_pool2d.
+    #[test]
+    fn conv_relu_pool_matches_burn_values_and_gradients() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12);
+        // (batch, cin, h, w, cout, kernel, stride, padding): W1's shapes, odd output sizes
+        // (the last row and column are dropped), stride 2, no padding, 1×1.
+        let cases = [
+            (2, 1, 28, 28, 4, 5, 1, 2),
+            (3, 4, 14, 14, 6, 5, 1, 2),
+            (2, 3, 9, 7, 5, 3, 1, 1),
+            (3, 2, 11, 10, 3, 3, 2, 1),
+            (2, 3, 6, 6, 2, 1, 1, 0),
+            (5, 2, 8, 9, 4, 3, 1, 0),
+        ];
+        for (n, &(b, cin, h, w, cout, k, s, p)) in cases.iter().enumerate() {
+            let g = Geom::new([b, cin, h, w], [cout, cin, k, k], s, p).expect("valid");
+            let (xv, wv, bv) = (
+                rand_vec(&mut rng, b * cin * h * w),
+                rand_vec(&mut rng, cout * cin * k * k),
+                rand_vec(&mut rng, cout),
+            );
+            let rv = rand_vec(&mut rng, b * cout * (g.ho / 2) * (g.wo / 2));
+            let dev = Device::flex().autodiff();
+            for dx in [true, false] {
+                let run = |on: bool| {
+                    let mut x = tensor(xv.clone(), [b, cin, h, w], &dev);
+                    if dx {
+                        x = x.require_grad();
+                    }
+                    let wt = tensor(wv.clone(), [cout, cin, k, k], &dev).require_grad();
+                    let bt = tensor(bv.clone(), [cout], &dev).require_grad();
+                    let before = FAST_CALLS.load(Ordering::Relaxed);
+                    let y = with_fast(on, || {
+                        conv_relu_pool2(x.clone(), wt.clone(), bt.clone(), s, p)
+                    });
+                    if on {
+                        assert!(
+                            FAST_CALLS.load(Ordering::Relaxed) > before,
+                            "fused op not taken"
+                        );
+                    }
+                    assert_eq!(y.dims(), [b, cout, g.ho / 2, g.wo / 2]);
+                    let r = tensor(rv.clone(), [b, cout, g.ho / 2, g.wo / 2], &dev);
+                    let grads = (y.clone() * r).sum().backward();
+                    let mut out = vec![vals(y)];
+                    if dx {
+                        out.push(vals(x.grad(&grads).expect("dx")));
+                    }
+                    out.push(vals(wt.grad(&grads).expect("dw")));
+                    out.push(vals(bt.grad(&grads).expect("db")));
+                    out
+                };
+                let (fast, want) = (run(true), run(false));
+                for (i, (f, r)) in fast.iter().zip(&want).enumerate() {
+                    assert_close(&format!("case {n} dx {dx} part {i}"), f, r);
+                }
+            }
+            let plain = |on: bool| {
+                let d = Device::flex();
+                with_fast(on, || {
+                    vals(conv_relu_pool2(
+                        tensor(xv.clone(), [b, cin, h, w], &d),
+                        tensor(wv.clone(), [cout, cin, k, k], &d),
+                        tensor(bv.clone(), [cout], &d),
+                        s,
+                        p,
+                    ))
+                })
+            };
+            assert_close(&format!("case {n} inference"), &plain(true), &plain(false));
         }
     }
 

@@ -226,6 +226,20 @@ impl Conv {
             self.padding,
         )
     }
+
+    /// `max_pool2(relu(self.forward(x)))`, fused into one op when the layer has a bias.
+    pub(crate) fn forward_relu_pool2(&self, x: Tensor<4>) -> Tensor<4> {
+        match &self.bias {
+            Some(b) => crate::kernels::conv_relu_pool2(
+                x,
+                self.weight.val(),
+                b.val(),
+                self.stride,
+                self.padding,
+            ),
+            None => relu_max_pool2(self.forward(x)),
+        }
+    }
 }
 
 /// Group normalisation over `[B, C, H, W]`.
