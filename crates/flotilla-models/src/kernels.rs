@@ -26,7 +26,7 @@ use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, NodeGuard, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::{DType, Tensor, TensorData};
@@ -654,6 +654,20 @@ fn contiguous(t: FlexTensor) -> FlexTensor {
     }
 }
 
+/// The contiguous flex values and the autodiff node of a tensor on the training device.
+fn tracked<const D: usize>(t: Tensor<D>) -> (FlexTensor, NodeGuard) {
+    let (p, node) = t
+        .try_into_primitive::<Ad>()
+        .expect("autodiff flex tensor")
+        .into_parts();
+    (contiguous(p), node)
+}
+
+/// The contiguous flex values of a tensor on the inference device.
+fn untracked<const D: usize>(t: Tensor<D>) -> FlexTensor {
+    contiguous(t.try_into_primitive::<Flex>().expect("flex tensor"))
+}
+
 fn values(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>().expect("contiguous f32 tensor")
 }
@@ -675,16 +689,17 @@ struct ConvOp;
 #[derive(Debug)]
 struct ConvBiasOp;
 
-fn conv_register(st: ConvState, dy: FlexTensor, ids: [Option<NodeId>; 3], grads: &mut Gradients) {
-    let dy = contiguous(dy);
-    let g = st.g;
-    let r = conv_backward(
-        values(&st.x),
-        values(&st.w),
-        DySource::Dense(values(&dy)),
-        &g,
-        ids.map(|i| i.is_some()),
-    );
+/// Runs a convolution's backward pass and registers the gradients of the parents in `ids`
+/// (input, weight, bias).
+fn conv_register(
+    x: &FlexTensor,
+    w: &FlexTensor,
+    g: Geom,
+    dy: DySource,
+    ids: [Option<NodeId>; 3],
+    grads: &mut Gradients,
+) {
+    let r = conv_backward(values(x), values(w), dy, &g, ids.map(|i| i.is_some()));
     if let (Some(id), Some(v)) = (ids[0], r.dx) {
         grads.register::<Flex>(id, flex(v, [g.b, g.cin, g.h, g.w]));
     }
@@ -703,7 +718,8 @@ impl Backward<Flex, 2> for ConvOp {
         let [nx, nw] = ops.parents;
         let dy = grads.consume::<Flex>(&ops.node);
         let ids = [nx.map(|n| n.id), nw.map(|n| n.id), None];
-        conv_register(ops.state, dy, ids, grads);
+        let (st, dy) = (ops.state, contiguous(dy));
+        conv_register(&st.x, &st.w, st.g, DySource::Dense(values(&dy)), ids, grads);
     }
 }
 
@@ -714,7 +730,8 @@ impl Backward<Flex, 3> for ConvBiasOp {
         let [nx, nw, nb] = ops.parents;
         let dy = grads.consume::<Flex>(&ops.node);
         let ids = [nx.map(|n| n.id), nw.map(|n| n.id), nb.map(|n| n.id)];
-        conv_register(ops.state, dy, ids, grads);
+        let (st, dy) = (ops.state, contiguous(dy));
+        conv_register(&st.x, &st.w, st.g, DySource::Dense(values(&dy)), ids, grads);
     }
 }
 
@@ -753,32 +770,19 @@ pub fn conv2d(
 
 fn conv_plain(x: Tensor<4>, w: Tensor<4>, bias: Option<Tensor<1>>, g: Geom) -> Tensor<4> {
     count_fast_call();
-    let prim = |t: Tensor<4>| contiguous(t.try_into_primitive::<Flex>().expect("flex tensor"));
-    let (x, w) = (prim(x), prim(w));
-    let b = bias.map(|b| contiguous(b.try_into_primitive::<Flex>().expect("flex tensor")));
+    let (x, w) = (untracked(x), untracked(w));
+    let b = bias.map(untracked);
     let y = conv_forward(values(&x), values(&w), b.as_ref().map(values), &g);
     Tensor::from_primitive::<Flex>(flex(y, [g.b, g.cout, g.ho, g.wo]))
 }
 
 fn conv_autodiff(x: Tensor<4>, w: Tensor<4>, bias: Option<Tensor<1>>, g: Geom) -> Tensor<4> {
     count_fast_call();
-    let (xp, xn) = x
-        .try_into_primitive::<Ad>()
-        .expect("autodiff flex tensor")
-        .into_parts();
-    let (wp, wn) = w
-        .try_into_primitive::<Ad>()
-        .expect("autodiff flex tensor")
-        .into_parts();
-    let (xp, wp) = (contiguous(xp), contiguous(wp));
+    let ((xp, xn), (wp, wn)) = (tracked(x), tracked(w));
     let shape = [g.b, g.cout, g.ho, g.wo];
     let out = match bias {
         Some(b) => {
-            let (bp, bn) = b
-                .try_into_primitive::<Ad>()
-                .expect("autodiff flex tensor")
-                .into_parts();
-            let bp = contiguous(bp);
+            let (bp, bn) = tracked(b);
             let y = flex(
                 conv_forward(values(&xp), values(&wp), Some(values(&bp)), &g),
                 shape,
@@ -854,11 +858,8 @@ fn pool(x: Tensor<4>, relu: bool) -> Tensor<4> {
     let [b, c, h, w] = shape;
     let out_shape = [b, c, h / 2, w / 2];
     if x.is_autodiff() {
-        let (xp, xn) = x
-            .try_into_primitive::<Ad>()
-            .expect("autodiff flex tensor")
-            .into_parts();
-        let (y, arg) = pool_forward(values(&contiguous(xp)), shape, relu);
+        let (xp, xn) = tracked(x);
+        let (y, arg) = pool_forward(values(&xp), shape, relu);
         let y = flex(y, out_shape);
         let out = match PoolOp
             .prepare::<NoCheckpointing>([xn])
@@ -870,8 +871,7 @@ fn pool(x: Tensor<4>, relu: bool) -> Tensor<4> {
         };
         Tensor::from_primitive::<Ad>(out)
     } else {
-        let xp = contiguous(x.try_into_primitive::<Flex>().expect("flex tensor"));
-        let (y, _) = pool_forward(values(&xp), shape, relu);
+        let (y, _) = pool_forward(values(&untracked(x)), shape, relu);
         Tensor::from_primitive::<Flex>(flex(y, out_shape))
     }
 }
@@ -895,25 +895,11 @@ impl Backward<Flex, 3> for ConvPoolOp {
         let dpool = contiguous(grads.consume::<Flex>(&ops.node));
         let ConvPoolState { x, w, arg, g } = ops.state;
         let ids = [nx.map(|n| n.id), nw.map(|n| n.id), nb.map(|n| n.id)];
-        let r = conv_backward(
-            values(&x),
-            values(&w),
-            DySource::Pooled {
-                dpool: values(&dpool),
-                arg: &arg,
-            },
-            &g,
-            ids.map(|i| i.is_some()),
-        );
-        if let (Some(id), Some(v)) = (ids[0], r.dx) {
-            grads.register::<Flex>(id, flex(v, [g.b, g.cin, g.h, g.w]));
-        }
-        if let (Some(id), Some(v)) = (ids[1], r.dw) {
-            grads.register::<Flex>(id, flex(v, [g.cout, g.cin, g.k, g.k]));
-        }
-        if let (Some(id), Some(v)) = (ids[2], r.db) {
-            grads.register::<Flex>(id, FlexTensor::from_data(TensorData::new(v, [g.cout])));
-        }
+        let dy = DySource::Pooled {
+            dpool: values(&dpool),
+            arg: &arg,
+        };
+        conv_register(&x, &w, g, dy, ids, grads);
     }
 }
 
@@ -951,20 +937,7 @@ pub fn conv_relu_pool2(
     count_fast_call();
     let out_shape = [g.b, g.cout, g.ho / 2, g.wo / 2];
     if ad[0] {
-        let part = |t: Tensor<4>| {
-            let (p, node) = t
-                .try_into_primitive::<Ad>()
-                .expect("autodiff flex tensor")
-                .into_parts();
-            (contiguous(p), node)
-        };
-        let (xp, xn) = part(x);
-        let (wp, wn) = part(weight);
-        let (bp, bn) = bias
-            .try_into_primitive::<Ad>()
-            .expect("autodiff flex tensor")
-            .into_parts();
-        let bp = contiguous(bp);
+        let ((xp, xn), (wp, wn), (bp, bn)) = (tracked(x), tracked(weight), tracked(bias));
         let (y, arg) = conv_pool_forward(values(&xp), values(&wp), values(&bp), &g);
         let y = flex(y, out_shape);
         let out = match ConvPoolOp
@@ -985,9 +958,7 @@ pub fn conv_relu_pool2(
         };
         Tensor::from_primitive::<Ad>(out)
     } else {
-        let prim = |t: Tensor<4>| contiguous(t.try_into_primitive::<Flex>().expect("flex tensor"));
-        let (xp, wp) = (prim(x), prim(weight));
-        let bp = contiguous(bias.try_into_primitive::<Flex>().expect("flex tensor"));
+        let (xp, wp, bp) = (untracked(x), untracked(weight), untracked(bias));
         let (y, _) = conv_pool_forward(values(&xp), values(&wp), values(&bp), &g);
         Tensor::from_primitive::<Flex>(flex(y, out_shape))
     }
@@ -1084,20 +1055,7 @@ pub fn linear(x: Tensor<2>, w: Tensor<2>, bias: Tensor<1>) -> Tensor<2> {
     count_fast_call();
     let dims = [n, i, o];
     if ad[0] {
-        let part = |t: Tensor<2>| {
-            let (p, node) = t
-                .try_into_primitive::<Ad>()
-                .expect("autodiff flex tensor")
-                .into_parts();
-            (contiguous(p), node)
-        };
-        let (xp, xn) = part(x);
-        let (wp, wn) = part(w);
-        let (bp, bn) = bias
-            .try_into_primitive::<Ad>()
-            .expect("autodiff flex tensor")
-            .into_parts();
-        let bp = contiguous(bp);
+        let ((xp, xn), (wp, wn), (bp, bn)) = (tracked(x), tracked(w), tracked(bias));
         let y = linear_forward(values(&xp), values(&wp), values(&bp), dims);
         let y = FlexTensor::from_data(TensorData::new(y, [n, o]));
         let out = match LinearOp
@@ -1110,9 +1068,7 @@ pub fn linear(x: Tensor<2>, w: Tensor<2>, bias: Tensor<1>) -> Tensor<2> {
         };
         Tensor::from_primitive::<Ad>(out)
     } else {
-        let prim = |t: Tensor<2>| contiguous(t.try_into_primitive::<Flex>().expect("flex tensor"));
-        let (xp, wp) = (prim(x), prim(w));
-        let bp = contiguous(bias.try_into_primitive::<Flex>().expect("flex tensor"));
+        let (xp, wp, bp) = (untracked(x), untracked(w), untracked(bias));
         let y = linear_forward(values(&xp), values(&wp), values(&bp), dims);
         Tensor::from_primitive::<Flex>(FlexTensor::from_data(TensorData::new(y, [n, o])))
     }

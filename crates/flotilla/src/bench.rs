@@ -78,7 +78,8 @@ fn synthetic(n: usize, seed: u64) -> Dataset {
     }
 }
 
-fn client_data(n: usize, seed: u64) -> ClientData {
+/// `n` random W1 images (uniform bytes, labels 0..10) as one client's data, from `seed`.
+pub fn client_data(n: usize, seed: u64) -> ClientData {
     ClientData {
         train: synthetic(n, seed),
         holdout: synthetic(0, seed),
@@ -87,7 +88,8 @@ fn client_data(n: usize, seed: u64) -> ClientData {
     }
 }
 
-fn w1_recipe(batch: usize) -> Recipe {
+/// W1's local training recipe (one epoch, SGD 0.01 with momentum 0.9) at `batch`.
+pub fn w1_recipe(batch: usize) -> Recipe {
     Recipe {
         epochs: 1,
         batch_size: batch,
