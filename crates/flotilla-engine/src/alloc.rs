@@ -121,12 +121,10 @@ impl ThreadPeak {
     /// in the outer one.
     pub fn start() -> Self {
         let previous = CURRENT.with(Cell::get);
-        // SAFETY: as in `record`: the outer guard keeps `previous` alive.
-        let parent = unsafe { Arc::increment_strong_count_if_some(previous) };
         let counters = Arc::new(Counters {
             live: AtomicIsize::new(0),
             peak: AtomicIsize::new(0),
-            parent,
+            parent: Scope::current().0,
         });
         CURRENT.with(|c| c.set(Arc::as_ptr(&counters)));
         Self { counters, previous }
@@ -135,11 +133,6 @@ impl ThreadPeak {
     /// Bytes above the starting point at the highest moment so far.
     pub fn peak_above_start(&self) -> u64 {
         self.counters.peak.load(Ordering::Relaxed).max(0) as u64
-    }
-
-    /// The measurement, to hand to other threads that work for it.
-    pub fn scope(&self) -> Scope {
-        Scope(Some(self.counters.clone()))
     }
 }
 
@@ -164,8 +157,16 @@ impl Scope {
     /// The measurement the current thread counts in (none outside any [`ThreadPeak`]).
     pub fn current() -> Self {
         let p = CURRENT.with(Cell::get);
-        // SAFETY: as in `record`.
-        Scope(unsafe { Arc::increment_strong_count_if_some(p) })
+        if p.is_null() {
+            return Scope(None);
+        }
+        // SAFETY: a non-null pointer in `CURRENT` points into an `Arc` that the guard that set
+        // it keeps alive (see `CURRENT`); the increment makes the new `Arc` a reference of its
+        // own.
+        unsafe {
+            Arc::increment_strong_count(p);
+            Scope(Some(Arc::from_raw(p)))
+        }
     }
 
     /// Runs `f` on this thread with its allocations counted in this measurement.
@@ -179,28 +180,5 @@ impl Scope {
         let ptr = self.0.as_ref().map_or(std::ptr::null(), Arc::as_ptr);
         let _restore = Restore(CURRENT.with(|c| c.replace(ptr)));
         f()
-    }
-}
-
-/// `Arc` helpers for the raw pointers kept in `CURRENT`.
-trait FromCurrent {
-    /// A new strong reference to the `Arc` behind `p`, if `p` is not null.
-    ///
-    /// # Safety
-    /// `p` is null or points into a live `Arc<Counters>`.
-    unsafe fn increment_strong_count_if_some(p: *const Counters) -> Option<Arc<Counters>>;
-}
-
-impl FromCurrent for Arc<Counters> {
-    unsafe fn increment_strong_count_if_some(p: *const Counters) -> Option<Arc<Counters>> {
-        if p.is_null() {
-            return None;
-        }
-        // SAFETY: the caller guarantees `p` comes from a live `Arc`; the increment makes the
-        // returned `Arc` an owned reference of its own.
-        unsafe {
-            Arc::increment_strong_count(p);
-            Some(Arc::from_raw(p))
-        }
     }
 }

@@ -537,80 +537,61 @@ impl StepInput<'_> {
     }
 }
 
-/// Runs each training step of a client given several threads as one micro-batch per thread.
+/// How many micro-batches a step of `batch` samples runs as on `threads` threads: one per
+/// thread, none smaller than [`MIN_MICRO_BATCH`].
+fn micro_batch_count(threads: usize, batch: usize) -> usize {
+    threads.min(batch / MIN_MICRO_BATCH).max(1)
+}
+
+/// Mean loss and per-micro-batch gradients of one step run as `parts` micro-batches at once.
 ///
-/// Every thread runs forward and backward on its own fork of the model (separate autodiff
-/// graphs) with the kernels kept on that thread ([`flotilla_models::kernels::serial`]), and
+/// Every micro-batch runs forward and backward on its own fork of the model (separate autodiff
+/// graphs) with the kernels kept on its thread ([`flotilla_models::kernels::serial`]), and
 /// the optimizer sums the micro-batch gradients. Every loss here is a mean over samples and
 /// no layer mixes samples (group and layer norms only), so each micro-batch's loss weighted by
 /// its share of the batch gives the whole batch's loss and gradients, up to the order of
 /// float sums. This keeps every op of the step busy on all threads, where splitting each op
 /// across the threads left the cheap, serial ones (activations, losses, bookkeeping) on one.
-struct MicroBatches {
-    /// One input buffer per micro-batch.
-    pixels: Vec<std::sync::Mutex<Vec<f32>>>,
-}
-
-impl MicroBatches {
-    fn new(parts: usize) -> Self {
-        Self {
-            pixels: (0..parts)
-                .map(|_| std::sync::Mutex::new(Vec::new()))
-                .collect(),
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.pixels.len()
-    }
-
-    /// Mean loss and per-micro-batch gradients of one step.
-    fn step_grads(
-        &self,
-        model: &Net,
-        batch: &[usize],
-        step: &StepInput,
-    ) -> Result<(f64, Vec<GradientsParams>), EngineError> {
-        use rayon::prelude::*;
-        // As many micro-batches as threads, none smaller than MIN_MICRO_BATCH.
-        let parts = self.len().min(batch.len() / MIN_MICRO_BATCH).max(1);
-        let size = batch.len().div_ceil(parts);
-        let total = batch.len() as f32;
-        let chunks: Vec<&[usize]> = batch.chunks(size).collect();
-        // Memory the micro-batches allocate counts in the client's measurement.
-        let scope = crate::alloc::Scope::current();
-        let results: Vec<Result<(f64, GradientsParams), EngineError>> = chunks
-            .par_iter()
-            .zip(&self.pixels)
-            .map(|(idx, pixels)| {
-                scope.enter(|| {
-                    flotilla_models::kernels::serial(|| {
-                        let fork = model.fork();
-                        let mut pixels = pixels.lock().unwrap_or_else(|e| e.into_inner());
-                        let (x, labels) = batch_input(
-                            &step.data.train,
-                            idx,
-                            &step.data.mean,
-                            &step.data.std,
-                            &mut pixels,
-                            step.device,
-                        )?;
-                        let loss = step.loss(&fork, x, &labels)? * (idx.len() as f32 / total);
-                        let value = f64::from(loss.clone().into_scalar::<f32>());
-                        Ok((value, GradientsParams::from_grads(loss.backward(), &fork)))
-                    })
+fn micro_batch_grads(
+    model: &Net,
+    batch: &[usize],
+    parts: usize,
+    step: &StepInput,
+) -> Result<(f64, Vec<GradientsParams>), EngineError> {
+    use rayon::prelude::*;
+    let total = batch.len() as f32;
+    let chunks: Vec<&[usize]> = batch.chunks(batch.len().div_ceil(parts)).collect();
+    // Memory the micro-batches allocate counts in the client's measurement.
+    let scope = crate::alloc::Scope::current();
+    let results: Vec<Result<(f64, GradientsParams), EngineError>> = chunks
+        .par_iter()
+        .map(|idx| {
+            scope.enter(|| {
+                flotilla_models::kernels::serial(|| {
+                    let fork = model.fork();
+                    let (x, labels) = batch_input(
+                        &step.data.train,
+                        idx,
+                        &step.data.mean,
+                        &step.data.std,
+                        &mut Vec::new(),
+                        step.device,
+                    )?;
+                    let loss = step.loss(&fork, x, &labels)? * (idx.len() as f32 / total);
+                    let value = f64::from(loss.clone().into_scalar::<f32>());
+                    Ok((value, GradientsParams::from_grads(loss.backward(), &fork)))
                 })
             })
-            .collect();
-        let mut loss = 0.0;
-        let mut grads = Vec::with_capacity(results.len());
-        for r in results {
-            let (l, g) = r?;
-            loss += l;
-            grads.push(g);
-        }
-        Ok((loss, grads))
+        })
+        .collect();
+    let mut loss = 0.0;
+    let mut grads = Vec::with_capacity(results.len());
+    for r in results {
+        let (l, g) = r?;
+        loss += l;
+        grads.push(g);
     }
+    Ok((loss, grads))
 }
 
 /// Draws a depth from π.
@@ -673,13 +654,13 @@ pub fn train_with(
     let total_blocks = spec.num_blocks();
     let mut depth_rng = seed::rng(shuffle_seed, 0, 0, seed::Purpose::Method);
     let mut depth_steps = BTreeMap::new();
-    // One micro-batch per thread (see `MicroBatches`). FedProx's term is a function of the
-    // weights, not a mean over samples, so it keeps the one-batch path.
-    let micro = MicroBatches::new(if anchor.is_none() {
+    // One micro-batch per thread (see `micro_batch_grads`). FedProx's term is a function of
+    // the weights, not a mean over samples, so it keeps the one-batch path.
+    let threads = if anchor.is_none() {
         rayon::current_num_threads()
     } else {
         1
-    });
+    };
     for _ in 0..recipe.epochs {
         order.shuffle(&mut rng);
         for batch in order.chunks(recipe.batch_size) {
@@ -700,8 +681,9 @@ pub fn train_with(
                 total_blocks,
                 device: &device,
             };
-            let (loss, grads) = if micro.len() > 1 && batch.len() >= 2 * MIN_MICRO_BATCH {
-                micro.step_grads(&model, batch, &step)?
+            let parts = micro_batch_count(threads, batch.len());
+            let (loss, grads) = if parts > 1 {
+                micro_batch_grads(&model, batch, parts, &step)?
             } else {
                 let (x, labels) = batch_input(
                     &data.train,

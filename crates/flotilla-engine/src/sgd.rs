@@ -4,8 +4,8 @@
 //! fresh tensor the size of the parameter, on one thread. For the FedAvg CNN (1.66 M
 //! parameters) that serial work was a fifth of a two-thread training step at batch 32. Here
 //! each parameter is updated in place in one pass, split across the pool's threads, and the
-//! micro-batch gradients of a step (see `local::step_grads`) and the training masks are summed
-//! and applied inside the same pass.
+//! micro-batch gradients of a step (see `local::micro_batch_grads`) and the training masks
+//! are summed and applied inside the same pass.
 //!
 //! The arithmetic is PyTorch's `torch.optim.SGD` (and burn's) without dampening or Nesterov:
 //! `g = mask·Σ parts + wd·p`, `v = μ·v + g` (`v = g` on the first step), `p −= lr·v`.
@@ -15,6 +15,7 @@ use burn::backend::flex::FlexTensor;
 use burn::module::{ModuleMapper, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
+use flotilla_models::kernels::contiguous;
 use rayon::prelude::*;
 use std::collections::HashMap;
 
@@ -61,11 +62,12 @@ impl FusedSgd {
     /// The fused update of one parameter's values.
     fn update(&mut self, id: ParamId, p: &mut [f32], grads: &[&[f32]], mask: Option<&[f32]>) {
         let (lr, mu, wd) = (self.lr, self.momentum, self.weight_decay);
-        // A fresh velocity of zeros makes the first step v = g exactly.
-        let v = self.velocity.entry(id).or_default();
-        if mu > 0.0 {
+        // A fresh velocity of zeros makes the first step v = g exactly; plain SGD keeps none.
+        let v = (mu > 0.0).then(|| {
+            let v = self.velocity.entry(id).or_default();
             v.resize(p.len(), 0.0);
-        }
+            v
+        });
         // One block of BLOCK values at offset `off`: each stage a plain loop over slices, so
         // that it vectorises (a sum over a list of gradients per value did not).
         let block = |off: usize, p: &mut [f32], v: Option<&mut [f32]>| {
@@ -98,7 +100,7 @@ impl FusedSgd {
                 None => p.iter_mut().zip(g.iter()).for_each(|(p, g)| *p -= lr * g),
             }
         };
-        if mu > 0.0 {
+        if let Some(v) = v {
             p.par_chunks_mut(BLOCK)
                 .zip(v.par_chunks_mut(BLOCK))
                 .with_min_len(CHUNK / BLOCK)
@@ -119,15 +121,6 @@ struct Update<'a> {
     masks: &'a HashMap<ParamId, Vec<f32>>,
 }
 
-/// A contiguous f32 flex tensor (a copy only for strided views).
-fn flex_values(t: FlexTensor) -> FlexTensor {
-    if t.as_slice::<f32>().is_some() {
-        t
-    } else {
-        t.to_contiguous()
-    }
-}
-
 impl ModuleMapper for Update<'_> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let (id, tensor, mapper) = param.consume();
@@ -143,12 +136,12 @@ impl ModuleMapper for Update<'_> {
         let prim = tensor.inner().try_into_primitive::<Flex>();
         let grads: Result<Vec<FlexTensor>, _> = grads
             .into_iter()
-            .map(|g| g.try_into_primitive::<Flex>().map(flex_values))
+            .map(|g| g.try_into_primitive::<Flex>().map(contiguous))
             .collect();
         let (Ok(prim), Ok(grads)) = (prim, grads) else {
             unreachable!("training tensors live on the flex backend");
         };
-        let mut prim = flex_values(prim);
+        let mut prim = contiguous(prim);
         let grad_slices: Vec<&[f32]> = grads
             .iter()
             .map(|g| g.as_slice::<f32>().expect("contiguous f32 gradient"))

@@ -333,31 +333,53 @@ fn gemm_par(threads: usize) -> gemm::Parallelism {
     }
 }
 
-fn conv_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geom) -> Vec<f32> {
+/// One sample's columns `[cin·k·k, ho·wo]`: the input itself for a pointwise convolution,
+/// else unfolded into `cols`.
+fn columns<'a>(xb: &'a [f32], g: &Geom, cols: &'a mut Vec<f32>) -> &'a [f32] {
+    if g.pointwise() {
+        xb
+    } else {
+        cols.resize(g.ckk() * g.hw_out(), 0.0);
+        im2col(xb, g, cols);
+        cols
+    }
+}
+
+/// One sample's convolution into `yb` (`cout` rows of `ho·wo`, uninitialised is fine): the
+/// rows start as the bias (or zeros) and the GEMM of W with the sample's columns adds on.
+fn conv_sample<'y>(
+    xb: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    g: &Geom,
+    cols: &mut Vec<f32>,
+    yb: &'y mut [std::mem::MaybeUninit<f32>],
+    par: gemm::Parallelism,
+) -> &'y mut [f32] {
     use std::mem::MaybeUninit;
-    let (hw, ckk, out_len) = (g.hw_out(), g.ckk(), g.cout * g.hw_out());
+    let hw = g.hw_out();
+    match bias {
+        Some(bias) => {
+            for (row, v) in yb.chunks_mut(hw).zip(bias) {
+                row.fill(MaybeUninit::new(*v));
+            }
+        }
+        None => yb.fill(MaybeUninit::new(0.0)),
+    }
+    // SAFETY: every element of `yb` (cout rows of hw) was written just above.
+    let yb = unsafe { &mut *(yb as *mut [MaybeUninit<f32>] as *mut [f32]) };
+    let cols = columns(xb, g, cols);
+    matmul(g.cout, hw, g.ckk(), yb, true, w, false, cols, false, par);
+    yb
+}
+
+fn conv_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geom) -> Vec<f32> {
+    let out_len = g.cout * g.hw_out();
     // No zeroing pass over the whole output: each sample's block starts as its bias rows (or
     // zeros), written just before its GEMM, while it is in cache.
     let mut y: Vec<f32> = Vec::with_capacity(g.b * out_len);
-    let sample = |xb: &[f32], yb: &mut [MaybeUninit<f32>], cols: &mut Vec<f32>, par| {
-        let cols: &[f32] = if g.pointwise() {
-            xb
-        } else {
-            cols.resize(ckk * hw, 0.0);
-            im2col(xb, g, cols);
-            cols
-        };
-        match bias {
-            Some(bias) => {
-                for (row, v) in yb.chunks_mut(hw).zip(bias) {
-                    row.fill(MaybeUninit::new(*v));
-                }
-            }
-            None => yb.fill(MaybeUninit::new(0.0)),
-        }
-        // SAFETY: every element of `yb` (cout rows of hw) was written just above.
-        let yb = unsafe { &mut *(yb as *mut [MaybeUninit<f32>] as *mut [f32]) };
-        matmul(g.cout, hw, ckk, yb, true, w, false, cols, false, par);
+    let sample = |xb: &[f32], yb, cols: &mut Vec<f32>, par| {
+        conv_sample(xb, w, bias, g, cols, yb, par);
     };
     let spare = &mut y.spare_capacity_mut()[..g.b * out_len];
     let (split, threads) = split_batch(g.b);
@@ -382,7 +404,7 @@ fn conv_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geom) -> Vec<f32
 /// output is pooled while it is in cache and never stored. Returns the pooled output and the
 /// pool's argmax, `[B, cout, ho/2, wo/2]` each.
 fn conv_pool_forward(x: &[f32], w: &[f32], bias: &[f32], g: &Geom) -> (Vec<f32>, Vec<u8>) {
-    let (hw, ckk) = (g.hw_out(), g.ckk());
+    let hw = g.hw_out();
     let plen = g.cout * (g.ho / 2) * (g.wo / 2);
     let mut out = vec![0f32; g.b * plen];
     let mut arg = vec![0u8; g.b * plen];
@@ -393,18 +415,17 @@ fn conv_pool_forward(x: &[f32], w: &[f32], bias: &[f32], g: &Geom) -> (Vec<f32>,
     let sample =
         |xb: &[f32], ob: &mut [f32], ab: &mut [u8], bufs: &mut (Vec<f32>, Vec<f32>), par| {
             let (cols, y) = (&mut bufs.0, &mut bufs.1);
-            let cols: &[f32] = if g.pointwise() {
-                xb
-            } else {
-                cols.resize(ckk * hw, 0.0);
-                im2col(xb, g, cols);
-                cols
-            };
             y.clear();
-            for v in bias {
-                y.extend(std::iter::repeat_n(*v, hw));
-            }
-            matmul(g.cout, hw, ckk, y, true, w, false, cols, false, par);
+            y.reserve(g.cout * hw);
+            let y = conv_sample(
+                xb,
+                w,
+                Some(bias),
+                g,
+                cols,
+                &mut y.spare_capacity_mut()[..g.cout * hw],
+                par,
+            );
             let pp = (g.ho / 2) * (g.wo / 2);
             for ((yp, op), ap) in y.chunks(hw).zip(ob.chunks_mut(pp)).zip(ab.chunks_mut(pp)) {
                 pool_plane(yp, op, ap, g.ho, g.wo, true);
@@ -492,13 +513,7 @@ fn conv_backward(x: &[f32], w: &[f32], dy: DySource, g: &Geom, need: [bool; 3]) 
             }
         };
         if need_dw {
-            let cols: &[f32] = if g.pointwise() {
-                xb
-            } else {
-                cols.resize(ckk * hw, 0.0);
-                im2col(xb, g, cols);
-                cols
-            };
+            let cols = columns(xb, g, cols);
             matmul(g.cout, ckk, hw, dw, true, dyb, false, cols, true, par);
         }
         if need_db {
@@ -646,7 +661,7 @@ fn pool_backward(dy: &[f32], arg: &[u8], [b, c, h, w]: [usize; 4]) -> Vec<f32> {
 }
 
 /// The tensor with contiguous storage (a copy only when it is a strided view).
-fn contiguous(t: FlexTensor) -> FlexTensor {
+pub fn contiguous(t: FlexTensor) -> FlexTensor {
     if t.as_slice::<f32>().is_some() {
         t
     } else {

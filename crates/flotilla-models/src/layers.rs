@@ -191,17 +191,12 @@ pub struct Dense {
 impl Dense {
     pub(crate) fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         // Leading dimensions (batch, tokens) flatten into the rows of one product.
+        let (w, b) = (self.weight.val(), self.bias.val());
         let dims = x.dims();
-        let (inputs, outputs) = (dims[D - 1], self.bias.val().dims()[0]);
-        let rows = dims[..D - 1].iter().product();
-        let y = crate::kernels::linear(
-            x.reshape([rows, inputs]),
-            self.weight.val(),
-            self.bias.val(),
-        );
         let mut out = dims;
-        out[D - 1] = outputs;
-        y.reshape(out)
+        out[D - 1] = b.dims()[0];
+        let rows = dims[..D - 1].iter().product();
+        crate::kernels::linear(x.reshape([rows, dims[D - 1]]), w, b).reshape(out)
     }
 }
 
@@ -237,7 +232,7 @@ impl Conv {
                 self.stride,
                 self.padding,
             ),
-            None => relu_max_pool2(self.forward(x)),
+            None => crate::kernels::relu_max_pool2(self.forward(x)),
         }
     }
 }
@@ -290,9 +285,4 @@ impl LayerNorm {
         let normed = centered / (var + 1e-5).sqrt();
         normed * self.weight.val().reshape([1, 1, d]) + self.bias.val().reshape([1, 1, d])
     }
-}
-
-/// `max_pool2(relu(x))`, fused: 2×2 max pooling with stride 2 of the ReLU of `x`.
-pub(crate) fn relu_max_pool2(x: Tensor<4>) -> Tensor<4> {
-    crate::kernels::relu_max_pool2(x)
 }

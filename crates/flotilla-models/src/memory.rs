@@ -78,22 +78,17 @@ fn activations_per_sample(spec: &ModelSpec, view: &View) -> (usize, usize) {
             let p1 = c1 * (h / 2) * (w / 2);
             let a2 = c2 * (h / 2) * (w / 2);
             let p2 = c2 * (h / 4) * (w / 4);
-            // burn's ReLU keeps its output and its max pool the input and i64 indices; the
-            // fused convolution + ReLU + pool kernel (crate::kernels) keeps only a one-byte
-            // argmax per window, 1/16 of an f32 per input.
-            let kept = if crate::kernels::fast() {
-                (a1 + a2) / 16
+            // burn's ReLU keeps its output and its max pool the input and i64 indices, and
+            // the conv output is the largest buffer. The fused convolution + ReLU + pool
+            // kernel (crate::kernels) keeps only a one-byte argmax per window, 1/16 of an f32
+            // per input, and never stores a whole conv output: the largest per-batch buffer
+            // left is the gradient of the first pooled output.
+            let (kept, largest) = if crate::kernels::fast() {
+                ((a1 + a2) / 16, p1.max(input))
             } else {
-                3 * (a1 + a2)
+                (3 * (a1 + a2), a1.max(a2).max(input))
             };
             let acts = input + kept + p1 + p2 + 2 * f + spec.classes * 2;
-            // The fused convolution + ReLU + pool never stores a whole conv output; the
-            // largest per-batch buffer left is the gradient of the first pooled output.
-            let largest = if crate::kernels::fast() {
-                p1.max(input)
-            } else {
-                a1.max(a2).max(input)
-            };
             (acts, largest)
         }
         Architecture::Mlp { hidden } => {

@@ -1,6 +1,6 @@
 //! `flotilla bench`: throughput, overhead and memory, measured in one run and printed as a
 //! table. Ratios are against baselines measured in the same run (the machine's sgemm peak,
-//! burn's own conv and pool ops in place of flotilla's kernels, and PyTorch when
+//! burn's own ops in place of flotilla's kernels, and PyTorch when
 //! `FLOTILLA_TORCH_PYTHON` names a Python with torch installed).
 
 use anyhow::{Context, Result};
@@ -175,20 +175,19 @@ fn w1_inference(samples: usize) -> Result<f64> {
     let net = Net::from_params(&spec, &params, &device)?;
     let data = synthetic(samples, 3);
     let batch = 1000.min(samples);
-    let input = |i: usize| {
-        let pixels = data.images[i * 784..(i + batch) * 784]
-            .iter()
-            .map(|&p| (f32::from(p) / 255.0 - 0.2860) / 0.3530)
-            .collect();
-        Net::input(pixels, batch, spec.input, &device)
+    let input = |i: usize| -> Result<_> {
+        let mut pixels = Vec::new();
+        let idx: Vec<usize> = (i..i + batch).collect();
+        data.try_normalized_batch(&idx, &[0.2860], &[0.3530], &mut pixels)?;
+        Ok(Net::input(pixels, batch, spec.input, &device))
     };
     // Warm-up: first-call allocations do not count.
-    std::hint::black_box(net.forward(input(0), &View::full()).into_data());
+    std::hint::black_box(net.forward(input(0)?, &View::full()).into_data());
     let mut best = 0f64;
     for _ in 0..RUNS {
         let t = Instant::now();
         for i in (0..samples - samples % batch).step_by(batch) {
-            std::hint::black_box(net.forward(input(i), &View::full()).into_data());
+            std::hint::black_box(net.forward(input(i)?, &View::full()).into_data());
         }
         best = best.max((samples - samples % batch) as f64 / t.elapsed().as_secs_f64());
     }
@@ -444,7 +443,7 @@ pub fn run(quick: bool, data_dir: Option<&Path>) -> Result<()> {
             format!("{:.1} MiB", heap_all as f64 / 1048576.0),
             "one client, a micro-batch (and a gradient buffer) per core",
         ));
-        // The same runs on burn's own conv and pool ops (the flex reference path).
+        // The same runs on burn's own conv, ReLU, pool and linear ops (the flex reference path).
         flotilla_models::kernels::set_fast(false);
         let reference = w1_train(batch, samples, 1).and_then(|(one_ref, heap_ref)| {
             let (all_ref, _) = w1_train(batch, samples, rayon::current_num_threads())?;
