@@ -4,7 +4,7 @@
 //! (serde's `deny_unknown_fields` plus [`Experiment::check`]).
 
 use crate::EngineError;
-use crate::local::{OptimizerKind, Recipe};
+use crate::recipe::{OptimizerKind, Recipe};
 use flotilla_core::device::TierSpec;
 use flotilla_data::{DatasetKind, PartitionSpec};
 use flotilla_models::Architecture;
@@ -22,6 +22,29 @@ fn toml_error(text: &str, e: &toml::de::Error) -> EngineError {
             EngineError::Config(format!("line {line}, column {column}: {message}"))
         }
         None => EngineError::Config(message),
+    }
+}
+
+/// Removes keys that earlier versions wrote into run directories' config.toml and that no
+/// longer mean anything, so those runs still load; refuses them where they would change the
+/// run. Returns whether anything was removed.
+///
+/// `training.prox_mu`: FedProx's μ is `method.mu` (with `method.name = "fedprox"`). A
+/// non-zero value here used to turn any method into FedProx without saying so.
+fn drop_legacy_keys(doc: &mut toml::Table) -> Result<bool, EngineError> {
+    let Some(training) = doc.get_mut("training").and_then(|t| t.as_table_mut()) else {
+        return Ok(false);
+    };
+    match training.get("prox_mu") {
+        None => Ok(false),
+        Some(v) if v.as_float() == Some(0.0) || v.as_integer() == Some(0) => {
+            training.remove("prox_mu");
+            Ok(true)
+        }
+        Some(v) => Err(EngineError::Config(format!(
+            "`training.prox_mu = {v}` is not read: FedProx's μ is set under [method] \
+             (name = \"fedprox\", mu = {v})"
+        ))),
     }
 }
 
@@ -278,7 +301,13 @@ impl Default for ServerConfig {
 impl Experiment {
     /// Parses TOML; serde errors already name the key and the line.
     pub fn from_toml(text: &str) -> Result<Self, EngineError> {
-        let exp: Experiment = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
+        let mut doc: toml::Table = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
+        let exp: Experiment = if drop_legacy_keys(&mut doc)? {
+            doc.try_into()
+                .map_err(|e: toml::de::Error| EngineError::Config(e.message().to_string()))?
+        } else {
+            toml::from_str(text).map_err(|e| toml_error(text, &e))?
+        };
         exp.check()?;
         Ok(exp)
     }
@@ -386,10 +415,10 @@ impl Experiment {
                 "applies to sgd only; Adam has its own moments".into(),
             );
         }
-        if !(t.weight_decay >= 0.0 && t.prox_mu >= 0.0) {
+        if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
             return bad(
-                "training",
-                "weight_decay and prox_mu must be non-negative".into(),
+                "training.weight_decay",
+                format!("must be non-negative, got {}", t.weight_decay),
             );
         }
         let s = &self.sampling;

@@ -9,7 +9,8 @@ pub mod driver;
 mod error;
 pub mod local;
 pub mod method;
-mod sgd;
+pub mod recipe;
+
 pub mod sim;
 pub mod sink;
 
@@ -20,4 +21,5 @@ pub use method::{
     Assignment, ClientCtx, ClientData, ClientHalf, ClientInfo, EvalModel, MethodState, PhaseCtx,
     PhaseEnd, Reply, ServerCtx, ServerHalf, Task,
 };
+pub use recipe::{OptimizerKind, Recipe};
 pub use sim::Simulation;

@@ -12,7 +12,7 @@
 //! [`Task::decode`]), in the simulator as on the network, so bytes are measured, not guessed.
 
 use crate::EngineError;
-use crate::local::Recipe;
+use crate::recipe::Recipe;
 use flotilla_core::device::DeviceProfile;
 use flotilla_core::wire::{self, Mask, ReplyMsg, ResourceMsg, TaskMsg};
 use flotilla_core::{ParamSet, Tensor};

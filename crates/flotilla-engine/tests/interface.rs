@@ -12,7 +12,22 @@
 use flotilla_core::wire::Mask;
 use flotilla_core::{ParamSet, Tensor};
 use flotilla_data::{Dataset, Split};
-use flotilla_engine::local::{self, Recipe};
+use flotilla_engine::local::{self, CrossEntropy, Recipe, TrainJob, TrainOutcome};
+
+/// Plain cross-entropy training of `params`, as the test's methods train.
+fn fit(
+    spec: &ModelSpec,
+    view: &View,
+    params: &ParamSet,
+    data: &ClientData,
+    recipe: &Recipe,
+    seed: u64,
+) -> Result<TrainOutcome, EngineError> {
+    let ce = CrossEntropy::under(view);
+    TrainJob::new(spec, view, params, data, recipe, &ce)
+        .seed(seed)
+        .train()
+}
 use flotilla_engine::sink::{Event, Sink};
 use flotilla_engine::{
     Assignment, ClientCtx, ClientData, ClientHalf, ClientInfo, EngineError, EvalModel, Experiment,
@@ -282,7 +297,7 @@ impl ServerHalf for Showcase {
         // Server-side training on its own data (FedTSA's stage 2 runs here).
         if let Some(data) = server.server_data {
             let before = self.mlp.clone();
-            self.mlp = local::train(
+            self.mlp = fit(
                 &ModelSpec::mlp_2nn(),
                 &View::full(),
                 &self.mlp,
@@ -362,12 +377,11 @@ impl ClientHalf for ShowcaseClient {
                 resources: Default::default(),
             }),
             "train" => {
-                let reply = local::train_task(task, data, ctx)?;
+                let reply = local::train_task(task, data, ctx, &CrossEntropy::under(&task.view))?;
                 if !task.view.frozen.is_empty() {
                     // Frozen tensors are neither sent back nor changed by training.
                     let trained =
-                        local::train(&task.model, &task.view, &task.params, data, &task.recipe, 1)?
-                            .params;
+                        fit(&task.model, &task.view, &task.params, data, &task.recipe, 1)?.params;
                     let same = task
                         .params
                         .iter()
@@ -407,7 +421,7 @@ impl ClientHalf for ShowcaseClient {
                         .map(|name| dense.get(name).unwrap().clone())
                         .collect(),
                 )?;
-                let trained = local::train(&task.model, &task.view, &dense, data, &task.recipe, 2)?;
+                let trained = fit(&task.model, &task.view, &dense, data, &task.recipe, 2)?;
                 let w2 = trained.params.require("layers.1.weight")?;
                 let mut s2 = vec![0f32; r * r];
                 for a in 0..r {

@@ -4,7 +4,7 @@
 use flotilla_core::ParamSet;
 use flotilla_data::Dataset;
 use flotilla_engine::alloc::{self, CountingAlloc, ThreadPeak};
-use flotilla_engine::local::{OptimizerKind, Recipe, estimate_memory, train};
+use flotilla_engine::local::{CrossEntropy, OptimizerKind, Recipe, TrainJob, estimate_memory};
 use flotilla_engine::method::ClientData;
 use flotilla_models::{Architecture, ModelSpec, Net, View};
 
@@ -41,14 +41,16 @@ fn measure_on(threads: usize, spec: &ModelSpec, view: &View, recipe: &Recipe) ->
     let params: ParamSet = Net::init_params(spec, 0).unwrap();
     let d = data(4 * recipe.batch_size);
     // One warm-up run so that lazily allocated, process-wide buffers do not count.
-    train(spec, view, &params, &d, recipe, 0).unwrap();
+    let ce = CrossEntropy::under(view);
+    let job = TrainJob::new(spec, view, &params, &d, recipe, &ce);
+    job.train().unwrap();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
         .unwrap();
     let measured = pool.install(|| {
         let peak = ThreadPeak::start();
-        train(spec, view, &params, &d, recipe, 0).unwrap();
+        job.train().unwrap();
         peak.peak_above_start()
     });
     (
@@ -65,7 +67,6 @@ fn recipe(batch: usize, optimizer: OptimizerKind, momentum: f64) -> Recipe {
         lr: 0.01,
         momentum,
         weight_decay: 0.0,
-        prox_mu: 0.0,
     }
 }
 

@@ -7,14 +7,16 @@
 //! for fleets that may contain broken devices.
 
 use crate::common::{check_full_model_reply, checkpoint_global, plan_full_model, valid_updates};
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::Tensor;
 use flotilla_core::ParamSet;
 use flotilla_core::aggregate::{self, Contribution};
-use flotilla_engine::local::{Recipe, train_task};
+use flotilla_engine::local::{Batch, CrossEntropy, Objective, Recipe, train_task};
 use flotilla_engine::{
     Assignment, ClientCtx, ClientData, ClientHalf, ClientInfo, EngineError, EvalModel, Experiment,
     MethodState, PhaseCtx, PhaseEnd, Reply, ServerCtx, ServerHalf, Task,
 };
-use flotilla_models::{ModelSpec, View};
+use flotilla_models::{ModelSpec, Net, View};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
@@ -60,11 +62,21 @@ fn mean() -> Aggregator {
     Aggregator::Mean
 }
 
+/// What a FedAvg or FedProx task tells its client besides the model.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProxTask {
+    /// FedProx μ.
+    mu: f64,
+}
+
 /// The server half of FedAvg / FedProx.
 pub struct FedAvg {
     name: String,
     spec: ModelSpec,
     recipe: Recipe,
+    /// FedProx μ (`None` for FedAvg).
+    mu: Option<f64>,
     global: ParamSet,
     aggregator: Aggregator,
     trim: usize,
@@ -80,9 +92,9 @@ impl FedAvg {
         init: ParamSet,
     ) -> Result<Self, EngineError> {
         let opts: Options = crate::common::method_options(exp)?;
-        let mut recipe = exp.training.clone();
+        let recipe = exp.training.clone();
         match (opts.name.as_str(), opts.mu) {
-            ("fedprox", Some(mu)) if mu.is_finite() && mu >= 0.0 => recipe.prox_mu = mu,
+            ("fedprox", Some(mu)) if mu.is_finite() && mu >= 0.0 => {}
             ("fedprox", Some(mu)) => {
                 return Err(EngineError::Config(format!(
                     "`method.mu` must be a non-negative number, got {mu}"
@@ -111,6 +123,7 @@ impl FedAvg {
             ));
         }
         Ok(Self {
+            mu: opts.mu,
             name: opts.name,
             spec,
             recipe,
@@ -134,14 +147,16 @@ impl ServerHalf for FedAvg {
     }
 
     fn plan(&self, ctx: &PhaseCtx, clients: &[ClientInfo]) -> Result<Vec<Assignment>, EngineError> {
-        Ok(plan_full_model(
-            ctx,
-            clients,
-            &self.spec,
-            &self.recipe,
-            &self.global,
-            "",
-        ))
+        let mut plan = plan_full_model(ctx, clients, &self.spec, &self.recipe, &self.global, "");
+        if let Some(mu) = self.mu {
+            let options = serde_json::to_value(ProxTask { mu }).expect("serialisable");
+            for a in &mut plan {
+                if let Assignment::Run(task) = a {
+                    task.options = options.clone();
+                }
+            }
+        }
+        Ok(plan)
     }
 
     fn check_reply(&self, _task: &Task, reply: &Reply) -> Result<(), String> {
@@ -208,6 +223,87 @@ impl ServerHalf for FedAvg {
     }
 }
 
+/// FedProx's local objective (Li et al. 2020): cross-entropy plus (μ/2)‖w − w_global‖² over
+/// the trainable tensors, where w_global is the model the task sent. The proximal term does
+/// not depend on the samples, so micro-batches weighted by their share still sum to the
+/// step's loss.
+pub struct Proximal {
+    mu: f32,
+    /// The received model's tensors, flattened in visiting order, as constants on the
+    /// training device.
+    anchor: Vec<Tensor<1>>,
+    ce: CrossEntropy,
+}
+
+impl Proximal {
+    /// The objective anchored at `task`'s model.
+    pub fn new(task: &Task, mu: f64) -> Result<Self, EngineError> {
+        let device = flotilla_models::training_device();
+        let plain = Net::from_params(
+            &task.model,
+            &task.params,
+            &flotilla_models::compute_device(),
+        )?;
+        let mut f = Flatten::default();
+        plain.visit(&mut f);
+        let anchor = f
+            .values
+            .into_iter()
+            .map(|t| Tensor::from_data(t.into_data(), &device))
+            .collect();
+        Ok(Self {
+            mu: mu as f32,
+            anchor,
+            ce: CrossEntropy::under(&task.view),
+        })
+    }
+}
+
+impl Objective for Proximal {
+    type Step = ();
+
+    fn begin_step(&self, _rng: &mut rand_chacha::ChaCha8Rng) {}
+
+    fn loss(&self, model: &Net, batch: Batch<'_>, step: &()) -> Result<Tensor<1>, EngineError> {
+        let loss = self.ce.loss(model, batch, step)?;
+        if self.mu == 0.0 {
+            return Ok(loss);
+        }
+        let mut f = Flatten::default();
+        model.visit(&mut f);
+        // Frozen tensors equal their anchor: only the trainable ones carry the term.
+        let prox = f
+            .values
+            .into_iter()
+            .zip(&self.anchor)
+            .zip(&f.trainable)
+            .filter(|(_, trainable)| **trainable)
+            .map(|((w, a), _)| (w - a.clone()).square().sum())
+            .reduce(|a, b| a + b);
+        Ok(match prox {
+            Some(prox) => loss + prox * (self.mu / 2.0),
+            None => loss,
+        })
+    }
+}
+
+/// Flattened parameter values in visiting order, and whether each trains (meaningful on the
+/// training device only).
+#[derive(Default)]
+struct Flatten {
+    values: Vec<Tensor<1>>,
+    trainable: Vec<bool>,
+}
+
+impl ModuleVisitor for Flatten {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let t = param.val();
+        self.trainable.push(param.is_require_grad());
+        let n = t.shape().num_elements();
+        self.values.push(t.reshape([n]));
+    }
+}
+
 /// The client half of FedAvg / FedProx: local training of the received model.
 pub struct FedAvgClient;
 
@@ -219,6 +315,17 @@ impl ClientHalf for FedAvgClient {
         ctx: &ClientCtx,
     ) -> Result<Reply, EngineError> {
         crate::common::require_train(task, "fedavg")?;
-        train_task(task, data, ctx)
+        if task.options.is_null() {
+            return train_task(task, data, ctx, &CrossEntropy::under(&task.view));
+        }
+        let opts: ProxTask = serde_json::from_value(task.options.clone())
+            .map_err(|e| EngineError::Task(format!("fedprox task options: {e}")))?;
+        if !(opts.mu.is_finite() && opts.mu >= 0.0) {
+            return Err(EngineError::Task(format!(
+                "fedprox μ must be a non-negative number, got {}",
+                opts.mu
+            )));
+        }
+        train_task(task, data, ctx, &Proximal::new(task, opts.mu)?)
     }
 }

@@ -23,7 +23,7 @@ use crate::common::{check_full_model_reply, plan_full_model, valid_updates};
 use flotilla_core::ParamSet;
 use flotilla_core::aggregate::{self, Contribution};
 use flotilla_core::wire::Mask;
-use flotilla_engine::local::{Recipe, train_task};
+use flotilla_engine::local::{CrossEntropy, Recipe, train_task};
 use flotilla_engine::method::KnownMasks;
 use flotilla_engine::{
     Assignment, ClientCtx, ClientData, ClientHalf, ClientInfo, EngineError, EvalModel, Experiment,
@@ -429,6 +429,6 @@ impl ClientHalf for FedMapClient {
         ctx: &ClientCtx,
     ) -> Result<Reply, EngineError> {
         crate::common::require_train(task, "fedmap")?;
-        train_task(task, data, ctx)
+        train_task(task, data, ctx, &CrossEntropy::under(&task.view))
     }
 }

@@ -5,10 +5,11 @@ mod common;
 use common::reply;
 use flotilla_core::{ParamSet, Tensor};
 use flotilla_data::Dataset;
-use flotilla_engine::local::{self, OptimizerKind, Recipe};
+use flotilla_engine::local::{OptimizerKind, Recipe, TrainJob};
 use flotilla_engine::method::ClientData;
 use flotilla_engine::{Experiment, PhaseCtx, ServerCtx};
 use flotilla_methods::fedavg::FedAvg;
+use flotilla_methods::fedavg::Proximal;
 use flotilla_models::{ModelSpec, Net, View};
 
 const CONFIG: &str = r#"
@@ -126,9 +127,23 @@ fn proximal_term_keeps_local_weights_closer_to_the_global_model() {
             lr: 0.1,
             momentum: 0.0,
             weight_decay: 0.0,
-            prox_mu: mu,
         };
-        let out = local::train(&spec, &View::full(), &global, &data, &recipe, 5)
+        let task = flotilla_engine::Task {
+            round: 1,
+            phase: 0,
+            client: 0,
+            kind: "train".into(),
+            model: spec.clone(),
+            view: View::full(),
+            recipe: recipe.clone(),
+            params: global.clone(),
+            masks: Vec::new(),
+            options: serde_json::Value::Null,
+        };
+        let prox = Proximal::new(&task, mu).unwrap();
+        let out = TrainJob::new(&spec, &View::full(), &global, &data, &recipe, &prox)
+            .seed(5)
+            .train()
             .unwrap()
             .params;
         out.iter()

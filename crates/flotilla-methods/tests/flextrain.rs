@@ -11,13 +11,14 @@ use common::{Rounds, reply, synthetic};
 use flotilla_core::ParamSet;
 use flotilla_core::device::DeviceProfile;
 use flotilla_data::Split;
-use flotilla_engine::local::{DistillOn, Objective, Recipe, TrainMasks, train_with};
+use flotilla_engine::local::{CrossEntropy, Objective, Recipe, TrainJob};
 use flotilla_engine::sink::ClientRecord;
 use flotilla_engine::{
     Assignment, ClientCtx, ClientData, ClientHalf, ClientInfo, Experiment, PhaseCtx, ServerCtx,
     ServerHalf, Simulation, Task,
 };
 use flotilla_methods::fedavg::FedAvg;
+use flotilla_methods::flextrain::{DeviceDepth, DistillOn, SampledDepth};
 use flotilla_methods::flextrain::{FlexTrain, FlexTrainClient};
 use flotilla_models::{ModelSpec, Net, View};
 
@@ -203,31 +204,23 @@ fn recipe() -> Recipe {
         lr: 0.05,
         momentum: 0.9,
         weight_decay: 0.001,
-        prox_mu: 0.0,
     }
 }
 
 /// Local training without masks; panics on error (a test helper).
-fn fit(
+fn fit<O: Objective>(
     spec: &ModelSpec,
     view: &View,
     init: &ParamSet,
     data: &ClientData,
     recipe: &Recipe,
     seed: u64,
-    objective: &Objective,
+    objective: &O,
 ) -> flotilla_engine::local::TrainOutcome {
-    train_with(
-        spec,
-        view,
-        init,
-        data,
-        recipe,
-        seed,
-        &TrainMasks::new(),
-        objective,
-    )
-    .unwrap()
+    TrainJob::new(spec, view, init, data, recipe, objective)
+        .seed(seed)
+        .train()
+        .unwrap()
 }
 
 fn spec() -> ModelSpec {
@@ -242,9 +235,17 @@ fn beta_zero_is_plain_cross_entropy_and_beta_above_zero_is_not() {
     let init = Net::init_params(&spec, 3).unwrap();
     let data = client_data(48, 2);
     let view = View::trainable_prefix(2, 3);
-    let run = |objective: &Objective| fit(&spec, &view, &init, &data, &recipe(), 7, objective);
-    let plain = run(&Objective::CrossEntropy);
-    let device = |beta: f64, on: DistillOn| Objective::DeviceDepth {
+    let plain = fit(
+        &spec,
+        &view,
+        &init,
+        &data,
+        &recipe(),
+        7,
+        &CrossEntropy::under(&view),
+    );
+    let run = |objective: &DeviceDepth| fit(&spec, &view, &init, &data, &recipe(), 7, objective);
+    let device = |beta: f64, on: DistillOn| DeviceDepth {
         depth: 2,
         student: Some(1),
         beta,
@@ -269,7 +270,7 @@ fn beta_zero_is_plain_cross_entropy_and_beta_above_zero_is_not() {
         &data,
         &recipe(),
         7,
-        &Objective::SampledDepth {
+        &SampledDepth {
             pi: vec![0.0, 0.0, 0.0, 1.0],
             beta: 0.0,
             on: DistillOn::Logits,
@@ -282,7 +283,7 @@ fn beta_zero_is_plain_cross_entropy_and_beta_above_zero_is_not() {
         &data,
         &recipe(),
         7,
-        &Objective::CrossEntropy,
+        &CrossEntropy::under(&View::full()),
     );
     assert_eq!(full.params, plain_full.params);
 }
@@ -304,7 +305,7 @@ fn centralized_steps_never_update_blocks_deeper_than_the_drawn_depth() {
         &data,
         &recipe(),
         9,
-        &Objective::SampledDepth {
+        &SampledDepth {
             pi: vec![0.0, 0.5, 0.5, 0.0],
             beta: 0.2,
             on: DistillOn::Logits,
@@ -312,8 +313,8 @@ fn centralized_steps_never_update_blocks_deeper_than_the_drawn_depth() {
     );
     assert_eq!(block_tensors(&out.params, 2), block_tensors(&init, 2));
     assert_ne!(block_tensors(&out.params, 1), block_tensors(&init, 1));
-    assert_eq!(out.depth_steps.keys().copied().collect::<Vec<_>>(), [1, 2]);
-    assert_eq!(out.depth_steps.values().sum::<usize>(), out.steps);
+    assert_eq!(out.step_tally.keys().copied().collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(out.step_tally.values().sum::<usize>(), out.steps);
 }
 
 #[test]
@@ -334,7 +335,7 @@ fn sampled_depths_follow_pi_so_the_trained_share_matches_the_analytic_r_bar() {
             ..recipe()
         },
         11,
-        &Objective::SampledDepth {
+        &SampledDepth {
             pi: pi.clone(),
             beta: 0.0,
             on: DistillOn::Logits,
@@ -344,7 +345,7 @@ fn sampled_depths_follow_pi_so_the_trained_share_matches_the_analytic_r_bar() {
         |k: usize| init.filter(|n| ModelSpec::in_prefix(n, k)).numel() as f64 / init.numel() as f64;
     let analytic: f64 = pi.iter().enumerate().map(|(k, p)| p * share(k)).sum();
     let measured: f64 = out
-        .depth_steps
+        .step_tally
         .iter()
         .map(|(k, n)| *n as f64 * share(*k))
         .sum::<f64>()

@@ -111,6 +111,15 @@ impl Net {
         })
     }
 
+    /// Number of skippable blocks (ResNet and ViT; 0 for the others).
+    pub fn num_blocks(&self) -> usize {
+        match self {
+            Net::ResNet(m) => m.num_blocks(),
+            Net::Vit(m) => m.num_blocks(),
+            _ => 0,
+        }
+    }
+
     /// Builds an input tensor from normalised pixels in CHW order.
     pub fn input(pixels: Vec<f32>, batch: usize, shape: [usize; 3], device: &Device) -> Tensor<4> {
         input_tensor(pixels, batch, shape, device)

@@ -14,10 +14,9 @@
 //! (defaults 6000 and 2; needs `apt-get install dataset-fashion-mnist`.)
 
 use flotilla::data::{self, DatasetKind};
-use flotilla::engine::local::{
-    DistillOn, Objective, OptimizerKind, Recipe, TrainMasks, evaluate_views, train_with,
-};
+use flotilla::engine::local::{OptimizerKind, Recipe, TrainJob, evaluate_views};
 use flotilla::engine::method::ClientData;
+use flotilla::methods::flextrain::{DistillOn, SampledDepth};
 use flotilla::models::{Architecture, ModelSpec, Net, View};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -51,7 +50,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         lr: 0.05,
         momentum: 0.9,
         weight_decay: 0.001,
-        prox_mu: 0.0,
     };
     let depths = [5usize, 6, blocks];
     let mut pi = vec![0.0; blocks + 1];
@@ -60,11 +58,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     pi[blocks] = 0.5;
     let share =
         |k: usize| init.filter(|n| ModelSpec::in_prefix(n, k)).numel() as f64 / init.numel() as f64;
+    // Plain training of the full model is sampled-depth training with all mass on the full
+    // depth and no distillation (a test in flotilla-methods checks that they are equal).
+    let mut full_only = vec![0.0; blocks + 1];
+    full_only[blocks] = 1.0;
     let objectives = [
-        ("Single", Objective::CrossEntropy),
+        (
+            "Single",
+            SampledDepth {
+                pi: full_only,
+                beta: 0.0,
+                on: DistillOn::Logits,
+            },
+        ),
         (
             "FlexTrain",
-            Objective::SampledDepth {
+            SampledDepth {
                 pi: pi.clone(),
                 beta: 0.2,
                 on: DistillOn::Softmax,
@@ -87,26 +96,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     for (name, objective) in &objectives {
         let started = std::time::Instant::now();
-        let out = train_with(
-            &spec,
-            &View::full(),
-            &init,
-            &data,
-            &recipe,
-            1,
-            &TrainMasks::new(),
-            objective,
-        )?;
+        let full = View::full();
+        let out = TrainJob::new(&spec, &full, &init, &data, &recipe, objective)
+            .seed(1)
+            .train()?;
         let results = evaluate_views(&spec, &views, &out.params, &test, &mean, &std)?;
-        let trained: f64 = if out.depth_steps.is_empty() {
-            1.0
-        } else {
-            out.depth_steps
-                .iter()
-                .map(|(k, n)| *n as f64 * share(*k))
-                .sum::<f64>()
-                / out.steps as f64
-        };
+        let trained: f64 = out
+            .step_tally
+            .iter()
+            .map(|(k, n)| *n as f64 * share(*k))
+            .sum::<f64>()
+            / out.steps as f64;
         println!(
             "{name:<10} {}   ({:.0} s, share of parameters trained per step {trained:.3})",
             results

@@ -7,7 +7,7 @@
 //! (defaults 32, 3200 and all cores; prints the samples/s of three runs.)
 
 use flotilla::bench::{client_data, w1_recipe};
-use flotilla::engine::local::train;
+use flotilla::engine::local::{CrossEntropy, TrainJob};
 use flotilla::models::{ModelSpec, Net, View};
 use std::time::Instant;
 
@@ -27,19 +27,16 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         .num_threads(threads)
         .build()?;
     pool.install(|| -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        train(
-            &spec,
-            &View::full(),
-            &params,
-            &client_data(batch, 1),
-            &recipe,
-            0,
-        )?;
+        let view = View::full();
+        let ce = CrossEntropy::under(&view);
+        let warm = client_data(batch, 1);
+        TrainJob::new(&spec, &view, &params, &warm, &recipe, &ce).train()?;
         let data = client_data(samples, 2);
+        let job = TrainJob::new(&spec, &view, &params, &data, &recipe, &ce);
         let runs: Vec<String> = (0..3)
             .map(|_| {
                 let t = Instant::now();
-                train(&spec, &View::full(), &params, &data, &recipe, 0)?;
+                job.train()?;
                 Ok(format!("{:.0}", samples as f64 / t.elapsed().as_secs_f64()))
             })
             .collect::<Result<_, Box<dyn std::error::Error + Send + Sync>>>()?;

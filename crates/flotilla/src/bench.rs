@@ -6,7 +6,7 @@
 use anyhow::{Context, Result};
 use flotilla_data::Dataset;
 use flotilla_engine::alloc::ThreadPeak;
-use flotilla_engine::local::{OptimizerKind, Recipe, evaluate, train};
+use flotilla_engine::local::{CrossEntropy, OptimizerKind, Recipe, TrainJob, evaluate};
 use flotilla_engine::method::ClientData;
 use flotilla_models::{ModelSpec, Net, View, flops};
 use std::path::Path;
@@ -97,7 +97,6 @@ pub fn w1_recipe(batch: usize) -> Recipe {
         lr: 0.01,
         momentum: 0.9,
         weight_decay: 0.0,
-        prox_mu: 0.0,
     }
 }
 
@@ -118,21 +117,18 @@ fn w1_train_runs(batch: usize, samples: usize, threads: usize, runs: usize) -> R
         .num_threads(threads)
         .build()?;
     pool.install(|| -> Result<(f64, u64)> {
+        let (view, recipe) = (View::full(), w1_recipe(batch));
+        let ce = CrossEntropy::under(&view);
         // Warm-up: one batch, so first-call allocations do not count against throughput.
-        train(
-            &spec,
-            &View::full(),
-            &params,
-            &client_data(batch, 1),
-            &w1_recipe(batch),
-            0,
-        )?;
+        let warm = client_data(batch, 1);
+        TrainJob::new(&spec, &view, &params, &warm, &recipe, &ce).train()?;
         let data = client_data(samples, 2);
+        let job = TrainJob::new(&spec, &view, &params, &data, &recipe, &ce);
         let (mut best, mut heap) = (0f64, 0);
         for _ in 0..runs {
             let peak = ThreadPeak::start();
             let t = Instant::now();
-            train(&spec, &View::full(), &params, &data, &w1_recipe(batch), 0)?;
+            job.train()?;
             best = best.max(samples as f64 / t.elapsed().as_secs_f64());
             heap = heap.max(peak.peak_above_start());
         }

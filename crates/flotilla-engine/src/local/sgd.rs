@@ -4,11 +4,11 @@
 //! fresh tensor the size of the parameter, on one thread. For the FedAvg CNN (1.66 M
 //! parameters) that serial work was a fifth of a two-thread training step at batch 32. Here
 //! each parameter is updated in place in one pass, split across the pool's threads, and the
-//! micro-batch gradients of a step (see `local::micro_batch_grads`) and the training masks
-//! are summed and applied inside the same pass.
+//! micro-batch gradients of a step (see `local::micro`), the additive correction and the
+//! training masks are summed and applied inside the same pass.
 //!
 //! The arithmetic is PyTorch's `torch.optim.SGD` (and burn's) without dampening or Nesterov:
-//! `g = mask·Σ parts + wd·p`, `v = μ·v + g` (`v = g` on the first step), `p −= lr·v`.
+//! `g = mask·(Σ parts + c) + wd·p`, `v = μ·v + g` (`v = g` on the first step), `p −= lr·v`.
 
 use burn::backend::Flex;
 use burn::backend::flex::FlexTensor;
@@ -43,24 +43,33 @@ impl FusedSgd {
         }
     }
 
-    /// One step on `model` with the sum of `parts` as gradient; positions where a mask in
-    /// `masks` (burn's layout) is 0 get no gradient. Parameters without a gradient are left
-    /// as they are.
+    /// One step on `model` with the sum of `parts` plus `corrections` as gradient; positions
+    /// where a mask in `masks` (burn's layout) is 0 get no gradient. Parameters without a
+    /// gradient are left as they are.
     pub(crate) fn step<M: burn::module::Module>(
         &mut self,
         model: M,
         parts: &mut [GradientsParams],
         masks: &HashMap<ParamId, Vec<f32>>,
+        corrections: &HashMap<ParamId, Vec<f32>>,
     ) -> M {
         model.map(&mut Update {
             sgd: self,
             parts,
             masks,
+            corrections,
         })
     }
 
     /// The fused update of one parameter's values.
-    fn update(&mut self, id: ParamId, p: &mut [f32], grads: &[&[f32]], mask: Option<&[f32]>) {
+    fn update(
+        &mut self,
+        id: ParamId,
+        p: &mut [f32],
+        grads: &[&[f32]],
+        mask: Option<&[f32]>,
+        correction: Option<&[f32]>,
+    ) {
         let (lr, mu, wd) = (self.lr, self.momentum, self.weight_decay);
         // A fresh velocity of zeros makes the first step v = g exactly; plain SGD keeps none.
         let v = (mu > 0.0).then(|| {
@@ -78,6 +87,11 @@ impl FusedSgd {
             for gr in &grads[1..] {
                 g.iter_mut()
                     .zip(&gr[off..off + n])
+                    .for_each(|(a, x)| *a += x);
+            }
+            if let Some(c) = correction {
+                g.iter_mut()
+                    .zip(&c[off..off + n])
                     .for_each(|(a, x)| *a += x);
             }
             // Masks apply to the loss gradient before weight decay, as when the masked
@@ -119,6 +133,7 @@ struct Update<'a> {
     sgd: &'a mut FusedSgd,
     parts: &'a mut [GradientsParams],
     masks: &'a HashMap<ParamId, Vec<f32>>,
+    corrections: &'a HashMap<ParamId, Vec<f32>>,
 }
 
 impl ModuleMapper for Update<'_> {
@@ -149,7 +164,8 @@ impl ModuleMapper for Update<'_> {
         // In place when this model holds the only reference; a copy otherwise.
         let values = prim.storage_mut::<f32>();
         let mask = self.masks.get(&id).map(Vec::as_slice);
-        self.sgd.update(id, values, &grad_slices, mask);
+        let correction = self.corrections.get(&id).map(Vec::as_slice);
+        self.sgd.update(id, values, &grad_slices, mask, correction);
         let mut updated = Tensor::from_inner(Tensor::<D>::from_primitive::<Flex>(prim));
         if require_grad {
             updated = updated.require_grad();
@@ -262,7 +278,7 @@ mod tests {
                 } else {
                     vec![g]
                 };
-                fused_net = fused.step(fused_net, &mut parts, &masks);
+                fused_net = fused.step(fused_net, &mut parts, &masks, &HashMap::new());
 
                 let mut g = grads_of(&burn_net, &spec, step);
                 if masked {

@@ -24,12 +24,15 @@
 
 use flotilla_core::ParamSet;
 use flotilla_core::aggregate::{self, Contribution, Support};
-use flotilla_engine::local::{DistillOn, Objective, Recipe, estimate_memory, train_task_with};
+use flotilla_engine::local::{Recipe, estimate_memory, train_task};
+
+mod objective;
 use flotilla_engine::{
     Assignment, ClientCtx, ClientData, ClientHalf, ClientInfo, EngineError, EvalModel, Experiment,
     MethodState, PhaseCtx, PhaseEnd, Reply, ServerCtx, ServerHalf, Task,
 };
 use flotilla_models::{ModelSpec, Net, View, flops};
+pub use objective::{DeviceDepth, DistillOn, SampledDepth};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 
@@ -558,12 +561,12 @@ impl ClientHalf for FlexTrainClient {
             params: full,
             ..task.clone()
         };
-        let objective = Objective::DeviceDepth {
+        let objective = DeviceDepth {
             depth: opts.depth,
             student: opts.student,
             beta: opts.beta,
             on: opts.distill_on,
         };
-        train_task_with(&filled, data, ctx, &objective)
+        train_task(&filled, data, ctx, &objective)
     }
 }

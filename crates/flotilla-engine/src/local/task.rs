@@ -1,0 +1,94 @@
+//! The standard client step: check the memory budget, train, reply with the trainable tensors
+//! and the measured resources.
+
+use super::job::TrainJob;
+use super::objective::Objective;
+use crate::EngineError;
+use crate::alloc::ThreadPeak;
+use crate::method::{ClientCtx, ClientData, Reply, Resources, Task};
+use crate::recipe::Recipe;
+use flotilla_core::{ParamSet, seed};
+use flotilla_models::memory::{self, MemoryEstimate};
+use flotilla_models::{ModelSpec, View, flops};
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+/// Counts trainable and total parameters of `params` under `view`.
+pub fn param_counts(params: &ParamSet, view: &View) -> (usize, usize) {
+    let total = params.numel();
+    let trainable = params
+        .iter()
+        .filter(|t| !view.is_frozen(&t.name))
+        .map(|t| t.numel())
+        .sum();
+    (total, trainable)
+}
+
+/// The analytic memory estimate of training `params` of `spec` under `view` with `recipe`.
+pub fn estimate_memory(
+    spec: &ModelSpec,
+    view: &View,
+    params: &ParamSet,
+    recipe: &Recipe,
+) -> MemoryEstimate {
+    let (total, trainable) = param_counts(params, view);
+    memory::estimate(
+        spec,
+        view,
+        recipe.batch_size,
+        total,
+        trainable,
+        recipe.optimizer_state(),
+    )
+}
+
+/// The standard client step of training methods: refuse a task over the device's memory
+/// budget, train the task's model under its view with `objective` (the client's masks held
+/// at zero), and reply with the trainable tensors, `train_loss` and the measured resources.
+pub fn train_task<O: Objective>(
+    task: &Task,
+    data: &ClientData,
+    ctx: &ClientCtx,
+    objective: &O,
+) -> Result<Reply, EngineError> {
+    let started = Instant::now();
+    let estimate = estimate_memory(&task.model, &task.view, &task.params, &task.recipe);
+    if estimate.total() > ctx.profile.memory_bytes {
+        return Err(EngineError::OverBudget(format!(
+            "training needs about {:.1} MiB but the device allows {:.1} MiB",
+            estimate.total() as f64 / 1048576.0,
+            ctx.profile.memory_bytes as f64 / 1048576.0
+        )));
+    }
+    let peak = ThreadPeak::start();
+    let shuffle = seed::derive(ctx.seed, task.round, task.client, seed::Purpose::Shuffle);
+    let out = TrainJob::new(
+        &task.model,
+        &task.view,
+        &task.params,
+        data,
+        &task.recipe,
+        objective,
+    )
+    .seed(shuffle)
+    .masks(&ctx.masks)
+    .train()?;
+    let params = out.params.filter(|n| !task.view.is_frozen(n));
+    let peak_memory_bytes = peak.peak_above_start();
+    let mut metrics = BTreeMap::new();
+    metrics.insert("train_loss".to_string(), out.mean_loss);
+    Ok(Reply {
+        round: task.round,
+        phase: task.phase,
+        client: task.client,
+        num_examples: data.train.len() as u64,
+        params,
+        metrics,
+        resources: Resources {
+            peak_memory_bytes,
+            estimated_memory_bytes: estimate.total(),
+            flops: flops::training(&task.model, &task.view, out.samples),
+            wall_time_s: started.elapsed().as_secs_f64(),
+        },
+    })
+}
