@@ -9,6 +9,7 @@ pub mod driver;
 mod error;
 pub mod local;
 pub mod method;
+pub mod server_data;
 mod sgd;
 pub mod sim;
 pub mod sink;
