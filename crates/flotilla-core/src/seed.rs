@@ -24,6 +24,8 @@ pub enum Purpose {
     Method = 7,
     /// Server-side training.
     Server = 8,
+    /// Drawing the training samples held out for the server (`[server_data] source = "holdout"`).
+    ServerData = 9,
 }
 
 /// SplitMix64 finaliser: a cheap, well-mixed bijection on u64.

@@ -67,6 +67,15 @@ impl DatasetKind {
         10
     }
 
+    /// Number of training samples in the official release (what [`crate::load`] reads from
+    /// complete files); configs check sizes against it before any file is opened.
+    pub fn train_len(&self) -> usize {
+        match self {
+            DatasetKind::FashionMnist | DatasetKind::Mnist => 60_000,
+            DatasetKind::Cifar10 => 50_000,
+        }
+    }
+
     /// Per-channel mean and standard deviation of the training pixels (in `[0, 1]` units).
     pub fn normalization(&self) -> (Vec<f32>, Vec<f32>) {
         match self {

@@ -445,6 +445,7 @@ fn real_fashion_mnist_if_installed() {
     }
     let split = load(DatasetKind::FashionMnist, &dir).unwrap();
     assert_eq!(split.train.len(), 60000);
+    assert_eq!(split.train.len(), DatasetKind::FashionMnist.train_len());
     assert_eq!(split.test.len(), 10000);
     assert_eq!(split.train.shape, [1, 28, 28]);
     assert_eq!(split.train.images.len(), 60000 * 784);

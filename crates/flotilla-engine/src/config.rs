@@ -78,6 +78,9 @@ pub struct Experiment {
     /// Network server settings (`flotilla serve`).
     #[serde(default)]
     pub server: ServerConfig,
+    /// Data of the server's own, handed to the method during aggregation (`[server_data]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_data: Option<ServerDataConfig>,
     /// Method name and its own options (checked by the method).
     pub method: toml::Table,
 }
@@ -228,10 +231,20 @@ pub struct SimulationConfig {
     /// Checkpoint every N rounds (0 = only at the end).
     #[serde(default = "five")]
     pub checkpoint_every: u64,
+    /// Speed of the server's own computation in GFLOP/s (like `fleet.tiers[].gflops`): the
+    /// FLOPs a method reports for its server-side work (`ServerCtx::add_flops`) add
+    /// FLOPs / speed to the round's simulated time. The default, 1000 (1 TFLOP/s), is ten
+    /// times an unlimited client device, about a multi-core server CPU or a small GPU.
+    #[serde(default = "server_gflops")]
+    pub server_gflops: f64,
 }
 
 fn five() -> u64 {
     5
+}
+
+fn server_gflops() -> f64 {
+    1000.0
 }
 
 impl Default for SimulationConfig {
@@ -239,6 +252,7 @@ impl Default for SimulationConfig {
         Self {
             workers: 0,
             checkpoint_every: 5,
+            server_gflops: server_gflops(),
         }
     }
 }
@@ -296,6 +310,59 @@ impl Default for ServerConfig {
             max_message_mib: max_message_mib(),
         }
     }
+}
+
+/// Where the server's own data comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", try_from = "String")]
+pub enum ServerDataSource {
+    /// `size` samples of the training set (after `data.train_limit`), drawn with the run seed
+    /// and given to no client: the clients' partition covers only the rest.
+    Holdout,
+    /// A pair of IDX files (`images`, `labels`), e.g. written by a generator.
+    Idx,
+}
+
+impl TryFrom<String> for ServerDataSource {
+    type Error = String;
+
+    // By hand so that an unknown source names its key (serde's message names only the value).
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "holdout" => Ok(Self::Holdout),
+            "idx" => Ok(Self::Idx),
+            _ => Err(format!(
+                "`server_data.source = \"{s}\"` is not a source: use \"holdout\" (a slice of the training set no client gets) or \"idx\" (a pair of IDX files)"
+            )),
+        }
+    }
+}
+
+/// `[server_data]`: data the server half may train on during aggregation (a proxy set for
+/// distillation, FedTSA's stage 2). Relative paths start from the working directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerDataConfig {
+    /// `holdout` or `idx`.
+    pub source: ServerDataSource,
+    /// Holdout: samples held out (required). IDX: use only the first N (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<usize>,
+    /// Whether the method may read the labels. Unlabelled data reaches the method with
+    /// `ServerCtx::server_data_labelled` false and every label withheld (read as 0).
+    #[serde(default = "yes")]
+    pub labelled: bool,
+    /// IDX: image file, `[count, height, width]` or `[count, channels, height, width]` bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images: Option<PathBuf>,
+    /// IDX: label file, `[count]` bytes below the dataset's class count (may be left out
+    /// when `labelled = false`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<PathBuf>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Experiment {
@@ -470,6 +537,16 @@ impl Experiment {
                 format!("must be a positive number of seconds, got {d}"),
             );
         }
+        let gflops = self.simulation.server_gflops;
+        if !(gflops.is_finite() && gflops > 0.0) {
+            return bad(
+                "simulation.server_gflops",
+                format!("must be a positive number of GFLOP/s, got {gflops}"),
+            );
+        }
+        if let Some(sd) = &self.server_data {
+            self.check_server_data(sd)?;
+        }
         match self.method.get("name") {
             Some(toml::Value::String(_)) => Ok(()),
             _ => bad(
@@ -477,6 +554,76 @@ impl Experiment {
                 "is required, e.g. name = \"fedavg\" (available: fedavg, fedprox)".into(),
             ),
         }
+    }
+
+    /// `[server_data]` checks that need no file: the keys each source takes, and a held-out
+    /// slice that leaves every client at least one sample.
+    fn check_server_data(&self, sd: &ServerDataConfig) -> Result<(), EngineError> {
+        let bad = |key: &str, msg: String| Err(EngineError::Config(format!("`{key}` {msg}")));
+        if sd.size == Some(0) {
+            return bad("server_data.size", "must be at least 1 when set".into());
+        }
+        match sd.source {
+            ServerDataSource::Holdout => {
+                for (key, set) in [
+                    ("server_data.images", sd.images.is_some()),
+                    ("server_data.labels", sd.labels.is_some()),
+                ] {
+                    if set {
+                        return bad(
+                            key,
+                            "applies to source = \"idx\" only; a holdout comes from the training set (remove the key, or set source = \"idx\")".into(),
+                        );
+                    }
+                }
+                let Some(size) = sd.size else {
+                    return bad(
+                        "server_data.size",
+                        "is required with source = \"holdout\": the number of training samples held out for the server, e.g. size = 6000".into(),
+                    );
+                };
+                let ds = self.data.dataset;
+                let total = self
+                    .data
+                    .train_limit
+                    .map_or(ds.train_len(), |l| l.min(ds.train_len()));
+                let clients = self.data.num_clients;
+                if size.saturating_add(clients) > total {
+                    return bad(
+                        "server_data.size",
+                        format!(
+                            "is {size}, but the training set has {total} samples ({ds}{}) and the {clients} clients need at least one each; choose at most {}{}",
+                            if self.data.train_limit.is_some() {
+                                ", after data.train_limit"
+                            } else {
+                                ""
+                            },
+                            total.saturating_sub(clients),
+                            if self.data.train_limit.is_some() {
+                                " or raise data.train_limit"
+                            } else {
+                                ""
+                            },
+                        ),
+                    );
+                }
+            }
+            ServerDataSource::Idx => {
+                if sd.images.is_none() {
+                    return bad(
+                        "server_data.images",
+                        "is required with source = \"idx\": the path of an IDX image file (e.g. written by a generator)".into(),
+                    );
+                }
+                if sd.labels.is_none() && sd.labelled {
+                    return bad(
+                        "server_data.labels",
+                        "is required with source = \"idx\" and labelled = true: the path of an IDX label file; or set labelled = false to give the method the images only".into(),
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The method name.
@@ -594,6 +741,106 @@ name = "fedavg"
         assert!(err.contains("depth"), "{err}");
         let back = Experiment::from_toml(&toml::to_string(&e).unwrap()).unwrap();
         assert_eq!(back, e);
+    }
+
+    #[test]
+    fn server_data_parses_and_is_written_back() {
+        let text =
+            format!("{BASE}\n[server_data]\nsource = \"holdout\"\nsize = 6000\nlabelled = false\n");
+        let e = Experiment::from_toml(&text).unwrap();
+        let sd = e.server_data.as_ref().unwrap();
+        assert_eq!(sd.source, ServerDataSource::Holdout);
+        assert_eq!((sd.size, sd.labelled), (Some(6000), false));
+        assert_eq!(e.simulation.server_gflops, 1000.0);
+        // The resolved config (config.toml in the run directory) shows the section.
+        let resolved = toml::to_string(&e).unwrap();
+        assert!(resolved.contains("[server_data]"), "{resolved}");
+        assert!(resolved.contains("server_gflops"), "{resolved}");
+        assert_eq!(Experiment::from_toml(&resolved).unwrap(), e);
+        // Without the section nothing is written.
+        let plain = toml::to_string(&Experiment::from_toml(BASE).unwrap()).unwrap();
+        assert!(!plain.contains("server_data"), "{plain}");
+
+        let idx = format!(
+            "{BASE}\n[server_data]\nsource = \"idx\"\nimages = \"gen/images.idx\"\nlabels = \"gen/labels.idx\"\n"
+        );
+        let e = Experiment::from_toml(&idx).unwrap();
+        let sd = e.server_data.unwrap();
+        assert_eq!(sd.source, ServerDataSource::Idx);
+        assert!(sd.labelled);
+        assert_eq!(sd.images.unwrap(), PathBuf::from("gen/images.idx"));
+    }
+
+    #[test]
+    fn server_data_errors_name_the_key() {
+        let sd = |body: &str| format!("{BASE}\n[server_data]\n{body}\n");
+        for (text, key, hint) in [
+            (
+                sd("source = \"holdout\""),
+                "server_data.size",
+                "size = 6000",
+            ),
+            (
+                sd("source = \"holdout\"\nsize = 59995"),
+                "server_data.size",
+                "at most 59990",
+            ),
+            (
+                BASE.replace("num_clients = 10", "num_clients = 10\ntrain_limit = 500")
+                    + "\n[server_data]\nsource = \"holdout\"\nsize = 500\n",
+                "server_data.size",
+                "data.train_limit",
+            ),
+            (
+                sd("source = \"holdout\"\nsize = 0"),
+                "server_data.size",
+                "at least 1",
+            ),
+            (
+                sd("source = \"holdout\"\nsize = 10\nimages = \"a.idx\""),
+                "server_data.images",
+                "source = \"idx\"",
+            ),
+            (
+                sd("source = \"idx\""),
+                "server_data.images",
+                "IDX image file",
+            ),
+            (
+                sd("source = \"idx\"\nimages = \"a.idx\""),
+                "server_data.labels",
+                "labelled = false",
+            ),
+            (
+                sd("source = \"holdout\"\nsize = 10\nlabeled = true"),
+                "labeled",
+                "",
+            ),
+            (
+                BASE.replace("[method]", "[simulation]\nserver_gflops = 0\n[method]"),
+                "simulation.server_gflops",
+                "positive",
+            ),
+        ] {
+            let err = Experiment::from_toml(&text).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(hint), "{key}: {err}");
+        }
+        // An unknown source is named with the ones that exist.
+        let err = Experiment::from_toml(&sd("source = \"generator\"\nsize = 10"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("server_data.source")
+                && err.contains("generator")
+                && err.contains("holdout")
+                && err.contains("idx"),
+            "{err}"
+        );
+        // Unlabelled IDX images need no label file.
+        Experiment::from_toml(&sd(
+            "source = \"idx\"\nimages = \"a.idx\"\nlabelled = false",
+        ))
+        .unwrap();
     }
 
     #[test]

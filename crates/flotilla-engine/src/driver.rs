@@ -14,6 +14,7 @@ use crate::method::{
     Assignment, ClientData, ClientInfo, EvalModel, KnownMasks, MethodState, PhaseCtx, PhaseEnd,
     Reply, ServerCtx, ServerHalf, Task,
 };
+use crate::server_data::ServerData;
 use crate::sink::{ClientRecord, Event, RoundRecord, Sink};
 use flotilla_core::device::DeviceProfile;
 use flotilla_core::seed::{self, Purpose};
@@ -105,7 +106,7 @@ pub struct Driver {
     pools: Vec<rayon::ThreadPool>,
     /// Fingerprints of the masks each client holds (only clients that were sent some).
     client_masks: HashMap<u64, BTreeMap<String, u64>>,
-    server_data: Option<ClientData>,
+    server_data: Option<ServerData>,
     next_round: u64,
     totals: Totals,
     /// Clients already told to the server half ([`ServerHalf::observe`]).
@@ -126,6 +127,12 @@ struct Totals {
     /// Set when the evaluated models carry device counts.
     #[serde(default)]
     last_mean_device_accuracy: Option<f64>,
+    /// Server-side FLOPs the method reported (absent in older checkpoints).
+    #[serde(default)]
+    server_flops: f64,
+    /// Wall time of the server half's planning and aggregation (absent in older checkpoints).
+    #[serde(default)]
+    server_wall_s: f64,
 }
 
 impl Driver {
@@ -180,9 +187,10 @@ impl Driver {
     }
 
     /// Gives the server half data of its own (a proxy or synthetic set) for server-side
-    /// training during aggregation; it must be disjoint from the clients' data.
-    pub fn set_server_data(&mut self, data: ClientData) {
-        self.server_data = Some(data);
+    /// training during aggregation; it must be disjoint from the clients' data. A plain
+    /// [`ClientData`] is labelled; [`ServerData::from_config`] reads `[server_data]`.
+    pub fn set_server_data(&mut self, data: impl Into<ServerData>) {
+        self.server_data = Some(data.into());
     }
 
     /// Tells the server half about `clients` it has not seen yet.
@@ -349,6 +357,8 @@ impl Driver {
             "total_bytes_up": t.bytes_up,
             "total_bytes_down": t.bytes_down,
             "total_flops": t.flops,
+            "total_server_flops": t.server_flops,
+            "server_wall_s": t.server_wall_s,
             "peak_client_memory_bytes": t.peak_client_memory_bytes,
             "sim_time_s": t.sim_time_s,
             "wall_time_s": t.wall_time_s,
@@ -446,6 +456,10 @@ impl Driver {
         let mut phase = 0u32;
         let mut round_sim = 0.0f64;
         let mut train_wall = 0.0f64;
+        // The server half's own work: wall time of its plan and aggregate calls, and the
+        // FLOPs it reports through ServerCtx.
+        let mut server_wall = 0.0f64;
+        let mut server_flops = 0.0f64;
         loop {
             let ctx = PhaseCtx {
                 round,
@@ -453,7 +467,9 @@ impl Driver {
                 seed: self.exp.seed,
             };
             let infos: Vec<ClientInfo> = active.iter().map(|&c| fleet.info(c)).collect();
+            let plan_started = Instant::now();
             let plan = self.server.plan(&ctx, &infos)?;
+            server_wall += plan_started.elapsed().as_secs_f64();
             let mut tasks = Vec::new();
             for (info, a) in infos.iter().zip(plan) {
                 match a {
@@ -519,16 +535,29 @@ impl Driver {
                 );
                 break;
             }
-            let mut server_ctx = ServerCtx {
-                server_data: self.server_data.as_ref(),
-            };
+            let mut server_ctx = ServerCtx::new(
+                self.server_data.as_ref().map(|d| &d.data),
+                self.server_data.as_ref().is_some_and(|d| d.labelled),
+            );
+            let aggregate_started = Instant::now();
             let end = self.server.aggregate(&ctx, &replies, &mut server_ctx)?;
+            server_wall += aggregate_started.elapsed().as_secs_f64();
+            let flops = server_ctx.flops();
+            if !(flops.is_finite() && flops >= 0.0) {
+                return Err(EngineError::Method(format!(
+                    "`{}` reported {flops} server FLOPs in round {round} phase {phase}; ServerCtx::add_flops takes finite, non-negative counts",
+                    self.server.name()
+                )));
+            }
+            server_flops += flops;
             active = replies.iter().map(|r| r.client).collect();
             match end {
                 PhaseEnd::RoundComplete => break,
                 PhaseEnd::NextPhase => phase += 1,
             }
         }
+        // The server computes after the clients' replies are in, so its time adds to the round.
+        round_sim += server_flops / (self.exp.simulation.server_gflops * 1e9);
         let clients: Vec<ClientRecord> = records.into_values().collect();
         let ok_count = clients.iter().filter(|c| c.status == "ok").count();
         let train_losses: Vec<f64> = clients
@@ -628,6 +657,8 @@ impl Driver {
                 .max()
                 .unwrap_or(0),
             flops: clients.iter().map(|c| c.flops).sum(),
+            server_flops,
+            server_wall_s: server_wall,
             extra,
         };
         let t = &mut self.totals;
@@ -636,6 +667,8 @@ impl Driver {
         t.sim_time_s += record.sim_time_s;
         t.wall_time_s += record.wall_time_s;
         t.flops += record.flops;
+        t.server_flops += record.server_flops;
+        t.server_wall_s += record.server_wall_s;
         t.peak_client_memory_bytes = t
             .peak_client_memory_bytes
             .max(record.peak_client_memory_bytes);

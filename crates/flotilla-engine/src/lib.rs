@@ -10,7 +10,7 @@ mod error;
 pub mod local;
 pub mod method;
 pub mod recipe;
-
+pub mod server_data;
 pub mod sim;
 pub mod sink;
 

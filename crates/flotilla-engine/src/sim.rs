@@ -11,6 +11,7 @@ use crate::EngineError;
 use crate::config::Experiment;
 use crate::driver::{ClientRun, Driver, Fleet, Prepared, ReplyCheck, blank_record, judge_reply};
 use crate::method::{ClientCtx, ClientData, ClientHalf, ClientInfo, KnownMasks, ServerHalf};
+use crate::server_data::{self, ServerData};
 use crate::sink::Sink;
 use flotilla_core::ParamSet;
 use flotilla_core::device::{self, DeviceProfile};
@@ -44,7 +45,8 @@ pub struct LocalFleet {
 }
 
 impl Simulation {
-    /// Loads data, partitions it, builds the fleet and checks that some client fits the plan.
+    /// Loads data, partitions it, builds the fleet, reads the configured server data (given to
+    /// the method during aggregation) and checks that some client fits the plan.
     pub fn new(
         exp: Experiment,
         data: Split,
@@ -60,8 +62,12 @@ impl Simulation {
             exp.simulation.workers
         };
         let (fleet, test) = LocalFleet::new(&exp, data, client, workers)?;
+        let server_data = ServerData::from_config(&exp, &fleet.train)?;
         let checkpoint_every = exp.simulation.checkpoint_every;
         let mut driver = Driver::new(exp, test, server, run_dir, workers)?;
+        if let Some(d) = server_data {
+            driver.set_server_data(d);
+        }
         driver.check_fleet((0..fleet.parts.len() as u64).map(|c| fleet.info(c)))?;
         Ok(Self {
             driver,
@@ -76,8 +82,9 @@ impl Simulation {
     }
 
     /// Gives the server half data of its own (a proxy or synthetic set) for server-side
-    /// training during aggregation; it must be disjoint from the clients' data.
-    pub fn set_server_data(&mut self, data: ClientData) {
+    /// training during aggregation, replacing what `[server_data]` configured; it must be
+    /// disjoint from the clients' data. A plain [`ClientData`] is labelled.
+    pub fn set_server_data(&mut self, data: impl Into<ServerData>) {
         self.driver.set_server_data(data);
     }
 
@@ -111,7 +118,8 @@ impl Simulation {
 
 impl LocalFleet {
     /// Partitions the training set of `data` over the configured clients (after the
-    /// configured limits) and builds their profiles; returns the fleet and the test set.
+    /// configured limits, without the server's held-out slice) and builds their profiles;
+    /// returns the fleet and the test set.
     pub fn new(
         exp: &Experiment,
         data: Split,
@@ -125,13 +133,7 @@ impl LocalFleet {
         if let Some(n) = exp.data.test_limit {
             data.test = data.test.take_first(n);
         }
-        let parts = flotilla_data::partition(
-            &data.train.labels,
-            data.train.num_classes,
-            exp.data.num_clients,
-            &exp.data.partition,
-            seed::derive(exp.seed, 0, 0, Purpose::Partition),
-        )?;
+        let parts = partition_clients(exp, &data.train)?;
         let profiles = build_fleet(exp)?;
         let (mean, std) = exp.data.dataset.normalization();
         Ok((
@@ -324,6 +326,40 @@ impl Fleet for LocalFleet {
             .collect::<Result<Vec<_>, _>>()?;
         Ok((runs, critical_path))
     }
+}
+
+/// The clients' partition of `train` (the training set after `data.train_limit`): sample
+/// indices into `train`, one list per client. With `[server_data] source = "holdout"` only the
+/// samples outside the server's slice ([`server_data::holdout_indices`]) are partitioned; without
+/// it the partition is that of the whole set.
+pub fn partition_clients(
+    exp: &Experiment,
+    train: &Dataset,
+) -> Result<Vec<Vec<usize>>, EngineError> {
+    let seed = seed::derive(exp.seed, 0, 0, Purpose::Partition);
+    let held = server_data::holdout_indices(exp, train.len())?;
+    let (n, spec) = (exp.data.num_clients, &exp.data.partition);
+    if held.is_empty() {
+        return Ok(flotilla_data::partition(
+            &train.labels,
+            train.num_classes,
+            n,
+            spec,
+            seed,
+        )?);
+    }
+    // Partition the remaining samples as a dataset of their own, then map back.
+    let mut is_held = vec![false; train.len()];
+    for &i in &held {
+        is_held[i] = true;
+    }
+    let rest: Vec<usize> = (0..train.len()).filter(|&i| !is_held[i]).collect();
+    let labels: Vec<u8> = rest.iter().map(|&i| train.labels[i]).collect();
+    let parts = flotilla_data::partition(&labels, train.num_classes, n, spec, seed)?;
+    Ok(parts
+        .into_iter()
+        .map(|p| p.into_iter().map(|j| rest[j]).collect())
+        .collect())
 }
 
 /// A client's partition split into (training, held-out) indices, deterministic from the seed.

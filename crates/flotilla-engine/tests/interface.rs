@@ -307,6 +307,12 @@ impl ServerHalf for Showcase {
             )?
             .params;
             seen.server_trained = self.mlp != before;
+            // One epoch over the server's data, on the server's clock.
+            server.add_flops(flotilla_models::flops::training(
+                &ModelSpec::mlp_2nn(),
+                &View::full(),
+                data.train.len(),
+            ));
         }
         Ok(PhaseEnd::RoundComplete)
     }
@@ -485,6 +491,9 @@ lr = 0.05
 clients_per_round = 5
 [simulation]
 checkpoint_every = 0
+[server_data]
+source = "holdout"
+size = 100
 [method]
 name = "showcase"
 "#;
@@ -515,14 +524,8 @@ fn every_capability_travels_through_the_interface() {
         frozen_checked: frozen.clone(),
     });
     let dir = tempfile::tempdir().unwrap();
+    // The server's 100 samples are held out of the 400 by `[server_data]`.
     let mut sim = Simulation::new(exp, split, Box::new(server), client, dir.path()).unwrap();
-    let (mean, std) = (vec![0.2860], vec![0.3530]);
-    sim.set_server_data(ClientData {
-        train: synthetic(100, 3),
-        holdout: synthetic(0, 3),
-        mean,
-        std,
-    });
     let mut rounds = Collect(Vec::new());
     sim.run(&mut [&mut rounds]).unwrap();
 
@@ -565,6 +568,16 @@ fn every_capability_travels_through_the_interface() {
         record.extra.contains_key("test_accuracy/resnet")
             && record.extra.contains_key("test_accuracy/mlp")
     );
-    // server-side training happened on the server's data
+    // server-side training happened on the server's data, held out of the clients' 400
     assert!(seen.server_trained);
+    assert_eq!(
+        clients.iter().map(|c| c.num_examples).sum::<u64>(),
+        300,
+        "clients train on what the server's slice leaves"
+    );
+    assert_eq!(
+        record.server_flops,
+        flotilla_models::flops::training(&ModelSpec::mlp_2nn(), &View::full(), 100)
+    );
+    assert!(record.server_wall_s > 0.0);
 }

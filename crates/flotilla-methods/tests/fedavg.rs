@@ -60,13 +60,8 @@ fn fedavg_weights_by_examples_and_refuses_bad_updates() {
         reply(2, wrong, 100),
         reply(3, scaled(&init, 1e9), 0),
     ];
-    flotilla_engine::ServerHalf::aggregate(
-        &mut server,
-        &ctx,
-        &replies,
-        &mut ServerCtx { server_data: None },
-    )
-    .unwrap();
+    flotilla_engine::ServerHalf::aggregate(&mut server, &ctx, &replies, &mut ServerCtx::default())
+        .unwrap();
     // (1·1 + 3·4) / 4 = 3.25; the wrong-layout and zero-example replies are refused
     assert!(
         server

@@ -379,7 +379,7 @@ fn aggregation_with_every_device_at_full_depth_is_fedavg() {
         reply(0, perturbed(&init, 0.01), 30),
         reply(1, perturbed(&init, -0.02), 10),
     ];
-    let mut sctx = ServerCtx { server_data: None };
+    let mut sctx = ServerCtx::default();
     fedavg.aggregate(&ctx(), &replies, &mut sctx).unwrap();
     flex.aggregate(&ctx(), &replies, &mut sctx).unwrap();
     for (a, b) in fedavg.global().iter().zip(flex.global().iter()) {
@@ -413,7 +413,7 @@ fn deep_blocks_shrink_toward_the_global_under_the_papers_rule_and_not_under_hold
             reply(0, plus_one(&init), 1),
             reply(1, shallow(&plus_one(&init)), 3),
         ];
-        s.aggregate(&ctx(), &replies, &mut ServerCtx { server_data: None })
+        s.aggregate(&ctx(), &replies, &mut ServerCtx::default())
             .unwrap();
         for (new, old) in deep(s.global()).iter().zip(deep(&init).iter()) {
             for (x, y) in new.data.iter().zip(&old.data) {
@@ -467,7 +467,7 @@ fn fedsmall_trains_the_weakest_depth_and_fedclass_keeps_classes_apart() {
     // Only the depth-3 class replies: the depth-2 class model must not move.
     let r = reply(1, perturbed(&ts[1].params, 0.5), 10);
     class
-        .aggregate(&ctx(), &[r], &mut ServerCtx { server_data: None })
+        .aggregate(&ctx(), &[r], &mut ServerCtx::default())
         .unwrap();
     let after = class.eval_models();
     let by_label = |v: &[flotilla_engine::EvalModel], l: &str| {

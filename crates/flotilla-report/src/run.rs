@@ -59,6 +59,14 @@ pub struct RoundRecord {
     /// Training FLOPs of this round summed over clients (`null` reads as NaN).
     #[serde(deserialize_with = "f64_or_nan")]
     pub flops: f64,
+    /// FLOPs the method reported for its server-side work in this round (0 when none, and in
+    /// runs written before the field existed; `null` reads as NaN).
+    #[serde(default, deserialize_with = "f64_or_nan")]
+    pub server_flops: f64,
+    /// Wall-clock time of the server half's planning and aggregation in this round, in
+    /// seconds (0 in runs written before the field existed; `null` reads as NaN).
+    #[serde(default, deserialize_with = "f64_or_nan")]
+    pub server_wall_s: f64,
     /// Every other field of the line, kept as is.
     #[serde(flatten)]
     pub extra: Map<String, Value>,

@@ -164,6 +164,24 @@ fn round_record_round_trips_with_extra_fields() {
 }
 
 #[test]
+fn server_cost_fields_default_to_zero_in_older_runs() {
+    // A line written before `server_flops` and `server_wall_s` existed.
+    let old = r#"{"round":1,"test_accuracy":0.5,"test_loss":1.0,"train_loss":null,"clients":2,"bytes_up":1,"bytes_down":1,"sim_time_s":1.0,"wall_time_s":0.5,"peak_client_memory_bytes":0,"flops":1e6}"#;
+    let record: RoundRecord = serde_json::from_str(old).unwrap();
+    assert_eq!((record.server_flops, record.server_wall_s), (0.0, 0.0));
+    assert!(record.extra.is_empty());
+
+    let mut new: Value = serde_json::from_str(old).unwrap();
+    new["server_flops"] = json!(2.5e9);
+    new["server_wall_s"] = json!(0.25);
+    let record: RoundRecord = serde_json::from_value(new).unwrap();
+    assert_eq!((record.server_flops, record.server_wall_s), (2.5e9, 0.25));
+    assert!(record.extra.is_empty(), "{:?}", record.extra);
+    let written = serde_json::to_value(&record).unwrap();
+    assert_eq!(written["server_flops"], json!(2.5e9));
+}
+
+#[test]
 fn client_record_round_trips_and_null_float_reads_as_nan() {
     let value = client_line(2, 1);
     let mut with_extra = value.clone();

@@ -447,14 +447,8 @@ fn partition(config: &Path, data_dir: Option<&Path>, json: bool) -> Result<()> {
         Some(n) => data.train.take_first(n),
         None => data.train,
     };
-    let seed = flotilla_core::seed::derive(exp.seed, 0, 0, flotilla_core::seed::Purpose::Partition);
-    let parts = flotilla_data::partition(
-        &train.labels,
-        train.num_classes,
-        exp.data.num_clients,
-        &exp.data.partition,
-        seed,
-    )?;
+    // The simulator's partition, which leaves out a server holdout slice.
+    let parts = flotilla_engine::sim::partition_clients(&exp, &train)?;
     let summary = flotilla_data::summarize(&parts, &train.labels, train.num_classes);
     if json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -463,6 +457,10 @@ fn partition(config: &Path, data_dir: Option<&Path>, json: bool) -> Result<()> {
             "{} over {} clients ({})",
             exp.data.dataset, exp.data.num_clients, exp.data.partition
         );
+        let held = flotilla_engine::server_data::holdout_indices(&exp, train.len())?.len();
+        if held > 0 {
+            println!("{held} training samples held out for the server ([server_data])");
+        }
         println!("{summary}");
     }
     Ok(())

@@ -4,6 +4,7 @@ use crate::cli::{Progress, fresh_run_dir, load_config, load_data, write_outputs}
 use anyhow::{Context, Result, bail};
 use flotilla_core::device::{DeviceProfile, TierSpec};
 use flotilla_core::safetensors_io;
+use flotilla_engine::server_data::ServerData;
 use flotilla_engine::sim::{CHECKPOINT_DIR, LocalFleet};
 use flotilla_engine::sink::MetricsFiles;
 use flotilla_engine::{ClientData, Driver};
@@ -155,10 +156,20 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     if let Some(n) = exp.data.test_limit {
         test = test.take_first(n);
     }
+    // The server's own data; a held-out slice is drawn from the training set exactly as the
+    // clients' `join --partition` leaves it out.
+    let server_data = match exp.data.train_limit {
+        Some(n) => ServerData::from_config(&exp, &data.train.take_first(n))?,
+        None => ServerData::from_config(&exp, &data.train)?,
+    };
+    drop(data.train);
     let (server_half, _) = flotilla_methods::build(&exp)?;
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let resolved = toml::to_string(&exp).context("cannot serialise the config")?;
     let mut driver = Driver::new(exp, test, server_half, &dir, workers)?;
+    if let Some(d) = server_data {
+        driver.set_server_data(d);
+    }
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create the run directory {}", dir.display()))?;
     let keep = if resuming {

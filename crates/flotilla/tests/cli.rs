@@ -657,6 +657,127 @@ fn partition_summarises_a_dirichlet_split() {
     );
 }
 
+#[test]
+fn server_holdout_is_left_out_of_the_partition_and_shown_in_the_run() {
+    if !have_data("server_holdout_is_left_out_of_the_partition_and_shown_in_the_run") {
+        return;
+    }
+    let tmp = TempDir::new().unwrap();
+    let body = format!("{TINY}\n[server_data]\nsource = \"holdout\"\nsize = 400\n");
+    let cfg = write_config(tmp.path(), "held.toml", &body);
+    let table = success(
+        &flotilla(tmp.path(), &["partition", "--config", s(&cfg)]),
+        "partition",
+    );
+    assert!(
+        table.contains("400 training samples held out for the server"),
+        "{table}"
+    );
+    let json = success(
+        &flotilla(tmp.path(), &["partition", "--config", s(&cfg), "--json"]),
+        "partition --json",
+    );
+    let v: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        v["total_samples"], 1600,
+        "2,000 minus the server's 400: {v}"
+    );
+
+    let run = tmp.path().join("run");
+    success(
+        &flotilla(
+            tmp.path(),
+            &[
+                "simulate",
+                "--config",
+                s(&cfg),
+                "--out",
+                s(&run),
+                "--set",
+                "rounds=1",
+                "--set",
+                "sampling.clients_per_round=10",
+            ],
+        ),
+        "simulate with a server holdout",
+    );
+    let resolved = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(
+        resolved.contains("[server_data]") && resolved.contains("size = 400"),
+        "{resolved}"
+    );
+    let examples: u64 = read_jsonl(&run.join("clients.jsonl"))
+        .iter()
+        .map(|c| c["num_examples"].as_u64().unwrap())
+        .sum();
+    assert_eq!(examples, 1600);
+    // FedAvg does no server-side training: no server FLOPs, nothing added to the clock.
+    let m = &read_jsonl(&run.join("metrics.jsonl"))[0];
+    assert_eq!(m["server_flops"], 0.0, "{m}");
+    assert!(m["server_wall_s"].as_f64().unwrap() >= 0.0, "{m}");
+
+    // A slice the training set cannot spare, and a file that is not there, are named.
+    let out = flotilla(
+        tmp.path(),
+        &[
+            "simulate",
+            "--config",
+            s(&cfg),
+            "--out",
+            "big",
+            "--set",
+            "server_data.size=1995",
+        ],
+    );
+    assert_clean_error(
+        &out,
+        "server_data.size=1995",
+        &["server_data.size", "data.train_limit", "at most 1990"],
+    );
+    let out = flotilla(
+        tmp.path(),
+        &[
+            "simulate",
+            "--config",
+            s(&cfg),
+            "--out",
+            "idx",
+            "--set",
+            "server_data.source=idx",
+            "--set",
+            "server_data.images=generated/images.idx",
+            "--set",
+            "server_data.labelled=false",
+        ],
+    );
+    assert_clean_error(
+        &out,
+        "missing server_data.images",
+        &[
+            "server_data.images",
+            "generated/images.idx",
+            "does not exist",
+        ],
+    );
+    let out = flotilla(
+        tmp.path(),
+        &[
+            "simulate",
+            "--config",
+            s(&cfg),
+            "--out",
+            "gen",
+            "--set",
+            "server_data.source=generator",
+        ],
+    );
+    assert_clean_error(
+        &out,
+        "unknown source",
+        &["server_data.source", "generator", "holdout", "idx"],
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // 5. Determinism across worker counts.
 // ---------------------------------------------------------------------------------------------
@@ -704,6 +825,7 @@ fn results_do_not_depend_on_the_worker_count() {
         "train_wall_s",
         "eval_wall_s",
         "overhead_s",
+        "server_wall_s",
         "peak_client_memory_bytes",
     ];
     let (m1, m2) = (

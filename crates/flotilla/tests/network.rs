@@ -1,7 +1,8 @@
 //! Integration tests of the network deployment: a real `flotilla serve` and real
 //! `flotilla join` processes on loopback (ephemeral ports).
 //!
-//! * a normal run gives the same metrics and the same model as `simulate` with the same config;
+//! * a normal run gives the same metrics and the same model as `simulate` with the same config,
+//!   also with training samples held out for the server (`[server_data]`);
 //! * FedMap (masks on the wire) also matches `simulate` over the network;
 //! * a client killed mid-round fails that round, the round completes with the others;
 //! * the server killed (SIGKILL) after a checkpoint and restarted on the same state folder
@@ -281,6 +282,7 @@ const DRIVER_DEPENDENT: &[&str] = &[
     "train_wall_s",
     "eval_wall_s",
     "overhead_s",
+    "server_wall_s",
     "sim_time_s",
     "bytes_up",
     "bytes_down",
@@ -328,13 +330,16 @@ fn network_run_matches_simulate() {
         return;
     }
     let tmp = TempDir::new().unwrap();
+    // 300 of the 1,500 training images are the server's: `join --partition` must leave out
+    // the same slice as the simulator, or the trajectories part.
+    let body = format!("{NET}\n[server_data]\nsource = \"holdout\"\nsize = 300\n");
     let Served {
         mut server,
         mut clients,
         config,
         state,
         ..
-    } = serve_with_clients(tmp.path(), NET, 3);
+    } = serve_with_clients(tmp.path(), &body, 3);
     server.expect_success();
     for c in &mut clients {
         c.expect_success();
@@ -347,6 +352,17 @@ fn network_run_matches_simulate() {
     let sim = simulate(tmp.path(), &config, &tmp.path().join("simulated"));
     assert_same_as_simulate(&state, &sim);
     assert_bytes_cover_the_simulators(&state, &sim);
+    let examples: u64 = read_jsonl(&state.join("clients.jsonl"))
+        .iter()
+        .filter(|c| c["round"] == 1)
+        .map(|c| c["num_examples"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        examples, 1200,
+        "the clients hold the 1,500 minus the server's 300"
+    );
+    let resolved = std::fs::read_to_string(state.join("config.toml")).unwrap();
+    assert!(resolved.contains("[server_data]"), "{resolved}");
     for f in [
         "config.toml",
         "clients.jsonl",

@@ -44,7 +44,7 @@ name = "fedavg"
 "#;
 
 /// Keys every line of metrics.jsonl must hold.
-pub const METRIC_KEYS: [&str; 11] = [
+pub const METRIC_KEYS: [&str; 13] = [
     "round",
     "test_accuracy",
     "test_loss",
@@ -56,6 +56,8 @@ pub const METRIC_KEYS: [&str; 11] = [
     "wall_time_s",
     "peak_client_memory_bytes",
     "flops",
+    "server_flops",
+    "server_wall_s",
 ];
 
 /// Whether the packaged dataset is installed; prints a note when it is not.
