@@ -465,6 +465,7 @@ impl Experiment {
             input: self.data.dataset.input_shape(),
             classes: self.data.dataset.num_classes(),
             width: self.model.width,
+            ranks: Default::default(),
         }
     }
 

@@ -79,6 +79,7 @@ fn estimate_tracks_measurement() {
         input: [1, 28, 28],
         classes: 10,
         width: 1.0,
+        ranks: Default::default(),
     };
     let vit = ModelSpec {
         arch: Architecture::Vit {
@@ -91,6 +92,7 @@ fn estimate_tracks_measurement() {
         input: [1, 28, 28],
         classes: 10,
         width: 1.0,
+        ranks: Default::default(),
     };
     let cases = [
         (
@@ -187,4 +189,126 @@ fn measurement_counts_every_micro_batch_thread() {
         (two as f64) <= one as f64 + 1.3 * gradients as f64,
         "two threads measured {two} bytes, one thread {one}"
     );
+}
+
+fn frozen(names: Vec<String>, active: Option<Vec<bool>>) -> View {
+    View {
+        active_blocks: active,
+        frozen: names,
+    }
+}
+
+fn report(name: &str, measured: u64, estimated: u64) -> f64 {
+    let ratio = measured as f64 / estimated as f64;
+    eprintln!(
+        "{name:24} measured {:8.2} MiB  estimated {:8.2} MiB  ratio {ratio:.2}",
+        measured as f64 / 1048576.0,
+        estimated as f64 / 1048576.0
+    );
+    ratio
+}
+
+/// Frozen layers before the first trainable tensor run without an autodiff graph: their
+/// outputs are computed from tensors that need no gradient, so burn tracks nothing and keeps
+/// nothing for them (FLL's frozen encoder prefix). The estimate leaves them out, and the
+/// measured peak falls well below training the same layers.
+#[test]
+fn frozen_prefix_keeps_no_activations() {
+    // FLL on a ViT: depth 8, stage s trains block s and the head; blocks 0..s and the
+    // embedding are frozen, deeper blocks are not run yet.
+    let (depth, s) = (8, 6);
+    let vit = ModelSpec {
+        arch: Architecture::Vit {
+            patch: 7,
+            dim: 96,
+            depth,
+            heads: 4,
+            mlp_ratio: 2,
+        },
+        input: [1, 28, 28],
+        classes: 10,
+        width: 1.0,
+        ranks: Default::default(),
+    };
+    let names: Vec<String> = Net::init_params(&vit, 0)
+        .unwrap()
+        .names()
+        .map(String::from)
+        .collect();
+    for n in [
+        "patch_embed.weight",
+        "cls_token",
+        "pos_embed",
+        "blocks.0.attn.q.weight",
+        "norm.weight",
+        "head.weight",
+    ] {
+        assert!(names.iter().any(|x| x == n), "{n} not in {names:?}");
+    }
+    let mut stem: Vec<String> = ["patch_embed", "cls_token", "pos_embed"]
+        .map(String::from)
+        .to_vec();
+    stem.extend((0..s).map(|k| format!("blocks.{k}")));
+    stem.extend((s + 1..depth).map(|k| format!("blocks.{k}")));
+    let active = Some((0..depth).map(|k| k <= s).collect());
+    let vit_stage = frozen(stem, active);
+    let vit_all = View::trainable_prefix(s + 1, depth);
+
+    // A ResNet-14 training its last stage only.
+    let resnet = ModelSpec {
+        arch: Architecture::Resnet {
+            blocks_per_stage: 2,
+        },
+        input: [1, 28, 28],
+        classes: 10,
+        width: 1.0,
+        ranks: Default::default(),
+    };
+    let mut prefix: Vec<String> = ["conv1", "norm1"].map(String::from).to_vec();
+    prefix.extend((0..4).map(|k| format!("blocks.{k}")));
+    let resnet_stage = frozen(prefix, None);
+
+    let mut ratios = Vec::new();
+    let mut pairs = Vec::new();
+    for (name, spec, view, full, r) in [
+        (
+            "vit8 stage 6 b64",
+            &vit,
+            &vit_stage,
+            &vit_all,
+            recipe(64, OptimizerKind::Sgd, 0.9),
+        ),
+        (
+            "vit8 stage 6 b32 adam",
+            &vit,
+            &vit_stage,
+            &vit_all,
+            recipe(32, OptimizerKind::Adam, 0.0),
+        ),
+        (
+            "resnet14 last stage b32",
+            &resnet,
+            &resnet_stage,
+            &View::full(),
+            recipe(32, OptimizerKind::Sgd, 0.9),
+        ),
+    ] {
+        let (m, e) = measure(spec, view, &r);
+        ratios.push(report(name, m, e));
+        let (mf, ef) = measure(spec, full, &r);
+        ratios.push(report(&format!("  same, all trained"), mf, ef));
+        pairs.push((name, m, mf));
+    }
+    for ratio in ratios {
+        assert!(
+            (0.7..=1.3).contains(&ratio),
+            "estimate off by a factor of {ratio}"
+        );
+    }
+    for (name, prefix, full) in pairs {
+        assert!(
+            (prefix as f64) < 0.6 * full as f64,
+            "{name}: the frozen prefix measured {prefix} bytes, training everything {full}"
+        );
+    }
 }

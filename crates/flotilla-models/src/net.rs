@@ -296,6 +296,7 @@ mod tests {
                 input: [1, 28, 28],
                 classes: 10,
                 width: 0.5,
+                ranks: Default::default(),
             },
             ModelSpec {
                 arch: Architecture::Vit {
@@ -308,6 +309,7 @@ mod tests {
                 input: [1, 28, 28],
                 classes: 10,
                 width: 1.0,
+                ranks: Default::default(),
             },
         ]
     }
@@ -395,6 +397,7 @@ mod tests {
             input: [1, 28, 28],
             classes: 10,
             width: 0.5,
+            ranks: Default::default(),
         };
         let p = Net::init_params(&spec, 0).unwrap();
         let x = || {
