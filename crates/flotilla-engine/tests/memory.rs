@@ -312,3 +312,66 @@ fn frozen_prefix_keeps_no_activations() {
         );
     }
 }
+
+/// FeDLRT's coefficient step trains S (and the biases) with the bases U and V frozen: U and V
+/// get no gradient and no optimizer state. A factored 784-512-512-10 MLP (both hidden layers
+/// rank 32) against the dense one, and against the same factored model with U and V trained.
+#[test]
+fn frozen_bases_hold_no_gradient_or_optimizer_state() {
+    let dense = ModelSpec {
+        arch: Architecture::Mlp {
+            hidden: vec![512, 512],
+        },
+        input: [1, 28, 28],
+        classes: 10,
+        width: 1.0,
+        ranks: Default::default(),
+    };
+    let factored = ModelSpec {
+        ranks: [("layers.0".to_string(), 32), ("layers.1".to_string(), 32)].into(),
+        ..dense.clone()
+    };
+    let bases: Vec<String> = ["layers.0.U", "layers.0.V", "layers.1.U", "layers.1.V"]
+        .map(String::from)
+        .to_vec();
+    let p = Net::init_params(&factored, 0).unwrap();
+    let basis_values: usize = bases.iter().map(|n| p.get(n).unwrap().numel()).sum();
+    let coefficient_step = frozen(bases, None);
+    for (name, r, state) in [
+        ("sgd+m", recipe(32, OptimizerKind::Sgd, 0.9), 2),
+        // Adam: gradient, two moments, and the new value beside the old one
+        ("adam", recipe(32, OptimizerKind::Adam, 0.0), 4),
+    ] {
+        let (md, ed) = measure(&dense, &View::full(), &r);
+        let (mf, ef) = measure(&factored, &coefficient_step, &r);
+        let (ma, ea) = measure(&factored, &View::full(), &r);
+        let ratios = [
+            report(&format!("mlp 512x2 dense {name}"), md, ed),
+            report(&format!("  rank 32, S only {name}"), mf, ef),
+            report(&format!("  rank 32, all {name}"), ma, ea),
+        ];
+        for ratio in ratios {
+            assert!(
+                (0.7..=1.3).contains(&ratio),
+                "estimate off by a factor of {ratio}"
+            );
+        }
+        assert!(
+            (mf as f64) < 0.3 * md as f64,
+            "{name}: the factored coefficient step measured {mf} bytes, the dense model {md}"
+        );
+        // Training U and V as well adds their gradient and optimizer state; frozen, they had
+        // none. (Peaks are not additive, so the difference falls somewhat short of it.)
+        let expected = (4 * state * basis_values) as f64;
+        let extra = ma as f64 - mf as f64;
+        eprintln!(
+            "  U and V trained add {:.3} MiB; their gradient and state are {:.3} MiB",
+            extra / 1048576.0,
+            expected / 1048576.0
+        );
+        assert!(
+            (0.5..=1.3).contains(&(extra / expected)),
+            "{name}: training U and V added {extra} bytes, their gradient and state are {expected}"
+        );
+    }
+}

@@ -431,6 +431,7 @@ impl Vit {
 
 /// Builds the architecture of `spec`.
 pub(crate) fn build_arch(spec: &ModelSpec, b: &mut Builder) -> Result<crate::Net, ModelError> {
+    b.set_ranks(&spec.ranks);
     Ok(match &spec.arch {
         Architecture::Cnn => crate::Net::Cnn(Cnn::build(spec, b)?),
         Architecture::Mlp { hidden } => crate::Net::Mlp(Mlp::build(spec, hidden, b)?),
