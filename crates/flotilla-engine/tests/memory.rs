@@ -296,7 +296,7 @@ fn frozen_prefix_keeps_no_activations() {
         let (m, e) = measure(spec, view, &r);
         ratios.push(report(name, m, e));
         let (mf, ef) = measure(spec, full, &r);
-        ratios.push(report(&format!("  same, all trained"), mf, ef));
+        ratios.push(report("  same, all trained", mf, ef));
         pairs.push((name, m, mf));
     }
     for ratio in ratios {
