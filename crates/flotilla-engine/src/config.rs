@@ -641,6 +641,7 @@ impl Experiment {
             input: self.data.dataset.input_shape(),
             classes: self.data.dataset.num_classes(),
             width: self.model.width,
+            ranks: Default::default(),
         }
     }
 

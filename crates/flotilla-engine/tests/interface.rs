@@ -73,6 +73,7 @@ fn resnet(width: f64) -> ModelSpec {
         input: [1, 28, 28],
         classes: 10,
         width,
+        ranks: Default::default(),
     }
 }
 

@@ -80,6 +80,7 @@ fn estimate_tracks_measurement() {
         input: [1, 28, 28],
         classes: 10,
         width: 1.0,
+        ranks: Default::default(),
     };
     let vit = ModelSpec {
         arch: Architecture::Vit {
@@ -92,6 +93,7 @@ fn estimate_tracks_measurement() {
         input: [1, 28, 28],
         classes: 10,
         width: 1.0,
+        ranks: Default::default(),
     };
     let cases = [
         (
@@ -188,4 +190,189 @@ fn measurement_counts_every_micro_batch_thread() {
         (two as f64) <= one as f64 + 1.3 * gradients as f64,
         "two threads measured {two} bytes, one thread {one}"
     );
+}
+
+fn frozen(names: Vec<String>, active: Option<Vec<bool>>) -> View {
+    View {
+        active_blocks: active,
+        frozen: names,
+    }
+}
+
+fn report(name: &str, measured: u64, estimated: u64) -> f64 {
+    let ratio = measured as f64 / estimated as f64;
+    eprintln!(
+        "{name:24} measured {:8.2} MiB  estimated {:8.2} MiB  ratio {ratio:.2}",
+        measured as f64 / 1048576.0,
+        estimated as f64 / 1048576.0
+    );
+    ratio
+}
+
+/// Frozen layers before the first trainable tensor run without an autodiff graph: their
+/// outputs are computed from tensors that need no gradient, so burn tracks nothing and keeps
+/// nothing for them (FLL's frozen encoder prefix). The estimate leaves them out, and the
+/// measured peak falls well below training the same layers.
+#[test]
+fn frozen_prefix_keeps_no_activations() {
+    // FLL on a ViT: depth 8, stage s trains block s and the head; blocks 0..s and the
+    // embedding are frozen, deeper blocks are not run yet.
+    let (depth, s) = (8, 6);
+    let vit = ModelSpec {
+        arch: Architecture::Vit {
+            patch: 7,
+            dim: 96,
+            depth,
+            heads: 4,
+            mlp_ratio: 2,
+        },
+        input: [1, 28, 28],
+        classes: 10,
+        width: 1.0,
+        ranks: Default::default(),
+    };
+    let names: Vec<String> = Net::init_params(&vit, 0)
+        .unwrap()
+        .names()
+        .map(String::from)
+        .collect();
+    for n in [
+        "patch_embed.weight",
+        "cls_token",
+        "pos_embed",
+        "blocks.0.attn.q.weight",
+        "norm.weight",
+        "head.weight",
+    ] {
+        assert!(names.iter().any(|x| x == n), "{n} not in {names:?}");
+    }
+    let mut stem: Vec<String> = ["patch_embed", "cls_token", "pos_embed"]
+        .map(String::from)
+        .to_vec();
+    stem.extend((0..s).map(|k| format!("blocks.{k}")));
+    stem.extend((s + 1..depth).map(|k| format!("blocks.{k}")));
+    let active = Some((0..depth).map(|k| k <= s).collect());
+    let vit_stage = frozen(stem, active);
+    let vit_all = View::trainable_prefix(s + 1, depth);
+
+    // A ResNet-14 training its last stage only.
+    let resnet = ModelSpec {
+        arch: Architecture::Resnet {
+            blocks_per_stage: 2,
+        },
+        input: [1, 28, 28],
+        classes: 10,
+        width: 1.0,
+        ranks: Default::default(),
+    };
+    let mut prefix: Vec<String> = ["conv1", "norm1"].map(String::from).to_vec();
+    prefix.extend((0..4).map(|k| format!("blocks.{k}")));
+    let resnet_stage = frozen(prefix, None);
+
+    let mut ratios = Vec::new();
+    let mut pairs = Vec::new();
+    for (name, spec, view, full, r) in [
+        (
+            "vit8 stage 6 b64",
+            &vit,
+            &vit_stage,
+            &vit_all,
+            recipe(64, OptimizerKind::Sgd, 0.9),
+        ),
+        (
+            "vit8 stage 6 b32 adam",
+            &vit,
+            &vit_stage,
+            &vit_all,
+            recipe(32, OptimizerKind::Adam, 0.0),
+        ),
+        (
+            "resnet14 last stage b32",
+            &resnet,
+            &resnet_stage,
+            &View::full(),
+            recipe(32, OptimizerKind::Sgd, 0.9),
+        ),
+    ] {
+        let (m, e) = measure(spec, view, &r);
+        ratios.push(report(name, m, e));
+        let (mf, ef) = measure(spec, full, &r);
+        ratios.push(report("  same, all trained", mf, ef));
+        pairs.push((name, m, mf));
+    }
+    for ratio in ratios {
+        assert!(
+            (0.7..=1.3).contains(&ratio),
+            "estimate off by a factor of {ratio}"
+        );
+    }
+    for (name, prefix, full) in pairs {
+        assert!(
+            (prefix as f64) < 0.6 * full as f64,
+            "{name}: the frozen prefix measured {prefix} bytes, training everything {full}"
+        );
+    }
+}
+
+/// FeDLRT's coefficient step trains S (and the biases) with the bases U and V frozen: U and V
+/// get no gradient and no optimizer state. A factored 784-512-512-10 MLP (both hidden layers
+/// rank 32) against the dense one, and against the same factored model with U and V trained.
+#[test]
+fn frozen_bases_hold_no_gradient_or_optimizer_state() {
+    let dense = ModelSpec {
+        arch: Architecture::Mlp {
+            hidden: vec![512, 512],
+        },
+        input: [1, 28, 28],
+        classes: 10,
+        width: 1.0,
+        ranks: Default::default(),
+    };
+    let factored = ModelSpec {
+        ranks: [("layers.0".to_string(), 32), ("layers.1".to_string(), 32)].into(),
+        ..dense.clone()
+    };
+    let bases: Vec<String> = ["layers.0.U", "layers.0.V", "layers.1.U", "layers.1.V"]
+        .map(String::from)
+        .to_vec();
+    let p = Net::init_params(&factored, 0).unwrap();
+    let basis_values: usize = bases.iter().map(|n| p.get(n).unwrap().numel()).sum();
+    let coefficient_step = frozen(bases, None);
+    for (name, r, state) in [
+        ("sgd+m", recipe(32, OptimizerKind::Sgd, 0.9), 2),
+        // Adam: gradient, two moments, and the new value beside the old one
+        ("adam", recipe(32, OptimizerKind::Adam, 0.0), 4),
+    ] {
+        let (md, ed) = measure(&dense, &View::full(), &r);
+        let (mf, ef) = measure(&factored, &coefficient_step, &r);
+        let (ma, ea) = measure(&factored, &View::full(), &r);
+        let ratios = [
+            report(&format!("mlp 512x2 dense {name}"), md, ed),
+            report(&format!("  rank 32, S only {name}"), mf, ef),
+            report(&format!("  rank 32, all {name}"), ma, ea),
+        ];
+        for ratio in ratios {
+            assert!(
+                (0.7..=1.3).contains(&ratio),
+                "estimate off by a factor of {ratio}"
+            );
+        }
+        assert!(
+            (mf as f64) < 0.3 * md as f64,
+            "{name}: the factored coefficient step measured {mf} bytes, the dense model {md}"
+        );
+        // Training U and V as well adds their gradient and optimizer state; frozen, they had
+        // none. (Peaks are not additive, so the difference falls somewhat short of it.)
+        let expected = (4 * state * basis_values) as f64;
+        let extra = ma as f64 - mf as f64;
+        eprintln!(
+            "  U and V trained add {:.3} MiB; their gradient and state are {:.3} MiB",
+            extra / 1048576.0,
+            expected / 1048576.0
+        );
+        assert!(
+            (0.5..=1.3).contains(&(extra / expected)),
+            "{name}: training U and V added {extra} bytes, their gradient and state are {expected}"
+        );
+    }
 }

@@ -101,6 +101,7 @@ fn micro_batches_match_one_thread() {
         input: [1, 28, 28],
         classes: 10,
         width: 0.25,
+        ranks: Default::default(),
     };
     let data = ClientData {
         train: synthetic(42, 1),

@@ -23,6 +23,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 input: [1, 28, 28],
                 classes: 10,
                 width: 1.0,
+                ranks: Default::default(),
             },
         ),
         (
@@ -38,6 +39,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 input: [1, 28, 28],
                 classes: 10,
                 width: 1.0,
+                ranks: Default::default(),
             },
         ),
     ];

@@ -28,12 +28,16 @@ impl Cnn {
         })
     }
 
-    pub(crate) fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+    /// The hidden layer after its ReLU, `[batch, 512·width]`: what `fc2` reads.
+    pub(crate) fn features(&self, x: Tensor<4>) -> Tensor<2> {
         let x = self.conv1.forward_relu_pool2(x);
         let x = self.conv2.forward_relu_pool2(x);
         let [b, c, h, w] = x.dims();
-        let x = relu(self.fc1.forward(x.reshape([b, c * h * w])));
-        self.fc2.forward(x)
+        relu(self.fc1.forward(x.reshape([b, c * h * w])))
+    }
+
+    pub(crate) fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        self.fc2.forward(self.features(x))
     }
 }
 
@@ -62,17 +66,21 @@ impl Mlp {
         Ok(Self { layers })
     }
 
-    pub(crate) fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+    /// The last hidden layer after its ReLU (the flattened input when there is no hidden
+    /// layer): what the output layer reads.
+    pub(crate) fn features(&self, x: Tensor<4>) -> Tensor<2> {
         let [b, c, h, w] = x.dims();
         let mut x = x.reshape([b, c * h * w]);
         let last = self.layers.len() - 1;
-        for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(x);
-            if i < last {
-                x = relu(x);
-            }
+        for layer in &self.layers[..last] {
+            x = relu(layer.forward(x));
         }
         x
+    }
+
+    pub(crate) fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        let last = self.layers.len() - 1;
+        self.layers[last].forward(self.features(x))
     }
 }
 
@@ -194,7 +202,9 @@ impl ResNet {
         })
     }
 
-    pub(crate) fn forward(&self, x: Tensor<4>, view: &View) -> Tensor<2> {
+    /// The globally average-pooled output of the last stage, `[batch, 64·width]`: what `fc`
+    /// reads.
+    pub(crate) fn features(&self, x: Tensor<4>, view: &View) -> Tensor<2> {
         let mut x = relu(self.norm1.forward(self.conv1.forward(x)));
         for (k, block) in self.blocks.iter().enumerate() {
             x = if view.block_active(k) {
@@ -203,13 +213,20 @@ impl ResNet {
                 block.shortcut(x)
             };
         }
-        self.head(x)
+        Self::pool(x)
+    }
+
+    pub(crate) fn forward(&self, x: Tensor<4>, view: &View) -> Tensor<2> {
+        self.fc.forward(self.features(x, view))
+    }
+
+    fn pool(x: Tensor<4>) -> Tensor<2> {
+        let [b, c, h, w] = x.dims();
+        x.reshape([b, c, h * w]).mean_dim(2).reshape([b, c])
     }
 
     fn head(&self, x: Tensor<4>) -> Tensor<2> {
-        let [b, c, h, w] = x.dims();
-        let pooled = x.reshape([b, c, h * w]).mean_dim(2).reshape([b, c]);
-        self.fc.forward(pooled)
+        self.fc.forward(Self::pool(x))
     }
 
     pub(crate) fn num_blocks(&self) -> usize {
@@ -358,21 +375,28 @@ impl Vit {
         })
     }
 
-    pub(crate) fn forward(&self, x: Tensor<4>, view: &View) -> Tensor<2> {
+    /// The class token after the final LayerNorm, `[batch, dim·width]`: what `head` reads.
+    pub(crate) fn features(&self, x: Tensor<4>, view: &View) -> Tensor<2> {
         let mut x = self.embed(x);
         for (k, block) in self.blocks.iter().enumerate() {
             if view.block_active(k) {
                 x = block.forward(x);
             }
         }
-        self.classify(x)
+        self.class_token(x)
+    }
+
+    pub(crate) fn forward(&self, x: Tensor<4>, view: &View) -> Tensor<2> {
+        self.head.forward(self.features(x, view))
+    }
+
+    fn class_token(&self, x: Tensor<3>) -> Tensor<2> {
+        let [b, _, d] = x.dims();
+        self.norm.forward(x).narrow(1, 0, 1).reshape([b, d])
     }
 
     fn classify(&self, x: Tensor<3>) -> Tensor<2> {
-        let [b, _, d] = x.dims();
-        let x = self.norm.forward(x);
-        let cls_out = x.narrow(1, 0, 1).reshape([b, d]);
-        self.head.forward(cls_out)
+        self.head.forward(self.class_token(x))
     }
 
     fn embed(&self, x: Tensor<4>) -> Tensor<3> {
@@ -407,6 +431,7 @@ impl Vit {
 
 /// Builds the architecture of `spec`.
 pub(crate) fn build_arch(spec: &ModelSpec, b: &mut Builder) -> Result<crate::Net, ModelError> {
+    b.set_ranks(&spec.ranks);
     Ok(match &spec.arch {
         Architecture::Cnn => crate::Net::Cnn(Cnn::build(spec, b)?),
         Architecture::Mlp { hidden } => crate::Net::Mlp(Mlp::build(spec, hidden, b)?),

@@ -1411,6 +1411,7 @@ mod tests {
             input: [1, 28, 28],
             classes: 10,
             width: 0.25,
+            ranks: Default::default(),
         };
         let vit = ModelSpec {
             arch: Architecture::Vit {
@@ -1423,6 +1424,7 @@ mod tests {
             input: [1, 28, 28],
             classes: 10,
             width: 1.0,
+            ranks: Default::default(),
         };
         for spec in [ModelSpec::fedavg_cnn(), ModelSpec::mlp_2nn(), resnet, vit] {
             let params = Net::init_params(&spec, 3).expect("params");

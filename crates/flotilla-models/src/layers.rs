@@ -1,6 +1,8 @@
 //! Layers holding burn parameters directly, so that names and layouts are ours to choose
 //! (PyTorch's), and a builder that creates them from a seeded init or from a ParamSet.
 
+use std::collections::BTreeMap;
+
 use burn::module::{Module, Param};
 use burn::tensor::{Device, Tensor, TensorData};
 use flotilla_core::ParamSet;
@@ -25,6 +27,8 @@ pub(crate) struct Builder<'a> {
     prefix: Vec<String>,
     /// Names consumed from a `Source::Params`, to detect unused tensors.
     pub(crate) used: usize,
+    /// Linear layers built in factored form, by full name → rank (`ModelSpec::ranks`).
+    ranks: BTreeMap<String, usize>,
 }
 
 impl<'a> Builder<'a> {
@@ -34,7 +38,13 @@ impl<'a> Builder<'a> {
             device: device.clone(),
             prefix: Vec::new(),
             used: 0,
+            ranks: BTreeMap::new(),
         }
+    }
+
+    /// Builds the linear layers named in `ranks` in factored form.
+    pub(crate) fn set_ranks(&mut self, ranks: &BTreeMap<String, usize>) {
+        self.ranks = ranks.clone();
     }
 
     /// Runs `f` with `name` pushed on the prefix.
@@ -106,20 +116,49 @@ impl<'a> Builder<'a> {
         (0..n).map(|_| rng.random_range(-bound..=bound)).collect()
     }
 
-    /// A linear layer `in → out` with PyTorch's default init U(±1/√in).
+    /// A linear layer `in → out` with PyTorch's default init U(±1/√in); factored when the
+    /// rank map names it.
+    ///
+    /// A factored layer starts from the same seeded dense draw as the dense layer (so every
+    /// other tensor of the model keeps its initial values) and keeps its truncated SVD: U and
+    /// V hold the leading singular vectors (orthonormal columns, as FeDLRT's shared bases
+    /// need) and S the leading singular values on its diagonal, so U S Vᵀ is the best rank-r
+    /// approximation of the dense initialisation (Eckart–Young).
     pub(crate) fn dense(
         &mut self,
         name: &str,
         inp: usize,
         out: usize,
     ) -> Result<Dense, ModelError> {
+        let rank = self.ranks.get(&self.full_name(name)).copied();
         self.scope(name, |b| {
             let bound = 1.0 / (inp as f32).sqrt();
-            let weight = b.param("weight", [out, inp], true, |r, n| {
-                Self::uniform(r, n, bound)
-            })?;
-            let bias = b.param("bias", [out], false, |r, n| Self::uniform(r, n, bound))?;
-            Ok(Dense { weight, bias })
+            let layer = match rank {
+                None => Dense::Full(FullDense {
+                    weight: b.param("weight", [out, inp], true, |r, n| {
+                        Self::uniform(r, n, bound)
+                    })?,
+                    bias: b.param("bias", [out], false, |r, n| Self::uniform(r, n, bound))?,
+                }),
+                Some(r) => {
+                    let init = match &mut b.source {
+                        Source::Init(rng) => Some(crate::factored::truncated_svd(
+                            &Self::uniform(rng, out * inp, bound),
+                            [out, inp],
+                            r,
+                        )),
+                        Source::Params(_) => None,
+                    };
+                    let (u, s, v) = init.unwrap_or_default();
+                    Dense::Factored(Factored {
+                        U: b.param("U", [out, r], true, |_, _| u)?,
+                        S: b.param("S", [r, r], true, |_, _| s)?,
+                        V: b.param("V", [inp, r], true, |_, _| v)?,
+                        bias: b.param("bias", [out], false, |r, n| Self::uniform(r, n, bound))?,
+                    })
+                }
+            };
+            Ok(layer)
         })
     }
 
@@ -181,22 +220,61 @@ impl<'a> Builder<'a> {
     }
 }
 
-/// Fully connected layer; weight stored `[in, out]` (exported as PyTorch's `[out, in]`).
+/// A fully connected layer, dense or factored. The variant is not part of tensor names.
 #[derive(Module, Debug)]
-pub struct Dense {
+pub enum Dense {
+    /// One weight matrix.
+    Full(FullDense),
+    /// W = U S Vᵀ (FeDLRT's low-rank layer).
+    Factored(Factored),
+}
+
+/// Dense weight stored `[in, out]` (exported as PyTorch's `[out, in]`).
+#[derive(Module, Debug)]
+pub struct FullDense {
     pub(crate) weight: Param<Tensor<2>>,
     pub(crate) bias: Param<Tensor<1>>,
+}
+
+pub use factors::Factored;
+
+// The field names are the tensor names (`<layer>.U`, `.S`, `.V`), hence upper case; the
+// module scopes the lint's exception to them and to the code derived from them.
+#[allow(non_snake_case)]
+mod factors {
+    use burn::module::{Module, Param};
+    use burn::tensor::Tensor;
+
+    /// Factors of W = U S Vᵀ. Like every matrix here each is stored transposed and exported
+    /// in PyTorch's layout: `U` `[out, r]` is stored `[r, out]`, `S` `[r, r]` as Sᵀ, `V`
+    /// `[in, r]` as `[r, in]`.
+    #[derive(Module, Debug)]
+    pub struct Factored {
+        pub(crate) U: Param<Tensor<2>>,
+        pub(crate) S: Param<Tensor<2>>,
+        pub(crate) V: Param<Tensor<2>>,
+        pub(crate) bias: Param<Tensor<1>>,
+    }
 }
 
 impl Dense {
     pub(crate) fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         // Leading dimensions (batch, tokens) flatten into the rows of one product.
-        let (w, b) = (self.weight.val(), self.bias.val());
         let dims = x.dims();
-        let mut out = dims;
-        out[D - 1] = b.dims()[0];
         let rows = dims[..D - 1].iter().product();
-        crate::kernels::linear(x.reshape([rows, dims[D - 1]]), w, b).reshape(out)
+        let x = x.reshape([rows, dims[D - 1]]);
+        let y = match self {
+            Dense::Full(l) => crate::kernels::linear(x, l.weight.val(), l.bias.val()),
+            // y = x V Sᵀ Uᵀ + b, right to left through the thin factors: O(r·(in + r + out))
+            // per row instead of O(in·out), and no dense W.
+            Dense::Factored(l) => {
+                let h = x.matmul(l.V.val().transpose()).matmul(l.S.val());
+                crate::kernels::linear(h, l.U.val(), l.bias.val())
+            }
+        };
+        let mut out = dims;
+        out[D - 1] = y.dims()[1];
+        y.reshape(out)
     }
 }
 

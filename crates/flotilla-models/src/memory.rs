@@ -7,9 +7,15 @@
 //! - `optimizer`: per trainable parameter, 1 value for SGD with momentum, 2 for Adam, 0 for
 //!   plain SGD;
 //! - `activations`: the intermediate tensors of the forward pass that autodiff keeps for the
-//!   backward pass, times the batch size, plus the input batch;
+//!   backward pass, times the batch size, plus the input batch. Layers before the first
+//!   trainable tensor (in forward order) keep nothing: their inputs need no gradient, so burn
+//!   records no graph for them. A frozen layer after a trainable one keeps what it keeps when
+//!   trained, since the gradient must pass through it. A factored layer (FeDLRT) keeps its
+//!   r-wide intermediates, and its input only when V is trainable;
 //! - `workspace`: the gradient buffer of the largest activation during the backward pass,
-//!   times the batch size, plus [`BACKEND_WORKSPACE`] for the matrix kernels' packing buffers.
+//!   times the batch size, or, when larger, the part of the exported copy of the parameters
+//!   (which training returns while the model still exists) that the gradients and activations
+//!   do not already cover, plus [`BACKEND_WORKSPACE`] for the matrix kernels' packing buffers.
 //!
 //! The estimate is for a client on one thread. A client given n threads trains one
 //! micro-batch per thread, and holds n − 1 more gradient buffers until the optimizer sums them.
@@ -21,6 +27,7 @@
 /// Packing buffers of the matrix kernels, measured on the `flex` backend (bytes).
 pub const BACKEND_WORKSPACE: u64 = 3 << 19;
 
+use crate::flops::{Pass, Tracker, leaf};
 use crate::{Architecture, ModelSpec, View};
 use serde::Serialize;
 
@@ -56,7 +63,8 @@ pub struct MemoryEstimate {
     pub optimizer: u64,
     /// Activations kept for the backward pass, and the input batch.
     pub activations: u64,
-    /// Largest transient buffer of a single operation.
+    /// Largest transient buffer: of a single operation, or the part of the exported
+    /// parameters not covered by gradients and activations (see the module docs).
     pub workspace: u64,
 }
 
@@ -67,10 +75,54 @@ impl MemoryEstimate {
     }
 }
 
-/// Per-sample activation values kept for backward, and the largest single activation.
+/// Per-sample values a linear layer's products keep for backward, walking it with `tr`: a
+/// dense layer keeps its input once its output is tracked; a factored one keeps its input only
+/// when V is trainable (burn's matmul keeps an operand only for the other's gradient), and
+/// the r-wide intermediates of ·Sᵀ and ·Uᵀ once they are tracked. `input_counted`: the input is
+/// the batch, which is counted on its own.
+fn linear_kept(
+    spec: &ModelSpec,
+    tr: &mut Tracker,
+    name: &str,
+    inp: usize,
+    input_counted: bool,
+) -> usize {
+    let input = if input_counted { 0 } else { inp };
+    let bias = [leaf(name, "bias")];
+    match spec.rank_of(name) {
+        None => {
+            tr.product(&leaf(name, "weight"), &bias);
+            if tr.tracked() { input } else { 0 }
+        }
+        Some(r) => {
+            let mut kept = 0;
+            if tr.product(&leaf(name, "V"), &[]) == Pass::Train {
+                kept += input;
+            }
+            tr.product(&leaf(name, "S"), &[]);
+            if tr.tracked() {
+                kept += r;
+            }
+            tr.product(&leaf(name, "U"), &bias);
+            if tr.tracked() {
+                kept += r;
+            }
+            kept
+        }
+    }
+}
+
+/// Per-sample activation values kept for backward, and the largest single activation that
+/// the backward pass makes a gradient buffer for.
+///
+/// Layers before the first trainable tensor run without a graph (see [`crate::flops::Pass`]):
+/// they keep nothing, and their activations are freed as the forward pass moves on, so they
+/// count towards neither term.
 fn activations_per_sample(spec: &ModelSpec, view: &View) -> (usize, usize) {
     let [c, h, w] = spec.input;
     let input = c * h * w;
+    let mut tr = Tracker::new(view);
+    let norm = |p: &str| [leaf(p, "weight"), leaf(p, "bias")];
     match &spec.arch {
         Architecture::Cnn => {
             let (c1, c2, f) = (spec.scaled(32), spec.scaled(64), spec.scaled(512));
@@ -83,18 +135,41 @@ fn activations_per_sample(spec: &ModelSpec, view: &View) -> (usize, usize) {
             // kernel (crate::kernels) keeps only a one-byte argmax per window, 1/16 of an f32
             // per input, and never stores a whole conv output: the largest per-batch buffer
             // left is the gradient of the first pooled output.
-            let (kept, largest) = if crate::kernels::fast() {
-                ((a1 + a2) / 16, p1.max(input))
-            } else {
-                (3 * (a1 + a2), a1.max(a2).max(input))
-            };
-            let acts = input + kept + p1 + p2 + 2 * f + spec.classes * 2;
+            let fast = crate::kernels::fast();
+            let conv_kept = |a: usize| if fast { a / 16 } else { 3 * a };
+            let mut acts = input;
+            let mut largest = input;
+            tr.product("conv1.weight", &["conv1.bias".into()]);
+            if tr.tracked() {
+                acts += conv_kept(a1);
+                largest = largest.max(if fast { p1 } else { a1 });
+            }
+            tr.product("conv2.weight", &["conv2.bias".into()]);
+            if tr.tracked() {
+                acts += p1 + conv_kept(a2);
+                largest = largest.max(if fast { p1 } else { a2 });
+            }
+            acts += linear_kept(spec, &mut tr, "fc1", p2, false);
+            if tr.tracked() {
+                acts += f; // the ReLU's output
+            }
+            acts += linear_kept(spec, &mut tr, "fc2", f, false);
+            if tr.tracked() {
+                acts += spec.classes * 2;
+            }
             (acts, largest)
         }
         Architecture::Mlp { hidden } => {
-            let acts = input
-                + hidden.iter().map(|x| 2 * spec.scaled(*x)).sum::<usize>()
-                + 2 * spec.classes;
+            let layers = spec.linear_layers();
+            let last = layers.len() - 1;
+            let mut acts = input;
+            for (i, (name, inp, out)) in layers.into_iter().enumerate() {
+                acts += linear_kept(spec, &mut tr, &name, inp, i == 0);
+                if tr.tracked() {
+                    // a hidden layer's ReLU keeps its output; the logits and log-softmax
+                    acts += if i < last { out } else { 2 * out };
+                }
+            }
             let largest = hidden
                 .iter()
                 .map(|x| spec.scaled(*x))
@@ -105,24 +180,41 @@ fn activations_per_sample(spec: &ModelSpec, view: &View) -> (usize, usize) {
         }
         Architecture::Resnet { blocks_per_stage } => {
             let widths = [spec.scaled(16), spec.scaled(32), spec.scaled(64)];
-            // stem: conv out, norm, relu
-            let mut acts = input + 4 * widths[0] * h * w;
-            let mut largest = widths[0] * h * w;
+            let mut acts = input;
+            let mut largest = 0;
+            tr.product("conv1.weight", &norm("norm1"));
+            if tr.tracked() {
+                // stem: conv out, norm, relu
+                acts += 4 * widths[0] * h * w;
+                largest = widths[0] * h * w;
+            }
             let (mut hh, mut ww) = (h, w);
             let mut k = 0;
             for (stage, &out) in widths.iter().enumerate() {
                 for i in 0..*blocks_per_stage {
                     let stride = if stage > 0 && i == 0 { 2 } else { 1 };
                     let (ho, wo) = (hh.div_ceil(stride), ww.div_ceil(stride));
-                    // an active block keeps two conv outputs, two norms (2 each), a ReLU,
-                    // the sum and its ReLU; a skipped one only its shortcut's output
-                    acts += if view.block_active(k) { 8 } else { 1 } * out * ho * wo;
-                    largest = largest.max(out * ho * wo);
+                    let active = view.block_active(k);
+                    if active {
+                        let b = format!("blocks.{k}");
+                        tr.product(&format!("{b}.conv1.weight"), &norm(&format!("{b}.norm1")));
+                        tr.product(&format!("{b}.conv2.weight"), &norm(&format!("{b}.norm2")));
+                    }
+                    if tr.tracked() {
+                        // an active block keeps two conv outputs, two norms (2 each), a
+                        // ReLU, the sum and its ReLU; a skipped one only its shortcut's output
+                        acts += if active { 8 } else { 1 } * out * ho * wo;
+                        largest = largest.max(out * ho * wo);
+                    }
                     (hh, ww) = (ho, wo);
                     k += 1;
                 }
             }
-            (acts + 2 * widths[2] + 2 * spec.classes, largest)
+            acts += linear_kept(spec, &mut tr, "fc", widths[2], false);
+            if tr.tracked() {
+                acts += widths[2] + 2 * spec.classes;
+            }
+            (acts, largest.max(widths[2]))
         }
         Architecture::Vit {
             patch,
@@ -133,19 +225,49 @@ fn activations_per_sample(spec: &ModelSpec, view: &View) -> (usize, usize) {
         } => {
             let d = spec.scaled(*dim);
             let t = (h / patch) * (w / patch) + 1;
-            let mut acts = input + 3 * t * d;
+            let mut acts = input;
+            // a block's MLP hidden layer or its attention scores
+            let block_largest = (mlp_ratio * t * d).max(heads * t * t);
+            let mut largest = d;
+            tr.product("patch_embed.weight", &["patch_embed.bias".into()]);
+            tr.params(&["cls_token".into(), "pos_embed".into()]);
+            if tr.tracked() {
+                acts += 3 * t * d;
+                largest = block_largest;
+            }
             for k in 0..*depth {
-                if view.block_active(k) {
+                if !view.block_active(k) {
+                    continue;
+                }
+                let b = format!("blocks.{k}");
+                // The block's tensors in forward order; the kept activations are counted per
+                // block (a block a gradient reaches keeps all of them).
+                tr.params(&norm(&format!("{b}.norm1")));
+                let start = tr.clone();
+                for p in ["q", "k", "v"] {
+                    let mut branch = start.clone();
+                    linear_kept(spec, &mut branch, &format!("{b}.attn.{p}"), d, false);
+                    tr.join(&branch);
+                }
+                linear_kept(spec, &mut tr, &format!("{b}.attn.proj"), d, false);
+                tr.params(&norm(&format!("{b}.norm2")));
+                linear_kept(spec, &mut tr, &format!("{b}.fc1"), d, false);
+                linear_kept(spec, &mut tr, &format!("{b}.fc2"), mlp_ratio * d, false);
+                if tr.tracked() {
                     // norms, q k v, context, projection, residuals (8 token-width tensors),
                     // scores and softmax, the MLP's hidden layer before and after GELU; the
                     // linear kernel keeps only each layer's input
                     acts += 8 * t * d + 3 * heads * t * t + 2 * mlp_ratio * t * d;
+                    largest = block_largest;
                 }
             }
-            (
-                acts + 4 * d + 2 * spec.classes,
-                (mlp_ratio * t * d).max(heads * t * t),
-            )
+            tr.params(&norm("norm"));
+            acts += linear_kept(spec, &mut tr, "head", d, false);
+            if tr.tracked() {
+                // the class token's slice, the final norm and the logits
+                acts += 3 * d + 2 * spec.classes;
+            }
+            (acts, largest)
         }
     }
 }
@@ -161,6 +283,12 @@ pub fn estimate(
     optimizer: OptimizerState,
 ) -> MemoryEstimate {
     let (acts, largest) = activations_per_sample(spec, view);
+    let gradients = 4 * trainable as u64;
+    let activations = 4 * (acts * batch) as u64;
+    // Training ends by exporting every parameter while the model still exists. When most
+    // tensors are frozen (few gradients, few kept activations) that copy, not the backward
+    // pass, sets the peak; with everything trainable the gradients alone already match it.
+    let export = (4 * params as u64).saturating_sub(gradients + activations);
     MemoryEstimate {
         weights: 4
             * (params
@@ -169,9 +297,9 @@ pub fn estimate(
                 } else {
                     0
                 }) as u64,
-        gradients: 4 * trainable as u64,
+        gradients,
         optimizer: 4 * (optimizer.buffers() * trainable) as u64,
-        activations: 4 * (acts * batch) as u64,
-        workspace: 4 * (largest * batch) as u64 + BACKEND_WORKSPACE,
+        activations,
+        workspace: (4 * (largest * batch) as u64).max(export) + BACKEND_WORKSPACE,
     }
 }

@@ -81,6 +81,22 @@ impl Net {
         }
     }
 
+    /// The representation the classifier reads, `[batch, spec.feature_dim()]`, under `view`
+    /// (the classifier applied to it gives [`Net::forward`]):
+    /// - CNN: the 512-unit (× width) hidden layer after its ReLU;
+    /// - MLP: the last hidden layer after its ReLU (the flattened input when there is none);
+    /// - ResNet: the last stage's output, globally average-pooled;
+    /// - ViT: the class token of the final LayerNorm's output. The classifier reads the class
+    ///   token, not the mean over tokens, so this is the class token too.
+    pub fn features(&self, x: Tensor<4>, view: &View) -> Tensor<2> {
+        match self {
+            Net::Cnn(m) => m.features(x),
+            Net::Mlp(m) => m.features(x),
+            Net::ResNet(m) => m.features(x, view),
+            Net::Vit(m) => m.features(x, view),
+        }
+    }
+
     /// Logits of several depth prefixes of a ResNet or ViT from one forward pass: the blocks
     /// shared by the prefixes run once. `depths` must be ascending, each at most the number
     /// of blocks (0 = stem and classifier only). Entry `i` equals
@@ -305,6 +321,7 @@ mod tests {
                 input: [1, 28, 28],
                 classes: 10,
                 width: 0.5,
+                ranks: Default::default(),
             },
             ModelSpec {
                 arch: Architecture::Vit {
@@ -317,6 +334,7 @@ mod tests {
                 input: [1, 28, 28],
                 classes: 10,
                 width: 1.0,
+                ranks: Default::default(),
             },
         ]
     }
@@ -395,6 +413,69 @@ mod tests {
         }
     }
 
+    fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+        t.into_data().try_to_vec::<f32>().unwrap()
+    }
+
+    #[test]
+    fn features_are_what_the_classifier_reads() {
+        let mut mlp_deep = ModelSpec::mlp_2nn();
+        mlp_deep.arch = Architecture::Mlp {
+            hidden: vec![64, 48, 32],
+        };
+        let mut linear = ModelSpec::mlp_2nn();
+        linear.arch = Architecture::Mlp { hidden: vec![] };
+        let mut all = specs();
+        all.extend([mlp_deep, linear]);
+        for spec in all {
+            let p = Net::init_params(&spec, 7).unwrap();
+            let net = Net::from_params(&spec, &p, &compute_device()).unwrap();
+            let b = 3;
+            let x = || {
+                Net::input(
+                    (0..b * 784).map(|i| (i as f32 * 0.23).sin()).collect(),
+                    b,
+                    spec.input,
+                    &compute_device(),
+                )
+            };
+            // A view that skips a block, where there are blocks: the features follow it.
+            let view = match spec.num_blocks() {
+                0 => View::full(),
+                n => View::depth_prefix(n - 1, n),
+            };
+            let f = net.features(x(), &view);
+            let dim = spec.feature_dim();
+            assert_eq!(f.dims(), [b, dim], "{:?}", spec.arch);
+            let f = values(f);
+            let logits = values(net.forward(x(), &view));
+            // The classifier's own weights (PyTorch layout [classes, dim]) applied by hand.
+            let classifier = match spec.arch {
+                Architecture::Cnn => "fc2".to_string(),
+                Architecture::Mlp { ref hidden } => format!("layers.{}", hidden.len()),
+                Architecture::Resnet { .. } => "fc".to_string(),
+                Architecture::Vit { .. } => "head".to_string(),
+            };
+            let w = p.get(&format!("{classifier}.weight")).unwrap();
+            let bias = p.get(&format!("{classifier}.bias")).unwrap();
+            assert_eq!(w.shape, vec![spec.classes, dim]);
+            for s in 0..b {
+                for c in 0..spec.classes {
+                    let z: f32 = bias.data[c]
+                        + (0..dim)
+                            .map(|j| w.data[c * dim + j] * f[s * dim + j])
+                            .sum::<f32>();
+                    let got = logits[s * spec.classes + c];
+                    assert!(
+                        (z - got).abs() < 1e-4 * (1.0 + got.abs()),
+                        "{:?}: {z} vs {got}",
+                        spec.arch
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn resnet_prefix_ignores_deeper_blocks_and_full_prefix_is_full_model() {
         let spec = ModelSpec {
@@ -404,6 +485,7 @@ mod tests {
             input: [1, 28, 28],
             classes: 10,
             width: 0.5,
+            ranks: Default::default(),
         };
         let p = Net::init_params(&spec, 0).unwrap();
         let x = || {

@@ -1,5 +1,7 @@
 //! Model specifications and views.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// Errors building or loading a model.
@@ -83,6 +85,13 @@ pub struct ModelSpec {
     /// layer keeps ⌈width·C⌉ units; input channels and classes are unchanged.
     #[serde(default = "default_width")]
     pub width: f64,
+    /// Linear layers held in factored form (FeDLRT), by layer name (see
+    /// [`ModelSpec::linear_layers`]) → rank r. Such a layer's weight W = U S Vᵀ travels as
+    /// `<name>.U` `[out, r]`, `<name>.S` `[r, r]` and `<name>.V` `[in, r]` (its bias stays
+    /// `<name>.bias`), and its forward pass never forms W. Empty (the default) = every layer
+    /// dense; an empty map is not serialised, so specs without ranks keep their bytes.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ranks: BTreeMap<String, usize>,
 }
 
 impl ModelSpec {
@@ -93,6 +102,7 @@ impl ModelSpec {
             input: [1, 28, 28],
             classes: 10,
             width: 1.0,
+            ranks: BTreeMap::new(),
         }
     }
 
@@ -105,6 +115,7 @@ impl ModelSpec {
             input: [1, 28, 28],
             classes: 10,
             width: 1.0,
+            ranks: BTreeMap::new(),
         }
     }
 
@@ -135,6 +146,68 @@ impl ModelSpec {
             Architecture::Resnet { blocks_per_stage } => 3 * blocks_per_stage,
             Architecture::Vit { depth, .. } => *depth,
             _ => 0,
+        }
+    }
+
+    /// The linear layers, as `(name, in, out)` in forward order: the layers a rank in
+    /// [`ModelSpec::ranks`] may factor. CNN: `fc1`, `fc2`; MLP: `layers.<i>`; ResNet: `fc`;
+    /// ViT: `blocks.<k>.attn.{q,k,v,proj}`, `blocks.<k>.fc1`, `blocks.<k>.fc2`, `head`.
+    /// Convolutions are not listed: they stay dense.
+    pub fn linear_layers(&self) -> Vec<(String, usize, usize)> {
+        let [c, h, w] = self.input;
+        match &self.arch {
+            Architecture::Cnn => {
+                let (c2, f) = (self.scaled(64), self.scaled(512));
+                vec![
+                    ("fc1".into(), c2 * (h / 4) * (w / 4), f),
+                    ("fc2".into(), f, self.classes),
+                ]
+            }
+            Architecture::Mlp { hidden } => {
+                let mut widths = vec![c * h * w];
+                widths.extend(hidden.iter().map(|x| self.scaled(*x)));
+                widths.push(self.classes);
+                widths
+                    .windows(2)
+                    .enumerate()
+                    .map(|(i, p)| (format!("layers.{i}"), p[0], p[1]))
+                    .collect()
+            }
+            Architecture::Resnet { .. } => vec![("fc".into(), self.scaled(64), self.classes)],
+            Architecture::Vit {
+                dim,
+                depth,
+                mlp_ratio,
+                ..
+            } => {
+                let d = self.scaled(*dim);
+                let mut out = Vec::with_capacity(6 * depth + 1);
+                for k in 0..*depth {
+                    for p in ["q", "k", "v", "proj"] {
+                        out.push((format!("blocks.{k}.attn.{p}"), d, d));
+                    }
+                    out.push((format!("blocks.{k}.fc1"), d, mlp_ratio * d));
+                    out.push((format!("blocks.{k}.fc2"), mlp_ratio * d, d));
+                }
+                out.push(("head".into(), d, self.classes));
+                out
+            }
+        }
+    }
+
+    /// The rank of linear layer `name` when [`ModelSpec::ranks`] factors it.
+    pub fn rank_of(&self, name: &str) -> Option<usize> {
+        self.ranks.get(name).copied()
+    }
+
+    /// Width of [`crate::Net::features`]: the input width of the classifier.
+    pub fn feature_dim(&self) -> usize {
+        let [c, h, w] = self.input;
+        match &self.arch {
+            Architecture::Cnn => self.scaled(512),
+            Architecture::Mlp { hidden } => hidden.last().map_or(c * h * w, |x| self.scaled(*x)),
+            Architecture::Resnet { .. } => self.scaled(64),
+            Architecture::Vit { dim, .. } => self.scaled(*dim),
         }
     }
 
@@ -207,6 +280,34 @@ impl ModelSpec {
                         "`heads` ({heads}) must divide the width ({d} after the width multiplier)"
                     )));
                 }
+            }
+        }
+        self.validate_ranks()
+    }
+
+    fn validate_ranks(&self) -> Result<(), ModelError> {
+        if self.ranks.is_empty() {
+            return Ok(());
+        }
+        let layers = self.linear_layers();
+        for (name, &r) in &self.ranks {
+            let Some((_, inp, out)) = layers.iter().find(|(n, _, _)| n == name) else {
+                let known: Vec<&str> = layers.iter().take(8).map(|(n, _, _)| n.as_str()).collect();
+                return Err(ModelError::Spec(format!(
+                    "`ranks.{name}`: the model has no linear layer `{name}` (its linear layers: {}{})",
+                    known.join(", "),
+                    if layers.len() > known.len() {
+                        ", …"
+                    } else {
+                        ""
+                    }
+                )));
+            };
+            let max = (*inp).min(*out);
+            if r == 0 || r > max {
+                return Err(ModelError::Spec(format!(
+                    "`ranks.{name}` must be in 1..={max} (min(in, out) of a {inp} → {out} layer), got {r}"
+                )));
             }
         }
         Ok(())

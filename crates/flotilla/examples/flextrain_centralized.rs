@@ -40,6 +40,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         input: kind.input_shape(),
         classes: kind.num_classes(),
         width: 0.5,
+        ranks: Default::default(),
     };
     let blocks = spec.num_blocks();
     let init = Net::init_params(&spec, 0)?;
