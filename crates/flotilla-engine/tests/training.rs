@@ -48,10 +48,7 @@ fn small_mlp() -> ModelSpec {
 fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
-    a.iter()
-        .zip(b)
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-        / scale
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
 /// A method's own loss, written outside the engine: cross-entropy against class 0 whatever
@@ -99,9 +96,21 @@ fn a_method_defined_objective_drives_training() {
         labels: vec![0; 128],
         ..d.train.clone()
     };
-    let share_zero = |p: &ParamSet| evaluate(&spec, &view, p, &zeros, &d.mean, &d.std).unwrap().0;
-    assert!(share_zero(&custom.params) > 0.95, "{}", share_zero(&custom.params));
-    assert!(share_zero(&plain.params) < 0.5, "{}", share_zero(&plain.params));
+    let share_zero = |p: &ParamSet| {
+        evaluate(&spec, &view, p, &zeros, &d.mean, &d.std)
+            .unwrap()
+            .0
+    };
+    assert!(
+        share_zero(&custom.params) > 0.95,
+        "{}",
+        share_zero(&custom.params)
+    );
+    assert!(
+        share_zero(&plain.params) < 0.5,
+        "{}",
+        share_zero(&plain.params)
+    );
 }
 
 /// With one batch holding every sample, one plain SGD step moves the weights by exactly
@@ -123,11 +132,7 @@ fn the_gradient_pass_returns_the_gradient_of_one_step() {
         params.names().collect::<Vec<_>>()
     );
     let stepped = job.train().unwrap().params;
-    for (g, (before, after)) in grads
-        .grads
-        .iter()
-        .zip(params.iter().zip(stepped.iter()))
-    {
+    for (g, (before, after)) in grads.grads.iter().zip(params.iter().zip(stepped.iter())) {
         assert_eq!(g.shape, before.shape, "{}: PyTorch layout", g.name);
         let implied: Vec<f32> = before
             .data
@@ -192,7 +197,9 @@ fn a_correction_changes_the_step_by_exactly_the_term() {
             .map(|t| NamedTensor {
                 name: t.name.clone(),
                 shape: t.shape.clone(),
-                data: (0..t.numel()).map(|i| (i % 7) as f32 * 0.01 - 0.03).collect(),
+                data: (0..t.numel())
+                    .map(|i| (i % 7) as f32 * 0.01 - 0.03)
+                    .collect(),
             })
             .collect(),
     )
@@ -220,7 +227,11 @@ fn a_correction_changes_the_step_by_exactly_the_term() {
                 None => p.data.clone(),
             };
             let diff = rel_diff(&c.data, &expected);
-            assert!(diff < 1e-6, "momentum {momentum}, {}: off by {diff}", p.name);
+            assert!(
+                diff < 1e-6,
+                "momentum {momentum}, {}: off by {diff}",
+                p.name
+            );
         }
         assert_ne!(plain, corrected);
     }
@@ -249,11 +260,18 @@ fn a_correction_changes_the_step_by_exactly_the_term() {
         ..View::full()
     };
     let ce_frozen = CrossEntropy::under(&frozen);
-    let err = TrainJob::new(&spec, &frozen, &params, &d, &Recipe::sgd(0.1, 32), &ce_frozen)
-        .correction(&correction)
-        .train()
-        .unwrap_err()
-        .to_string();
+    let err = TrainJob::new(
+        &spec,
+        &frozen,
+        &params,
+        &d,
+        &Recipe::sgd(0.1, 32),
+        &ce_frozen,
+    )
+    .correction(&correction)
+    .train()
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("freezes"), "{err}");
     let unknown = ParamSet::from_tensors(vec![NamedTensor::zeros("nope", vec![2])]).unwrap();
     let err = TrainJob::new(&spec, &view, &params, &d, &Recipe::sgd(0.1, 32), &ce)
