@@ -6,7 +6,7 @@
 //!   it builds from;
 //! - `micro`: one step split into micro-batches, one per thread;
 //! - `optim` and `sgd`: the optimizers, masks and the additive gradient correction;
-//! - [`eval`]: evaluation of global models;
+//! - [`eval`]: evaluation of global models; [`probe`]: linear-probe evaluation of features;
 //! - [`task`]: the standard client step (budget check, train, reply with measured resources).
 
 pub mod eval;
@@ -15,6 +15,7 @@ pub mod job;
 mod micro;
 pub mod objective;
 mod optim;
+pub mod probe;
 pub(crate) mod sgd;
 pub mod task;
 
@@ -26,4 +27,5 @@ pub use objective::{
     soft_cross_entropy,
 };
 pub use optim::TrainMasks;
+pub use probe::{ProbeConfig, fit_and_score, probe_accuracy};
 pub use task::{estimate_memory, param_counts, train_task};
