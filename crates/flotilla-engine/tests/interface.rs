@@ -384,7 +384,8 @@ impl ClientHalf for ShowcaseClient {
                 resources: Default::default(),
             }),
             "train" => {
-                let reply = local::train_task(task, data, ctx, &CrossEntropy::under(&task.view))?;
+                let reply =
+                    local::train_task(task, data, ctx, || Ok(CrossEntropy::under(&task.view)))?;
                 if !task.view.frozen.is_empty() {
                     // Frozen tensors are neither sent back nor changed by training.
                     let trained =

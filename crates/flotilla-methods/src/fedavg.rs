@@ -316,7 +316,7 @@ impl ClientHalf for FedAvgClient {
     ) -> Result<Reply, EngineError> {
         crate::common::require_train(task, "fedavg")?;
         if task.options.is_null() {
-            return train_task(task, data, ctx, &CrossEntropy::under(&task.view));
+            return train_task(task, data, ctx, || Ok(CrossEntropy::under(&task.view)));
         }
         let opts: ProxTask = serde_json::from_value(task.options.clone())
             .map_err(|e| EngineError::Task(format!("fedprox task options: {e}")))?;
@@ -326,6 +326,6 @@ impl ClientHalf for FedAvgClient {
                 opts.mu
             )));
         }
-        train_task(task, data, ctx, &Proximal::new(task, opts.mu)?)
+        train_task(task, data, ctx, || Proximal::new(task, opts.mu))
     }
 }

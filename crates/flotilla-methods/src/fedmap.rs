@@ -429,6 +429,6 @@ impl ClientHalf for FedMapClient {
         ctx: &ClientCtx,
     ) -> Result<Reply, EngineError> {
         crate::common::require_train(task, "fedmap")?;
-        train_task(task, data, ctx, &CrossEntropy::under(&task.view))
+        train_task(task, data, ctx, || Ok(CrossEntropy::under(&task.view)))
     }
 }

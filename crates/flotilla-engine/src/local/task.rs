@@ -43,13 +43,16 @@ pub fn estimate_memory(
 }
 
 /// The standard client step of training methods: refuse a task over the device's memory
-/// budget, train the task's model under its view with `objective` (the client's masks held
-/// at zero), and reply with the trainable tensors, `train_loss` and the measured resources.
+/// budget, build the objective with `objective`, train the task's model under its view with
+/// it (the client's masks held at zero), and reply with the trainable tensors, `train_loss`
+/// (the objective's mean loss) and the measured resources. The objective is built inside the
+/// memory measurement, so what it holds (e.g. FedProx's copy of the global model) counts in
+/// the client's peak.
 pub fn train_task<O: Objective>(
     task: &Task,
     data: &ClientData,
     ctx: &ClientCtx,
-    objective: &O,
+    objective: impl FnOnce() -> Result<O, EngineError>,
 ) -> Result<Reply, EngineError> {
     let started = Instant::now();
     let estimate = estimate_memory(&task.model, &task.view, &task.params, &task.recipe);
@@ -61,6 +64,7 @@ pub fn train_task<O: Objective>(
         )));
     }
     let peak = ThreadPeak::start();
+    let objective = objective()?;
     let shuffle = seed::derive(ctx.seed, task.round, task.client, seed::Purpose::Shuffle);
     let out = TrainJob::new(
         &task.model,
@@ -68,7 +72,7 @@ pub fn train_task<O: Objective>(
         &task.params,
         data,
         &task.recipe,
-        objective,
+        &objective,
     )
     .seed(shuffle)
     .masks(&ctx.masks)
