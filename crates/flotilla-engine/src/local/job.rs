@@ -4,7 +4,7 @@
 use super::input::check_shape;
 use super::micro::StepEnv;
 use super::objective::Objective;
-use super::optim::{GradTerms, Optim, TrainMasks};
+use super::optim::{GradTerms, Optim, TrainMasks, from_burn_layout};
 use crate::EngineError;
 use crate::method::ClientData;
 use crate::recipe::Recipe;
@@ -296,20 +296,4 @@ fn take_grad(grads: &mut GradientsParams, id: ParamId, rank: usize) -> Option<Ve
         3 => one::<3>(grads, id),
         _ => one::<4>(grads, id),
     }
-}
-
-/// Values in burn's layout back in PyTorch's (`shape` is PyTorch's): linear weights are
-/// stored transposed in the model.
-fn from_burn_layout(values: &[f32], shape: &[usize]) -> Vec<f32> {
-    if shape.len() != 2 {
-        return values.to_vec();
-    }
-    let (r, c) = (shape[0], shape[1]);
-    let mut out = vec![0f32; values.len()];
-    for i in 0..r {
-        for j in 0..c {
-            out[i * c + j] = values[j * r + i];
-        }
-    }
-    out
 }

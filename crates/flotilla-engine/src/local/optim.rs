@@ -96,14 +96,27 @@ pub(crate) fn sum_grads(model: &Net, mut parts: Vec<GradientsParams>) -> Gradien
 /// PyTorch-layout values of a tensor in burn's layout: linear weights live transposed in the
 /// model (`[in, out]`), every other tensor as PyTorch stores it.
 pub(crate) fn to_burn_layout(values: &[f32], shape: &[usize]) -> Vec<f32> {
-    if shape.len() != 2 {
-        return values.to_vec();
+    match shape {
+        [r, c] => transpose(values, *r, *c),
+        _ => values.to_vec(),
     }
-    let (r, c) = (shape[0], shape[1]);
+}
+
+/// Values in burn's layout back in PyTorch's (`shape` is PyTorch's): the inverse of
+/// [`to_burn_layout`].
+pub(crate) fn from_burn_layout(values: &[f32], shape: &[usize]) -> Vec<f32> {
+    match shape {
+        [r, c] => transpose(values, *c, *r),
+        _ => values.to_vec(),
+    }
+}
+
+/// The transpose of a row-major `rows × cols` matrix.
+fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut out = vec![0f32; values.len()];
-    for i in 0..r {
-        for j in 0..c {
-            out[j * r + i] = values[i * c + j];
+    for i in 0..rows {
+        for j in 0..cols {
+            out[j * rows + i] = values[i * cols + j];
         }
     }
     out

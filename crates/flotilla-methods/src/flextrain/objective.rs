@@ -73,7 +73,8 @@ impl Objective for DeviceDepth {
                 )
             }
             _ => {
-                let total = model_blocks(model)?;
+                // `check` refused models without blocks before training started.
+                let total = model.num_blocks();
                 let logits = model.forward(batch.x, &View::depth_prefix(self.depth, total));
                 Ok(cross_entropy(logits, batch.labels, classes, device))
             }
@@ -133,7 +134,7 @@ impl Objective for SampledDepth {
 
     fn loss(&self, model: &Net, batch: Batch<'_>, k: &usize) -> Result<Tensor<1>, EngineError> {
         let (classes, device, k) = (batch.classes, batch.device, *k);
-        let total = model_blocks(model)?;
+        let total = model.num_blocks();
         if k < total && self.beta > 0.0 {
             let (student, teacher) = prefix_pair(model, batch.x, k, k + 1)?;
             Ok(
@@ -155,15 +156,6 @@ fn check_blocks_and_beta(spec: &ModelSpec, beta: f64) -> Result<usize, EngineErr
         )));
     }
     match spec.num_blocks() {
-        0 => Err(EngineError::Task(
-            "depth objectives need a model with blocks (resnet or vit)".into(),
-        )),
-        total => Ok(total),
-    }
-}
-
-fn model_blocks(model: &Net) -> Result<usize, EngineError> {
-    match model.num_blocks() {
         0 => Err(EngineError::Task(
             "depth objectives need a model with blocks (resnet or vit)".into(),
         )),
