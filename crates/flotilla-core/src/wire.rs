@@ -6,13 +6,15 @@
 //! bytes; the encodings are:
 //! - dense: every value, f32 little-endian;
 //! - masked: only the values at the active positions of a named [`Mask`], in ascending index
-//!   order (the mask itself travels separately, and only when the receiver lacks it).
+//!   order (the mask itself travels separately, and only when the receiver lacks it);
+//! - held: no values; the receiver already holds this tensor under the same name and
+//!   [`fingerprint`] (sent earlier with its fingerprint set, and kept).
 
 use crate::{CoreError, Tensor};
 use std::collections::HashMap;
 
 /// Version of the message schema; peers with another version are refused.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Upper bound on the values of one tensor accepted from the wire (1 Gi values, 4 GiB).
 pub const MAX_TENSOR_VALUES: u64 = 1 << 30;
@@ -25,6 +27,8 @@ pub enum Encoding {
     Dense = 0,
     /// Values at the active positions of a mask, f32 little-endian.
     Masked = 1,
+    /// No values: the tensor the receiver holds under this name and `fingerprint`.
+    Held = 2,
 }
 
 /// Element type of a tensor on the wire.
@@ -56,6 +60,11 @@ pub struct TensorMsg {
     /// For masked tensors: the name of the mask giving the active positions.
     #[prost(string, tag = "6")]
     pub mask: String,
+    /// [`fingerprint`] of the tensor, for a tensor the receiver keeps (then it checks the
+    /// values it decoded against it) and for a held one (then it names what is meant); 0
+    /// otherwise.
+    #[prost(fixed64, tag = "7")]
+    pub fingerprint: u64,
 }
 
 /// Encoding of a mask on the wire.
@@ -182,6 +191,17 @@ impl Mask {
             name: name.into(),
             active: vec![true; len],
         }
+    }
+
+    /// A stable 64-bit fingerprint of the name and the active positions (XXH3), so that a
+    /// sender can keep what a receiver holds without keeping a copy.
+    pub fn fingerprint(&self) -> u64 {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        h.update(&(self.name.len() as u64).to_le_bytes());
+        h.update(self.name.as_bytes());
+        h.update(&(self.active.len() as u64).to_le_bytes());
+        h.update(&encode_bitmap(&self.active));
+        h.digest()
     }
 
     /// Number of active positions.
@@ -367,7 +387,46 @@ pub fn encode_dense(t: &Tensor) -> TensorMsg {
         encoding: Encoding::Dense as i32,
         data: f32_slice_to_bytes(&t.data),
         mask: String::new(),
+        fingerprint: 0,
     }
+}
+
+/// A reference to a tensor the receiver holds: name, shape and fingerprint, no values.
+pub fn encode_held(t: &Tensor, fingerprint: u64) -> TensorMsg {
+    TensorMsg {
+        name: t.name.clone(),
+        shape: t.shape.iter().map(|d| *d as u64).collect(),
+        dtype: DType::F32 as i32,
+        encoding: Encoding::Held as i32,
+        data: Vec::new(),
+        mask: String::new(),
+        fingerprint,
+    }
+}
+
+/// A stable 64-bit fingerprint of a tensor's name, shape and values (XXH3 over their bytes):
+/// equal tensors have equal fingerprints on every machine and in every version of this
+/// protocol, so a receiver can be told "the tensor you hold under this fingerprint".
+pub fn fingerprint(t: &Tensor) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&(t.name.len() as u64).to_le_bytes());
+    h.update(t.name.as_bytes());
+    h.update(&(t.shape.len() as u64).to_le_bytes());
+    for d in &t.shape {
+        h.update(&(*d as u64).to_le_bytes());
+    }
+    #[cfg(target_endian = "little")]
+    {
+        // SAFETY: f32 has no padding; the in-memory bytes are the little-endian bytes.
+        let bytes =
+            unsafe { std::slice::from_raw_parts(t.data.as_ptr().cast::<u8>(), t.data.len() * 4) };
+        h.update(bytes);
+    }
+    #[cfg(not(target_endian = "little"))]
+    for v in &t.data {
+        h.update(&v.to_le_bytes());
+    }
+    h.digest()
 }
 
 /// Encodes only the values of `t` at the active positions of `mask`.
@@ -394,6 +453,7 @@ pub fn encode_masked(t: &Tensor, mask: &Mask) -> Result<TensorMsg, CoreError> {
         encoding: Encoding::Masked as i32,
         data: f32s_to_bytes(values),
         mask: mask.name.clone(),
+        fingerprint: 0,
     })
 }
 
@@ -442,9 +502,20 @@ pub fn decode_tensor(msg: &TensorMsg, masks: &HashMap<String, Mask>) -> Result<T
                 .map(|a| if *a { it.next().unwrap_or(0.0) } else { 0.0 })
                 .collect()
         }
+        Ok(Encoding::Held) => {
+            return Err(bad(
+                "names a tensor held from an earlier task; only a task may send that".into(),
+            ));
+        }
         Err(_) => return Err(bad(format!("unknown encoding {}", msg.encoding))),
     };
-    Tensor::new(msg.name.clone(), shape, data)
+    let t = Tensor::new(msg.name.clone(), shape, data)?;
+    if msg.fingerprint != 0 && fingerprint(&t) != msg.fingerprint {
+        return Err(bad(
+            "its values do not match the fingerprint sent with them (corrupted in transit)".into(),
+        ));
+    }
+    Ok(t)
 }
 
 #[cfg(test)]
