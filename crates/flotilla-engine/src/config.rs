@@ -219,6 +219,19 @@ pub struct FleetConfig {
     /// Per-round deadline in simulated seconds: later clients are stragglers, dropped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_s: Option<f64>,
+    /// MiB of tensors each client keeps between tasks so that they need not travel again
+    /// (tensors a method marks to hold: frozen blocks, a shared basis); least recently used
+    /// go first. 0 turns it off: everything travels every time. Default 256.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_cache_mib: Option<f64>,
+}
+
+impl FleetConfig {
+    /// `held_cache_mib` or its default.
+    pub fn held_cache_mib(&self) -> f64 {
+        self.held_cache_mib
+            .unwrap_or(crate::held::DEFAULT_CACHE_MIB)
+    }
 }
 
 /// Simulator settings.
@@ -535,6 +548,14 @@ impl Experiment {
             return bad(
                 "fleet.deadline_s",
                 format!("must be a positive number of seconds, got {d}"),
+            );
+        }
+        if let Some(c) = self.fleet.held_cache_mib
+            && !(c.is_finite() && c >= 0.0)
+        {
+            return bad(
+                "fleet.held_cache_mib",
+                format!("must be a number of MiB, 0 or more (0 turns the cache off), got {c}"),
             );
         }
         let gflops = self.simulation.server_gflops;

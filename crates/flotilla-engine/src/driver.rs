@@ -9,10 +9,11 @@
 
 use crate::EngineError;
 use crate::config::Experiment;
+use crate::held::{self, HeldLedger, Inventory};
 use crate::local::{evaluate, evaluate_views};
 use crate::method::{
-    Assignment, ClientData, ClientInfo, EvalModel, KnownMasks, MethodState, PhaseCtx, PhaseEnd,
-    Reply, ServerCtx, ServerHalf, Task,
+    Assignment, ClientData, ClientInfo, EvalModel, HeldTensors, KnownMasks, MethodState, PhaseCtx,
+    PhaseEnd, Reply, ServerCtx, ServerHalf, Task,
 };
 use crate::server_data::ServerData;
 use crate::sink::{ClientRecord, Event, RoundRecord, Sink};
@@ -29,15 +30,60 @@ use std::time::Instant;
 /// Name of the checkpoint folder inside a run directory.
 pub const CHECKPOINT_DIR: &str = "checkpoint";
 
-/// A task ready to send: the task and the masks its client already holds.
+/// A task ready to send: the task and what its client already holds.
 #[derive(Debug, Clone)]
 pub struct Prepared {
     /// Receiving client.
     pub client: u64,
     /// Masks the client holds before this task (tensors under them travel masked).
     pub known: KnownMasks,
+    /// Tensors of the task the client holds at the same fingerprint: they travel as
+    /// references ([`crate::held`]).
+    pub held: HeldTensors,
     /// The task.
     pub task: Task,
+}
+
+impl Prepared {
+    /// The task's bytes for its client.
+    pub fn encode(&self) -> Result<Vec<u8>, EngineError> {
+        self.task.encode_for(&self.known, &self.held)
+    }
+
+    /// The same task for a client whose inventory says what it really holds: masks it lacks
+    /// travel with the task, tensors it lacks travel in full. `None` when the inventory
+    /// covers everything this task relies on (the usual case).
+    pub fn reconcile(&self, inventory: &Inventory) -> Option<Prepared> {
+        let lacks_mask = |name: &str| {
+            let m = &self.known[name];
+            inventory.masks.get(name) != Some(&m.fingerprint())
+        };
+        let masks_needed: Vec<String> = self
+            .task
+            .params
+            .names()
+            .filter(|n| self.known.contains_key(*n) && lacks_mask(n))
+            .map(String::from)
+            .collect();
+        let tensors_lacking: Vec<String> = self
+            .held
+            .iter()
+            .filter(|(n, fp)| inventory.tensors.get(*n) != Some(fp))
+            .map(|(n, _)| n.clone())
+            .collect();
+        if masks_needed.is_empty() && tensors_lacking.is_empty() {
+            return None;
+        }
+        let mut fixed = self.clone();
+        for n in masks_needed {
+            let m = fixed.known.remove(&n).expect("checked above");
+            fixed.task.masks.push(m);
+        }
+        for n in tensors_lacking {
+            fixed.held.remove(&n);
+        }
+        Some(fixed)
+    }
 }
 
 /// Outcome of one client in one phase.
@@ -89,7 +135,7 @@ pub trait Fleet {
     }
 
     /// Clients that lost their state (a restarted process) since the last call: the masks
-    /// they held must be sent again.
+    /// and tensors they held must be sent again.
     fn take_restarted(&mut self) -> Vec<u64> {
         Vec::new()
     }
@@ -106,6 +152,9 @@ pub struct Driver {
     pools: Vec<rayon::ThreadPool>,
     /// Fingerprints of the masks each client holds (only clients that were sent some).
     client_masks: HashMap<u64, BTreeMap<String, u64>>,
+    /// What each client holds of the tensors tasks told it to keep (only clients that hold
+    /// some): fingerprints and sizes, never copies.
+    client_tensors: HashMap<u64, HeldLedger>,
     server_data: Option<ServerData>,
     next_round: u64,
     totals: Totals,
@@ -164,6 +213,7 @@ impl Driver {
             std,
             pools,
             client_masks: HashMap::new(),
+            client_tensors: HashMap::new(),
             server_data: None,
             next_round: 1,
             totals: Totals::default(),
@@ -256,6 +306,8 @@ impl Driver {
         // Which masks each client holds decides what travels next; absent in old checkpoints.
         self.client_masks =
             serde_json::from_value(state["client_masks"].clone()).unwrap_or_default();
+        self.client_tensors =
+            serde_json::from_value(state["client_tensors"].clone()).unwrap_or_default();
         let (all, _) = safetensors_io::load(&dir.join("params.safetensors"))?;
         let mut params: BTreeMap<String, ParamSet> = BTreeMap::new();
         for t in all.into_tensors() {
@@ -293,7 +345,7 @@ impl Driver {
             }
         }
         safetensors_io::save(&dir.join("params.safetensors"), &all, None)?;
-        let state = serde_json::json!({ "round": round, "method": snap.json, "totals": self.totals, "client_masks": self.client_masks });
+        let state = serde_json::json!({ "round": round, "method": snap.json, "totals": self.totals, "client_masks": self.client_masks, "client_tensors": self.client_tensors });
         safetensors_io::write_atomic(&dir.join("state.json"), state.to_string().as_bytes())?;
         Ok(())
     }
@@ -381,13 +433,14 @@ impl Driver {
         chosen
     }
 
-    /// Attaches to each task the server masks its client lacks (by fingerprint), and records
-    /// that the client now holds them.
+    /// Attaches to each task the server masks its client lacks (by fingerprint), finds the
+    /// tensors it already holds, and records what the client holds after the task.
     fn prepare(&mut self, tasks: Vec<Task>, server_masks: &KnownMasks) -> Vec<Prepared> {
         let fingerprints: BTreeMap<&str, u64> = server_masks
             .iter()
-            .map(|(n, m)| (n.as_str(), mask_fingerprint(m)))
+            .map(|(n, m)| (n.as_str(), m.fingerprint()))
             .collect();
+        let cap = held::cache_bytes(self.exp.fleet.held_cache_mib());
         let mut prepared = Vec::with_capacity(tasks.len());
         for mut t in tasks {
             // A server mask travels with a task only to a client that lacks its current
@@ -401,10 +454,24 @@ impl Driver {
                 }
             }
             for m in &t.masks {
-                held.insert(m.name.clone(), mask_fingerprint(m));
+                held.insert(m.name.clone(), m.fingerprint());
             }
             if held.is_empty() {
                 self.client_masks.remove(&t.client);
+            }
+            // Tensors to keep, in task order, exactly as the client's cache will see them:
+            // a tensor it holds at this fingerprint travels as a reference.
+            let ledger = self.client_tensors.entry(t.client).or_default();
+            let mut by_reference = HeldTensors::new();
+            for tensor in t.params.iter().filter(|x| t.hold.contains(&x.name)) {
+                let fp = flotilla_core::wire::fingerprint(tensor);
+                if ledger.holds(&tensor.name, fp) {
+                    by_reference.insert(tensor.name.clone(), fp);
+                }
+                ledger.record(&tensor.name, fp, 4 * tensor.numel() as u64, cap);
+            }
+            if ledger.is_empty() {
+                self.client_tensors.remove(&t.client);
             }
             // What the client holds before this task: the current masks minus those attached
             // now (the client already had the same content for the rest).
@@ -415,6 +482,7 @@ impl Driver {
             prepared.push(Prepared {
                 client: t.client,
                 known,
+                held: by_reference,
                 task: t,
             });
         }
@@ -429,6 +497,7 @@ impl Driver {
         let started = Instant::now();
         for c in fleet.take_restarted() {
             self.client_masks.remove(&c);
+            self.client_tensors.remove(&c);
         }
         let available = fleet.available(round)?;
         if available.iter().any(|c| !self.observed.contains(c)) {
@@ -886,25 +955,6 @@ fn merge_record(into: &mut ClientRecord, phase: &ClientRecord) {
         into.status = phase.status.clone();
         into.reason = phase.reason.clone();
     }
-}
-
-/// A stable fingerprint of a mask (FNV-1a over name and bits), kept per client instead of
-/// the mask itself so that memory stays flat in the number of clients.
-fn mask_fingerprint(m: &flotilla_core::wire::Mask) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |b: u8| {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    };
-    m.name.bytes().for_each(&mut eat);
-    for chunk in m.active.chunks(8) {
-        eat(chunk
-            .iter()
-            .enumerate()
-            .fold(0u8, |acc, (i, a)| acc | (u8::from(*a) << i)));
-    }
-    eat(m.active.len() as u8);
-    h
 }
 
 /// The process's peak resident set size (VmHWM from /proc/self/status), where available.

@@ -7,6 +7,7 @@ pub mod alloc;
 pub mod config;
 pub mod driver;
 mod error;
+pub mod held;
 pub mod local;
 pub mod method;
 pub mod recipe;

@@ -12,6 +12,7 @@
 //! [`Task::decode`]), in the simulator as on the network, so bytes are measured, not guessed.
 
 use crate::EngineError;
+use crate::held::TensorCache;
 use crate::recipe::Recipe;
 use flotilla_core::device::DeviceProfile;
 use flotilla_core::wire::{self, Mask, ReplyMsg, ResourceMsg, TaskMsg};
@@ -65,16 +66,24 @@ pub struct Task {
     pub params: ParamSet,
     /// Masks sent with this task (only those the client does not hold yet).
     pub masks: Vec<Mask>,
+    /// Tensors of `params` the client keeps after this task (frozen blocks, a shared
+    /// basis): while it holds one at the same values, later tasks send its name and
+    /// fingerprint instead of its values ([`crate::held`]). Empty: nothing is kept.
+    pub hold: Vec<String>,
     /// Method-specific options.
     pub options: serde_json::Value,
 }
+
+/// Tensors a receiver holds, by name → fingerprint: those a task sends by reference.
+pub type HeldTensors = BTreeMap<String, u64>;
 
 /// What a task decoded on the client side needs besides the bytes: masks sent earlier.
 pub type KnownMasks = HashMap<String, Mask>;
 
 impl Task {
-    /// Protobuf message; masked tensors use masks from `self.masks` or `known`.
-    pub fn to_msg(&self, known: &KnownMasks) -> Result<TaskMsg, EngineError> {
+    /// Protobuf message; masked tensors use masks from `self.masks` or `known`; a tensor the
+    /// receiver holds at the same fingerprint (`held`) travels as a reference.
+    pub fn to_msg(&self, known: &KnownMasks, held: &HeldTensors) -> Result<TaskMsg, EngineError> {
         let mut all: HashMap<&str, &Mask> = known.iter().map(|(k, v)| (k.as_str(), v)).collect();
         for m in &self.masks {
             all.insert(&m.name, m);
@@ -82,11 +91,20 @@ impl Task {
         let tensors = self
             .params
             .iter()
-            .map(|t| match all.get(t.name.as_str()) {
-                Some(m) => wire::encode_masked(t, m).map_err(EngineError::from),
-                None => Ok(wire::encode_dense(t)),
+            .map(|t| {
+                let kept = self.hold.contains(&t.name);
+                let fingerprint = if kept { wire::fingerprint(t) } else { 0 };
+                if kept && held.get(&t.name) == Some(&fingerprint) {
+                    return Ok(wire::encode_held(t, fingerprint));
+                }
+                let mut msg = match all.get(t.name.as_str()) {
+                    Some(m) => wire::encode_masked(t, m)?,
+                    None => wire::encode_dense(t),
+                };
+                msg.fingerprint = fingerprint;
+                Ok(msg)
             })
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>, EngineError>>()?;
         Ok(TaskMsg {
             protocol_version: wire::PROTOCOL_VERSION,
             round: self.round,
@@ -101,13 +119,34 @@ impl Task {
         })
     }
 
-    /// Encoded bytes.
+    /// Encoded bytes, every tensor with its values.
     pub fn encode(&self, known: &KnownMasks) -> Result<Vec<u8>, EngineError> {
-        Ok(self.to_msg(known)?.encode_to_vec())
+        self.encode_for(known, &HeldTensors::new())
     }
 
-    /// Decodes and validates a task; masks it carries are added to `known`.
+    /// Encoded bytes for a receiver that holds the masks `known` and the tensors `held`.
+    pub fn encode_for(
+        &self,
+        known: &KnownMasks,
+        held: &HeldTensors,
+    ) -> Result<Vec<u8>, EngineError> {
+        Ok(self.to_msg(known, held)?.encode_to_vec())
+    }
+
+    /// Decodes and validates a task that names no held tensor; masks it carries are added
+    /// to `known`.
     pub fn decode(bytes: &[u8], known: &mut KnownMasks) -> Result<Task, EngineError> {
+        Self::decode_with(bytes, known, &mut TensorCache::new(0))
+    }
+
+    /// Decodes and validates a task: masks it carries are added to `known`, tensors it
+    /// names by fingerprint come from `cache`, and tensors it marks to keep go into it
+    /// (their values checked against their fingerprint).
+    pub fn decode_with(
+        bytes: &[u8],
+        known: &mut KnownMasks,
+        cache: &mut TensorCache,
+    ) -> Result<Task, EngineError> {
         let msg = TaskMsg::decode(bytes)
             .map_err(|e| EngineError::Protocol(format!("malformed task: {e}")))?;
         check_version(msg.protocol_version)?;
@@ -115,7 +154,36 @@ impl Task {
             let mask = Mask::decode(m)?;
             known.insert(mask.name.clone(), mask);
         }
-        let params = decode_tensors(&msg.tensors, known)?;
+        let mut tensors = Vec::with_capacity(msg.tensors.len());
+        let mut hold = Vec::new();
+        for t in &msg.tensors {
+            if t.encoding == wire::Encoding::Held as i32 {
+                let held = cache.take(&t.name, t.fingerprint).ok_or_else(|| {
+                    EngineError::Protocol(format!(
+                        "the task names tensor `{}` by fingerprint {:016x}, which this client does not hold; it must be sent again (the client's inventory says what it holds)",
+                        t.name, t.fingerprint
+                    ))
+                })?;
+                let shape: Vec<u64> = held.shape.iter().map(|d| *d as u64).collect();
+                if shape != t.shape {
+                    return Err(EngineError::Protocol(format!(
+                        "held tensor `{}` has shape {:?}, the task says {:?}",
+                        t.name, held.shape, t.shape
+                    )));
+                }
+                tensors.push(held);
+            } else {
+                let decoded = wire::decode_tensor(t, known)?;
+                if t.fingerprint != 0 {
+                    cache.keep(&decoded, t.fingerprint);
+                }
+                tensors.push(decoded);
+            }
+            if t.fingerprint != 0 {
+                hold.push(t.name.clone());
+            }
+        }
+        let params = ParamSet::from_tensors(tensors)?;
         let (model, view): (ModelSpec, View) = serde_json::from_str(&msg.model_json)
             .map_err(|e| EngineError::Protocol(format!("task model description: {e}")))?;
         let recipe: Recipe = serde_json::from_str(&msg.recipe_json)
@@ -141,6 +209,7 @@ impl Task {
             recipe,
             params,
             masks,
+            hold,
             options,
         })
     }

@@ -186,9 +186,18 @@ impl LocalFleet {
         let profile = &self.profiles[c as usize];
         let mut known = prepared.known.clone();
         let mut rec = blank_record(prepared.task.round, c, profile);
-        let task_bytes = prepared.task.encode(&known)?;
+        let task_bytes = prepared.encode()?;
         rec.bytes_down = task_bytes.len() as u64;
-        let task = crate::Task::decode(&task_bytes, &mut known)?;
+        // A virtual client's cache: what the driver's ledger says it holds, which is the
+        // task's own tensor wherever the fingerprints agree.
+        let mut cache = crate::held::TensorCache::new(u64::MAX);
+        for t in prepared.task.params.iter() {
+            if let Some(&fp) = prepared.held.get(&t.name) {
+                cache.keep(t, fp);
+            }
+        }
+        let task = crate::Task::decode_with(&task_bytes, &mut known, &mut cache)?;
+        drop(cache);
         drop(task_bytes);
         let data = self.client_data(c)?;
         let ctx = ClientCtx {

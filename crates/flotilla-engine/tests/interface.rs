@@ -1,18 +1,44 @@
-//! The method interface carries what the five planned methods need. A toy method sends each
-//! client a different payload and checks, through the engine, that each capability works:
+//! The method interface carries what the five methods need, one capability per test.
+//!
+//! One run of a toy method ([`Showcase`], two phases, one round) gives each client a different
+//! payload; each test below checks one capability in it, so a failure in one does not hide
+//! the others:
+//! - a gradient pass (phase 0, every client) — FeDLRT's basis phase, FedLin;
+//! - a round with two phases on the same clients — FeDLRT;
 //! - a depth prefix (skipped blocks in the forward pass) — FlexTrain, depth dropout;
 //! - frozen tensors — FLL;
 //! - a width-reduced model with sliced parameters — FedTSA, HeteroFL;
 //! - masked values that travel as active values only — FedMap;
-//! - low-rank factors instead of a dense matrix — FeDLRT;
-//! - a round with two phases on the same clients — FeDLRT;
+//! - a factored layer of which the client trains only S, in less memory — FeDLRT;
+//! - an objective the method defines — FedProx, FlexTrain, FLL;
+//! - a correction term added to every step — FeDLRT's variance correction, SCAFFOLD;
 //! - several global models evaluated side by side — FedTSA clusters;
 //! - training on the server during aggregation — FedTSA stage 2.
+//!
+//! A second toy method ([`Keeper`], three rounds) shows held tensors: a frozen layer travels
+//! once, then by fingerprint, also after a resume from a checkpoint, and every time when the
+//! cache is off.
 
+use burn::tensor::Tensor as BurnTensor;
 use flotilla_core::wire::Mask;
 use flotilla_core::{ParamSet, Tensor};
 use flotilla_data::{Dataset, Split};
-use flotilla_engine::local::{self, CrossEntropy, Recipe, TrainJob, TrainOutcome};
+use flotilla_engine::local::{
+    self, Batch, CrossEntropy, Objective, Recipe, TrainJob, TrainOutcome, cross_entropy,
+};
+use flotilla_engine::sink::{ClientRecord, Event, RoundRecord, Sink};
+use flotilla_engine::{
+    Assignment, ClientCtx, ClientData, ClientHalf, ClientInfo, EngineError, EvalModel, Experiment,
+    MethodState, PhaseCtx, PhaseEnd, Reply, ServerCtx, ServerHalf, Simulation, Task,
+};
+use flotilla_models::{Architecture, ModelSpec, Net, View};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock};
+
+// Peak memory is measured by the engine's counting allocator.
+#[global_allocator]
+static ALLOC: flotilla_engine::alloc::CountingAlloc = flotilla_engine::alloc::CountingAlloc;
 
 /// Plain cross-entropy training of `params`, as the test's methods train.
 fn fit(
@@ -28,16 +54,6 @@ fn fit(
         .seed(seed)
         .train()
 }
-use flotilla_engine::sink::{Event, Sink};
-use flotilla_engine::{
-    Assignment, ClientCtx, ClientData, ClientHalf, ClientInfo, EngineError, EvalModel, Experiment,
-    MethodState, PhaseCtx, PhaseEnd, Reply, ServerCtx, ServerHalf, Simulation, Task,
-};
-use flotilla_models::{Architecture, ModelSpec, Net, View};
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
-
-const RANK: usize = 8;
 
 /// Images whose class is a bright 7×7 patch at one of ten positions, plus noise.
 fn synthetic(n: usize, seed: u64) -> Dataset {
@@ -101,33 +117,57 @@ fn slice_like(full: &ParamSet, small: &ParamSet) -> ParamSet {
     out
 }
 
-/// U [n×r], S [r×r], V [m×r] with orthonormal U, V spanning leading coordinates, and
-/// S = Uᵀ W V: the projection of W on that basis.
-fn factors(w: &Tensor, r: usize) -> (Tensor, Tensor, Tensor) {
-    let (n, m) = (w.shape[0], w.shape[1]);
-    let mut u = vec![0f32; n * r];
-    let mut v = vec![0f32; m * r];
-    for i in 0..r {
-        u[i * r + i] = 1.0;
-        v[i * r + i] = 1.0;
+const RANK: usize = 8;
+/// What the method-defined objective adds to cross-entropy.
+const OFFSET: f64 = 10.0;
+/// The correction term on `layers.2.bias`.
+const CORRECTION: f32 = 0.5;
+
+/// The MLP with both hidden layers factored at rank [`RANK`].
+fn factored_mlp() -> ModelSpec {
+    ModelSpec {
+        ranks: BTreeMap::from([("layers.0".into(), RANK), ("layers.1".into(), RANK)]),
+        ..ModelSpec::mlp_2nn()
     }
-    let s: Vec<f32> = (0..r * r).map(|k| w.data[(k / r) * m + k % r]).collect();
-    (
-        Tensor::new(format!("{}.U", w.name), vec![n, r], u).unwrap(),
-        Tensor::new(format!("{}.S", w.name), vec![r, r], s).unwrap(),
-        Tensor::new(format!("{}.V", w.name), vec![m, r], v).unwrap(),
-    )
 }
 
+/// The factored MLP's view: U and V frozen, so only S (and the dense layers) train.
+fn s_only() -> View {
+    View {
+        active_blocks: None,
+        frozen: ["layers.0.U", "layers.0.V", "layers.1.U", "layers.1.V"]
+            .map(String::from)
+            .to_vec(),
+    }
+}
+
+/// A method's own loss: cross-entropy plus a constant, so its mark shows in `train_loss`.
+struct ShiftedCrossEntropy;
+
+impl Objective for ShiftedCrossEntropy {
+    type Step = ();
+
+    fn begin_step(&self, _rng: &mut rand_chacha::ChaCha8Rng) {}
+
+    fn loss(
+        &self,
+        model: &Net,
+        batch: Batch<'_>,
+        _step: &(),
+    ) -> Result<BurnTensor<1>, EngineError> {
+        let logits = model.forward(batch.x, &View::full());
+        Ok(cross_entropy(logits, batch.labels, batch.classes, batch.device).add_scalar(OFFSET))
+    }
+}
+
+/// What the server half saw.
 #[derive(Default)]
 struct Observed {
     phase0_clients: Vec<u64>,
     phase1_clients: Vec<u64>,
-    reply_names: HashMap<u64, Vec<String>>,
-    frozen_unchanged: Option<bool>,
-    lowrank_reply_shape: Option<Vec<usize>>,
+    replies: HashMap<u64, ParamSet>,
+    metrics: HashMap<u64, BTreeMap<String, f64>>,
     server_trained: bool,
-    masked_active: usize,
 }
 
 struct Showcase {
@@ -138,28 +178,27 @@ struct Showcase {
     seen: Arc<Mutex<Observed>>,
 }
 
-impl Showcase {
-    fn task(
-        &self,
-        ctx: &PhaseCtx,
-        c: &ClientInfo,
-        kind: &str,
-        model: ModelSpec,
-        view: View,
-        params: ParamSet,
-    ) -> Assignment {
-        Assignment::Run(Box::new(Task {
-            round: ctx.round,
-            phase: ctx.phase,
-            client: c.id,
-            kind: kind.into(),
-            model,
-            view,
-            recipe: self.recipe.clone(),
-            params,
-            masks: Vec::new(),
-            options: serde_json::Value::Null,
-        }))
+fn task(
+    ctx: &PhaseCtx,
+    c: u64,
+    kind: &str,
+    model: ModelSpec,
+    view: View,
+    params: ParamSet,
+    recipe: &Recipe,
+) -> Task {
+    Task {
+        round: ctx.round,
+        phase: ctx.phase,
+        client: c,
+        kind: kind.into(),
+        model,
+        view,
+        recipe: recipe.clone(),
+        params,
+        masks: Vec::new(),
+        hold: Vec::new(),
+        options: serde_json::Value::Null,
     }
 }
 
@@ -168,93 +207,110 @@ impl ServerHalf for Showcase {
         "showcase"
     }
 
-    /// The first phase asks each client for a tensor the task did not send (its example
-    /// count), so that phase overrides the default subset-of-the-task check.
+    /// Gradients and the correction's two results are not the task's tensors, so those
+    /// kinds have their own checks; the rest use the default subset-of-the-task check.
     fn check_reply(&self, task: &Task, reply: &Reply) -> Result<(), String> {
-        if task.kind == "count" {
-            return match reply.params.get("count") {
-                Some(t) if t.shape == [1] && reply.params.len() == 1 => Ok(()),
-                _ => Err("the count phase expects one tensor `count` of shape [1]".into()),
-            };
-        }
-        for t in reply.params.iter() {
-            if task.params.get(&t.name).map(|s| &s.shape) != Some(&t.shape) {
-                return Err(format!("`{}` was not sent with this shape", t.name));
+        let expect: Vec<&str> = match task.kind.as_str() {
+            "gradients" => task.params.names().collect(),
+            "count" => vec!["count"],
+            "corrected" => vec!["with", "without"],
+            _ => {
+                for t in reply.params.iter() {
+                    if task.params.get(&t.name).map(|s| &s.shape) != Some(&t.shape) {
+                        return Err(format!("`{}` was not sent with this shape", t.name));
+                    }
+                }
+                return Ok(());
             }
+        };
+        let got: Vec<&str> = reply.params.names().collect();
+        if got != expect {
+            return Err(format!("expected {expect:?}, got {got:?}"));
         }
         Ok(())
     }
 
     fn plan(&self, ctx: &PhaseCtx, clients: &[ClientInfo]) -> Result<Vec<Assignment>, EngineError> {
+        let run = |t: Task| Assignment::Run(Box::new(t));
+        let mlp = ModelSpec::mlp_2nn;
         if ctx.phase == 0 {
-            // Phase 0: every client reports a statistic (like FeDLRT's basis gradients).
+            // Phase 0: two clients return gradients of the global MLP (FeDLRT's basis phase),
+            // the others a statistic of their data.
             return Ok(clients
                 .iter()
                 .map(|c| {
-                    self.task(
-                        ctx,
-                        c,
-                        "count",
-                        ModelSpec::mlp_2nn(),
-                        View::full(),
-                        ParamSet::new(),
-                    )
+                    let t = match c.id {
+                        6 | 7 => task(
+                            ctx,
+                            c.id,
+                            "gradients",
+                            mlp(),
+                            View::full(),
+                            self.mlp.clone(),
+                            &self.recipe,
+                        ),
+                        _ => task(
+                            ctx,
+                            c.id,
+                            "count",
+                            mlp(),
+                            View::full(),
+                            ParamSet::new(),
+                            &self.recipe,
+                        ),
+                    };
+                    run(t)
                 })
                 .collect());
         }
         Ok(clients
             .iter()
-            .map(|c| match c.id {
-                0 => self.task(
-                    ctx,
-                    c,
-                    "train",
-                    resnet(0.5),
-                    View::depth_prefix(1, 3),
-                    self.resnet.clone(),
-                ),
-                1 => {
-                    let view = View {
-                        active_blocks: None,
-                        frozen: vec!["conv1".into(), "norm1".into(), "blocks.0".into()],
-                    };
-                    self.task(ctx, c, "train", resnet(0.5), view, self.resnet.clone())
-                }
-                2 => {
-                    let small = Net::init_params(&resnet(0.25), 0).unwrap();
-                    self.task(
-                        ctx,
-                        c,
+            .map(|c| {
+                let t = |kind: &str, model, view, params| {
+                    task(ctx, c.id, kind, model, view, params, &self.recipe)
+                };
+                match c.id {
+                    0 => run(t(
                         "train",
-                        resnet(0.25),
-                        View::full(),
-                        slice_like(&self.resnet, &small),
-                    )
-                }
-                3 => {
-                    let Assignment::Run(mut t) = self.task(
-                        ctx,
-                        c,
-                        "train",
-                        ModelSpec::mlp_2nn(),
-                        View::full(),
-                        self.mlp.clone(),
-                    ) else {
-                        unreachable!()
-                    };
-                    t.masks = vec![self.mask.clone()];
-                    Assignment::Run(t)
-                }
-                4 => {
-                    let w = self.mlp.get("layers.1.weight").unwrap();
-                    let (u, s, v) = factors(w, RANK);
-                    let mut p = self.mlp.filter(|n| n != "layers.1.weight");
-                    for t in [u, s, v] {
-                        p.push(t).unwrap();
+                        resnet(0.5),
+                        View::depth_prefix(1, 3),
+                        self.resnet.clone(),
+                    )),
+                    1 => {
+                        let view = View {
+                            active_blocks: None,
+                            frozen: vec!["conv1".into(), "norm1".into(), "blocks.0".into()],
+                        };
+                        run(t("train", resnet(0.5), view, self.resnet.clone()))
                     }
-                    self.task(ctx, c, "lowrank", ModelSpec::mlp_2nn(), View::full(), p)
+                    2 => {
+                        let small = Net::init_params(&resnet(0.25), 0).unwrap();
+                        run(t(
+                            "train",
+                            resnet(0.25),
+                            View::full(),
+                            slice_like(&self.resnet, &small),
+                        ))
+                    }
+                    3 => {
+                        let mut task = t("train", mlp(), View::full(), self.mlp.clone());
+                        task.masks = vec![self.mask.clone()];
+                        run(task)
+                    }
+                    4 => {
+                        let params = Net::init_params(&factored_mlp(), 0).unwrap();
+                        run(t("train", factored_mlp(), s_only(), params))
+                    }
+                    5 => run(t("train", mlp(), View::full(), self.mlp.clone())),
+                    6 => run(t("shifted", mlp(), View::full(), self.mlp.clone())),
+                    7 => {
+                        // One full-batch step, so the correction's effect is exactly −lr · c.
+                        let mut task = t("corrected", mlp(), View::full(), self.mlp.clone());
+                        task.recipe.batch_size = 10_000;
+                        run(task)
+                    }
+                    _ => Assignment::Skip("not part of the showcase".into()),
                 }
-                _ => Assignment::Skip("not part of the showcase".into()),
             })
             .collect())
     }
@@ -269,31 +325,15 @@ impl ServerHalf for Showcase {
         let ids: Vec<u64> = replies.iter().map(|r| r.client).collect();
         if ctx.phase == 0 {
             seen.phase0_clients = ids;
+            for r in replies {
+                seen.replies.insert(100 + r.client, r.params.clone());
+            }
             return Ok(PhaseEnd::NextPhase);
         }
         seen.phase1_clients = ids;
         for r in replies {
-            seen.reply_names
-                .insert(r.client, r.params.names().map(String::from).collect());
-            if r.client == 1 {
-                let same = ["conv1.weight", "blocks.0.conv1.weight"]
-                    .iter()
-                    .all(|n| r.params.get(n).is_none());
-                seen.frozen_unchanged = Some(same);
-            }
-            if r.client == 3 {
-                let w = r.params.get("layers.0.weight").unwrap();
-                seen.masked_active = w
-                    .data
-                    .iter()
-                    .zip(&self.mask.active)
-                    .filter(|(v, a)| **a || **v != 0.0)
-                    .count();
-            }
-            if r.client == 4 {
-                seen.lowrank_reply_shape =
-                    r.params.get("layers.1.weight.S").map(|t| t.shape.clone());
-            }
+            seen.replies.insert(r.client, r.params.clone());
+            seen.metrics.insert(r.client, r.metrics.clone());
         }
         // Server-side training on its own data (FedTSA's stage 2 runs here).
         if let Some(data) = server.server_data {
@@ -358,8 +398,23 @@ impl ServerHalf for Showcase {
     }
 }
 
+/// Whether training changed any frozen tensor, as client 1 checks it.
+type FrozenCheck = Arc<Mutex<Option<bool>>>;
+
 struct ShowcaseClient {
-    frozen_checked: Arc<Mutex<Option<bool>>>,
+    frozen_unchanged: FrozenCheck,
+}
+
+fn reply(task: &Task, data: &ClientData, params: ParamSet) -> Reply {
+    Reply {
+        round: task.round,
+        phase: task.phase,
+        client: task.client,
+        num_examples: data.train.len() as u64,
+        params,
+        metrics: BTreeMap::new(),
+        resources: Default::default(),
+    }
 }
 
 impl ClientHalf for ShowcaseClient {
@@ -369,25 +424,29 @@ impl ClientHalf for ShowcaseClient {
         data: &ClientData,
         ctx: &ClientCtx,
     ) -> Result<Reply, EngineError> {
+        let ce = CrossEntropy::under(&task.view);
+        let job = || {
+            TrainJob::new(
+                &task.model,
+                &task.view,
+                &task.params,
+                data,
+                &task.recipe,
+                &ce,
+            )
+        };
         match task.kind.as_str() {
-            "count" => Ok(Reply {
-                round: task.round,
-                phase: task.phase,
-                client: task.client,
-                num_examples: data.train.len() as u64,
-                params: ParamSet::from_tensors(vec![Tensor::new(
-                    "count",
-                    vec![1],
-                    vec![data.train.len() as f32],
-                )?])?,
-                metrics: BTreeMap::new(),
-                resources: Default::default(),
-            }),
+            "gradients" => Ok(reply(task, data, job().gradients(2)?.grads)),
+            "count" => {
+                let n = data.train.len() as f32;
+                Ok(reply(
+                    task,
+                    data,
+                    ParamSet::from_tensors(vec![Tensor::new("count", vec![1], vec![n])?])?,
+                ))
+            }
             "train" => {
-                let reply =
-                    local::train_task(task, data, ctx, || Ok(CrossEntropy::under(&task.view)))?;
                 if !task.view.frozen.is_empty() {
-                    // Frozen tensors are neither sent back nor changed by training.
                     let trained =
                         fit(&task.model, &task.view, &task.params, data, &task.recipe, 1)?.params;
                     let same = task
@@ -395,77 +454,39 @@ impl ClientHalf for ShowcaseClient {
                         .iter()
                         .filter(|t| task.view.is_frozen(&t.name))
                         .all(|t| trained.get(&t.name) == Some(t));
-                    *self.frozen_checked.lock().unwrap() = Some(same);
+                    *self.frozen_unchanged.lock().unwrap() = Some(same);
                 }
-                Ok(reply)
+                local::train_task(task, data, ctx, || Ok(CrossEntropy::under(&task.view)))
             }
-            "lowrank" => {
-                // Rebuild W = U S Vᵀ, train the dense model, project back: S' = Uᵀ W' V.
-                let (u, s, v) = (
-                    task.params.require("layers.1.weight.U")?,
-                    task.params.require("layers.1.weight.S")?,
-                    task.params.require("layers.1.weight.V")?,
-                );
-                let (n, r, m) = (u.shape[0], u.shape[1], v.shape[0]);
-                let mut w = vec![0f32; n * m];
-                for i in 0..n {
-                    for j in 0..m {
-                        let mut acc = 0.0;
-                        for a in 0..r {
-                            for b in 0..r {
-                                acc += u.data[i * r + a] * s.data[a * r + b] * v.data[j * r + b];
-                            }
-                        }
-                        w[i * m + j] = acc;
-                    }
-                }
-                let mut dense = task
-                    .params
-                    .filter(|name| !name.starts_with("layers.1.weight."));
-                dense.push(Tensor::new("layers.1.weight", vec![n, m], w)?)?;
-                let dense = ParamSet::from_tensors(
-                    Net::init_params(&task.model, 0)?
-                        .names()
-                        .map(|name| dense.get(name).unwrap().clone())
-                        .collect(),
+            "shifted" => local::train_task(task, data, ctx, || Ok(ShiftedCrossEntropy)),
+            "corrected" => {
+                let bias = task.params.require("layers.2.bias")?;
+                let c = Tensor::new(
+                    "layers.2.bias",
+                    bias.shape.clone(),
+                    vec![CORRECTION; bias.numel()],
                 )?;
-                let trained = fit(&task.model, &task.view, &dense, data, &task.recipe, 2)?;
-                let w2 = trained.params.require("layers.1.weight")?;
-                let mut s2 = vec![0f32; r * r];
-                for a in 0..r {
-                    for b in 0..r {
-                        let mut acc = 0.0;
-                        for i in 0..n {
-                            for j in 0..m {
-                                acc += u.data[i * r + a] * w2.data[i * m + j] * v.data[j * r + b];
-                            }
-                        }
-                        s2[a * r + b] = acc;
-                    }
-                }
-                let mut params = trained.params.filter(|name| name != "layers.1.weight");
-                params.push(Tensor::new("layers.1.weight.S", vec![r, r], s2)?)?;
-                Ok(Reply {
-                    round: task.round,
-                    phase: task.phase,
-                    client: task.client,
-                    num_examples: data.train.len() as u64,
-                    params,
-                    metrics: BTreeMap::new(),
-                    resources: Default::default(),
-                })
+                let correction = ParamSet::from_tensors(vec![c])?;
+                let with = job().correction(&correction).train()?.params;
+                let without = job().train()?.params;
+                let pick = |p: &ParamSet, name: &str| -> Result<Tensor, EngineError> {
+                    let t = p.require("layers.2.bias")?;
+                    Ok(Tensor::new(name, t.shape.clone(), t.data.clone())?)
+                };
+                Ok(reply(
+                    task,
+                    data,
+                    ParamSet::from_tensors(vec![pick(&with, "with")?, pick(&without, "without")?])?,
+                ))
             }
             other => Err(EngineError::Task(format!("unknown kind {other}"))),
         }
     }
 }
 
-struct Collect(
-    Vec<(
-        flotilla_engine::sink::RoundRecord,
-        Vec<flotilla_engine::sink::ClientRecord>,
-    )>,
-);
+/// Round and client records, as metrics.jsonl and clients.jsonl hold them.
+#[derive(Default)]
+struct Collect(Vec<(RoundRecord, Vec<ClientRecord>)>);
 
 impl Sink for Collect {
     fn on_event(&mut self, e: &Event<'_>) -> Result<(), EngineError> {
@@ -480,7 +501,7 @@ const CONFIG: &str = r#"
 rounds = 1
 [data]
 dataset = "fashion-mnist"
-num_clients = 5
+num_clients = 8
 partition = { kind = "iid" }
 [model]
 arch = "mlp"
@@ -490,7 +511,7 @@ batch_size = 16
 optimizer = "sgd"
 lr = 0.05
 [sampling]
-clients_per_round = 5
+clients_per_round = 8
 [simulation]
 checkpoint_every = 0
 [server_data]
@@ -500,86 +521,429 @@ size = 100
 name = "showcase"
 "#;
 
-#[test]
-fn every_capability_travels_through_the_interface() {
-    let exp = Experiment::from_toml(CONFIG).unwrap();
-    let split = Split {
-        train: synthetic(400, 1),
-        test: synthetic(100, 2),
-    };
-    let seen = Arc::new(Mutex::new(Observed::default()));
-    let mlp = Net::init_params(&ModelSpec::mlp_2nn(), 0).unwrap();
-    let n0 = mlp.get("layers.0.weight").unwrap().numel();
-    let mask = Mask {
-        name: "layers.0.weight".into(),
-        active: (0..n0).map(|i| i % 4 == 0).collect(),
-    };
-    let server = Showcase {
-        resnet: Net::init_params(&resnet(0.5), 0).unwrap(),
-        mlp,
-        mask,
-        recipe: exp.training.clone(),
-        seen: seen.clone(),
-    };
-    let frozen = Arc::new(Mutex::new(None));
-    let client = Arc::new(ShowcaseClient {
-        frozen_checked: frozen.clone(),
-    });
-    let dir = tempfile::tempdir().unwrap();
-    // The server's 100 samples are held out of the 400 by `[server_data]`.
-    let mut sim = Simulation::new(exp, split, Box::new(server), client, dir.path()).unwrap();
-    let mut rounds = Collect(Vec::new());
-    sim.run(&mut [&mut rounds]).unwrap();
+/// The showcase's one round: what the server saw, the records, client 1's frozen check.
+struct ShowcaseRun {
+    seen: Observed,
+    record: RoundRecord,
+    clients: Vec<ClientRecord>,
+    frozen_unchanged: Option<bool>,
+    mask: Mask,
+    lr: f64,
+}
 
-    let seen = seen.lock().unwrap();
-    let (record, clients) = &rounds.0[0];
-    // two phases on the same five clients
-    assert_eq!(seen.phase0_clients, vec![0, 1, 2, 3, 4]);
-    assert_eq!(seen.phase1_clients, seen.phase0_clients);
-    // depth prefix: fewer FLOPs than the full model on the same data
-    let c = |id: u64| clients.iter().find(|c| c.client == id).unwrap();
-    let full_flops =
-        flotilla_models::flops::training(&resnet(0.5), &View::full(), c(0).num_examples as usize);
-    assert!(
-        c(0).flops > 0.0 && c(0).flops < 0.7 * full_flops,
-        "{} vs {full_flops}",
-        c(0).flops
+impl ShowcaseRun {
+    fn client(&self, id: u64) -> &ClientRecord {
+        self.clients.iter().find(|c| c.client == id).unwrap()
+    }
+}
+
+/// Runs the showcase once for all the tests of this file.
+fn showcase() -> &'static ShowcaseRun {
+    static RUN: OnceLock<ShowcaseRun> = OnceLock::new();
+    RUN.get_or_init(|| {
+        let exp = Experiment::from_toml(CONFIG).unwrap();
+        let split = Split {
+            train: synthetic(500, 1),
+            test: synthetic(100, 2),
+        };
+        let seen = Arc::new(Mutex::new(Observed::default()));
+        let mlp = Net::init_params(&ModelSpec::mlp_2nn(), 0).unwrap();
+        let n0 = mlp.get("layers.0.weight").unwrap().numel();
+        let mask = Mask {
+            name: "layers.0.weight".into(),
+            active: (0..n0).map(|i| i % 4 == 0).collect(),
+        };
+        let lr = exp.training.lr;
+        let server = Showcase {
+            resnet: Net::init_params(&resnet(0.5), 0).unwrap(),
+            mlp,
+            mask: mask.clone(),
+            recipe: exp.training.clone(),
+            seen: seen.clone(),
+        };
+        let frozen = FrozenCheck::default();
+        let client = Arc::new(ShowcaseClient {
+            frozen_unchanged: frozen.clone(),
+        });
+        let dir = tempfile::tempdir().unwrap();
+        // The server's 100 samples are held out of the 500 by `[server_data]`.
+        let mut sim = Simulation::new(exp, split, Box::new(server), client, dir.path()).unwrap();
+        let mut rounds = Collect::default();
+        sim.run(&mut [&mut rounds]).unwrap();
+        let (record, clients) = rounds.0.remove(0);
+        let seen = std::mem::take(&mut *seen.lock().unwrap());
+        let frozen_unchanged = *frozen.lock().unwrap();
+        ShowcaseRun {
+            seen,
+            record,
+            clients,
+            frozen_unchanged,
+            mask,
+            lr,
+        }
+    })
+}
+
+#[test]
+fn a_round_runs_two_phases_on_the_same_clients() {
+    let run = showcase();
+    assert_eq!(run.seen.phase0_clients, (0..8).collect::<Vec<u64>>());
+    assert_eq!(run.seen.phase1_clients, run.seen.phase0_clients);
+}
+
+#[test]
+fn a_gradient_pass_returns_gradients_of_every_trainable_tensor() {
+    let run = showcase();
+    let grads = &run.seen.replies[&106];
+    let mlp = Net::init_params(&ModelSpec::mlp_2nn(), 0).unwrap();
+    for t in mlp.iter() {
+        let g = grads.require(&t.name).unwrap();
+        assert_eq!(g.shape, t.shape, "{}", t.name);
+        assert!(g.data.iter().all(|v| v.is_finite()), "{}", t.name);
+        assert!(
+            g.data.iter().any(|v| *v != 0.0),
+            "{} has a zero gradient",
+            t.name
+        );
+    }
+    // Different clients' data give different gradients.
+    assert_ne!(run.seen.replies[&106], run.seen.replies[&107]);
+    assert_eq!(
+        run.seen.replies[&100].require("count").unwrap().data,
+        vec![50.0]
     );
-    // frozen: not sent back, not changed
-    assert_eq!(seen.frozen_unchanged, Some(true));
-    assert_eq!(*frozen.lock().unwrap(), Some(true));
-    // width slice: the client trained the narrow model (its reply has narrow shapes)
-    assert!(seen.reply_names[&2].contains(&"blocks.0.conv1.weight".to_string()));
-    assert!(c(2).bytes_up < c(0).bytes_up / 2);
-    // masked values: a quarter of layers.0.weight travels, in both directions
+}
+
+#[test]
+fn a_depth_prefix_costs_fewer_flops() {
+    let run = showcase();
+    let c0 = run.client(0);
+    let full =
+        flotilla_models::flops::training(&resnet(0.5), &View::full(), c0.num_examples as usize);
+    assert!(
+        c0.flops > 0.0 && c0.flops < 0.7 * full,
+        "{} vs {full}",
+        c0.flops
+    );
+}
+
+#[test]
+fn frozen_tensors_are_neither_changed_nor_sent_back() {
+    let run = showcase();
+    assert_eq!(run.frozen_unchanged, Some(true));
+    let back = &run.seen.replies[&1];
+    assert!(back.get("conv1.weight").is_none() && back.get("blocks.0.conv1.weight").is_none());
+    assert!(back.get("blocks.1.conv1.weight").is_some());
+}
+
+#[test]
+fn a_width_slice_trains_the_narrow_model() {
+    let run = showcase();
+    let narrow = Net::init_params(&resnet(0.25), 0).unwrap();
+    let back = &run.seen.replies[&2];
+    for t in back.iter() {
+        assert_eq!(
+            Some(&t.shape),
+            narrow.get(&t.name).map(|n| &n.shape),
+            "{}",
+            t.name
+        );
+    }
+    assert!(run.client(2).bytes_up < run.client(0).bytes_up / 2);
+}
+
+#[test]
+fn masked_values_travel_as_active_values_only() {
+    let run = showcase();
+    let n0 = run.mask.active.len();
     let mlp_dense_bytes = 4 * 199_210;
     let masked_bytes = 4 * (199_210 - n0 + n0 / 4);
+    let c3 = run.client(3);
     assert!(
-        c(3).bytes_down as usize > masked_bytes
-            && (c(3).bytes_down as usize) < masked_bytes + 25_000,
+        c3.bytes_down as usize > masked_bytes && (c3.bytes_down as usize) < masked_bytes + 25_000,
         "{}",
-        c(3).bytes_down
+        c3.bytes_down
     );
-    assert!((c(3).bytes_up as usize) < mlp_dense_bytes - 3 * 4 * n0 / 4 + 2_000);
-    assert_eq!(seen.masked_active, n0 / 4);
-    // low-rank factors: r×r coefficients back instead of a 200×200 matrix
-    assert_eq!(seen.lowrank_reply_shape, Some(vec![RANK, RANK]));
-    assert!((c(4).bytes_up as usize) < mlp_dense_bytes - 4 * (200 * 200 - RANK * RANK) + 2_000);
-    // several global models, each evaluated
+    assert!((c3.bytes_up as usize) < mlp_dense_bytes - 3 * 4 * n0 / 4 + 2_000);
+    // Training kept the inactive positions at zero.
+    let w = run.seen.replies[&3].require("layers.0.weight").unwrap();
+    let nonzero_outside = w
+        .data
+        .iter()
+        .zip(&run.mask.active)
+        .filter(|(v, a)| !**a && **v != 0.0)
+        .count();
+    assert_eq!(nonzero_outside, 0);
+}
+
+#[test]
+fn a_factored_client_trains_only_s_in_less_memory_than_the_dense_one() {
+    let run = showcase();
+    let back = &run.seen.replies[&4];
+    for layer in ["layers.0", "layers.1"] {
+        assert_eq!(
+            back.require(&format!("{layer}.S")).unwrap().shape,
+            vec![RANK, RANK]
+        );
+        assert!(
+            back.get(&format!("{layer}.U")).is_none() && back.get(&format!("{layer}.V")).is_none()
+        );
+    }
+    assert!(back.get("layers.0.weight").is_none());
+    let (factored, dense) = (run.client(4), run.client(5));
+    // r×r coefficients travel back instead of two dense matrices.
     assert!(
-        record.extra.contains_key("test_accuracy/resnet")
-            && record.extra.contains_key("test_accuracy/mlp")
+        factored.bytes_up * 20 < dense.bytes_up,
+        "{} vs {}",
+        factored.bytes_up,
+        dense.bytes_up
     );
-    // server-side training happened on the server's data, held out of the clients' 400
-    assert!(seen.server_trained);
+    // Measured by the counting allocator: no gradient or optimizer state for U and V, and no
+    // dense W formed.
+    assert!(
+        factored.peak_memory_bytes > 0 && factored.peak_memory_bytes * 2 < dense.peak_memory_bytes,
+        "factored peak {} B, dense peak {} B",
+        factored.peak_memory_bytes,
+        dense.peak_memory_bytes
+    );
+}
+
+#[test]
+fn a_method_defined_objective_is_what_the_client_minimises() {
+    let run = showcase();
+    let shifted = run.seen.metrics[&6]["train_loss"];
+    let plain = run.seen.metrics[&5]["train_loss"];
+    // The same model, data size and recipe: the losses differ by the objective's offset,
+    // up to the two clients' different data.
+    assert!(
+        (shifted - plain - OFFSET).abs() < 1.0,
+        "shifted {shifted}, plain {plain}"
+    );
+    assert_eq!(run.client(6).train_loss, Some(shifted));
+}
+
+#[test]
+fn a_correction_changes_the_step_by_exactly_the_term() {
+    let run = showcase();
+    let back = &run.seen.replies[&7];
+    let (with, without) = (
+        back.require("with").unwrap(),
+        back.require("without").unwrap(),
+    );
+    let expected = -(run.lr as f32) * CORRECTION;
+    for (a, b) in with.data.iter().zip(&without.data) {
+        assert!((a - b - expected).abs() < 1e-6, "{a} − {b} ≠ {expected}");
+    }
+}
+
+#[test]
+fn several_global_models_are_evaluated_side_by_side() {
+    let run = showcase();
+    assert!(run.record.extra.contains_key("test_accuracy/resnet"));
+    assert!(run.record.extra.contains_key("test_accuracy/mlp"));
+}
+
+#[test]
+fn the_server_trains_on_its_own_data() {
+    let run = showcase();
+    assert!(run.seen.server_trained);
     assert_eq!(
-        clients.iter().map(|c| c.num_examples).sum::<u64>(),
-        300,
+        run.clients.iter().map(|c| c.num_examples).sum::<u64>(),
+        400,
         "clients train on what the server's slice leaves"
     );
     assert_eq!(
-        record.server_flops,
+        run.record.server_flops,
         flotilla_models::flops::training(&ModelSpec::mlp_2nn(), &View::full(), 100)
     );
-    assert!(record.server_wall_s > 0.0);
+    assert!(run.record.server_wall_s > 0.0);
+}
+
+/// Held tensors: the first layer is frozen and held, the rest trains; the server keeps the
+/// first client's trained layers.
+struct Keeper {
+    params: ParamSet,
+    recipe: Recipe,
+}
+
+const HELD: [&str; 2] = ["layers.0.weight", "layers.0.bias"];
+
+fn frozen_first_layer() -> View {
+    View {
+        active_blocks: None,
+        frozen: vec!["layers.0".into()],
+    }
+}
+
+impl ServerHalf for Keeper {
+    fn name(&self) -> &str {
+        "keeper"
+    }
+
+    fn plan(&self, ctx: &PhaseCtx, clients: &[ClientInfo]) -> Result<Vec<Assignment>, EngineError> {
+        Ok(clients
+            .iter()
+            .map(|c| {
+                let mut t = task(
+                    ctx,
+                    c.id,
+                    "train",
+                    ModelSpec::mlp_2nn(),
+                    frozen_first_layer(),
+                    self.params.clone(),
+                    &self.recipe,
+                );
+                t.hold = HELD.map(String::from).to_vec();
+                Assignment::Run(Box::new(t))
+            })
+            .collect())
+    }
+
+    fn aggregate(
+        &mut self,
+        _ctx: &PhaseCtx,
+        replies: &[Reply],
+        _server: &mut ServerCtx<'_>,
+    ) -> Result<PhaseEnd, EngineError> {
+        for t in replies[0].params.iter() {
+            *self.params.get_mut(&t.name).unwrap() = t.clone();
+        }
+        Ok(PhaseEnd::RoundComplete)
+    }
+
+    fn eval_models(&self) -> Vec<EvalModel> {
+        vec![EvalModel {
+            label: "mlp".into(),
+            spec: ModelSpec::mlp_2nn(),
+            view: View::full(),
+            params: self.params.clone(),
+            devices: None,
+        }]
+    }
+
+    fn snapshot(&self) -> MethodState {
+        MethodState {
+            params: BTreeMap::from([("mlp".into(), self.params.clone())]),
+            json: serde_json::Value::Null,
+        }
+    }
+
+    fn restore(&mut self, state: MethodState) -> Result<(), EngineError> {
+        self.params = state.params["mlp"].clone();
+        Ok(())
+    }
+}
+
+struct KeeperClient;
+
+impl ClientHalf for KeeperClient {
+    fn execute(
+        &self,
+        task: &Task,
+        data: &ClientData,
+        ctx: &ClientCtx,
+    ) -> Result<Reply, EngineError> {
+        // The held layer arrives intact whichever way it travelled.
+        let init = Net::init_params(&ModelSpec::mlp_2nn(), 0)?;
+        for name in HELD {
+            if task.params.get(name) != init.get(name) {
+                return Err(EngineError::Task(format!("`{name}` arrived changed")));
+            }
+        }
+        if task.hold != HELD {
+            return Err(EngineError::Task(format!(
+                "hold arrived as {:?}",
+                task.hold
+            )));
+        }
+        local::train_task(task, data, ctx, || Ok(CrossEntropy::under(&task.view)))
+    }
+}
+
+/// Runs the keeper for `rounds` rounds in `dir` (continuing its checkpoint when `resume`),
+/// with `extra` TOML appended; returns the records and the final parameters.
+fn keeper(
+    dir: &Path,
+    rounds: u64,
+    resume: bool,
+    extra: &str,
+) -> (Vec<(RoundRecord, Vec<ClientRecord>)>, ParamSet) {
+    let toml = format!(
+        "rounds = {rounds}\n[data]\ndataset = \"fashion-mnist\"\nnum_clients = 2\npartition = {{ kind = \"iid\" }}\n[model]\narch = \"mlp\"\n[training]\nepochs = 1\nbatch_size = 16\noptimizer = \"sgd\"\nlr = 0.05\n[sampling]\nclients_per_round = 2\n[simulation]\ncheckpoint_every = 1\n[method]\nname = \"keeper\"\n{extra}"
+    );
+    let exp = Experiment::from_toml(&toml).unwrap();
+    let server = Keeper {
+        params: Net::init_params(&ModelSpec::mlp_2nn(), 0).unwrap(),
+        recipe: exp.training.clone(),
+    };
+    let split = Split {
+        train: synthetic(100, 3),
+        test: synthetic(50, 4),
+    };
+    let mut sim =
+        Simulation::new(exp, split, Box::new(server), Arc::new(KeeperClient), dir).unwrap();
+    if resume {
+        sim.restore_checkpoint().unwrap();
+    }
+    let mut rounds = Collect::default();
+    sim.run(&mut [&mut rounds]).unwrap();
+    let params = sim.server().eval_models().remove(0).params;
+    (rounds.0, params)
+}
+
+fn bytes_down(records: &[(RoundRecord, Vec<ClientRecord>)]) -> Vec<Vec<u64>> {
+    records
+        .iter()
+        .map(|(_, clients)| {
+            assert!(clients.iter().all(|c| c.status == "ok"), "{clients:?}");
+            clients.iter().map(|c| c.bytes_down).collect()
+        })
+        .collect()
+}
+
+/// Bytes of the values of the held layer: 200 × 784 weights and 200 biases.
+const HELD_BYTES: u64 = 4 * (200 * 784 + 200);
+
+#[test]
+fn held_tensors_travel_once_then_by_fingerprint_also_after_a_resume() {
+    let whole = tempfile::tempdir().unwrap();
+    let (records, params) = keeper(whole.path(), 3, false, "");
+    let down = bytes_down(&records);
+    assert!(down.iter().all(|round| round.len() == 2), "{down:?}");
+    for (c, ((first, second), third)) in down[0].iter().zip(&down[1]).zip(&down[2]).enumerate() {
+        let saved = first - second;
+        // The values stay home; a reference costs about what their length prefix did.
+        assert!(
+            saved.abs_diff(HELD_BYTES) < 32,
+            "client {c} saved {saved} B"
+        );
+        assert_eq!(second, third);
+    }
+    // Stopped after round 2 and resumed: round 3 still sends the held layer by reference,
+    // and the run ends where the uninterrupted one does.
+    let split = tempfile::tempdir().unwrap();
+    keeper(split.path(), 2, false, "");
+    let (resumed, resumed_params) = keeper(split.path(), 3, true, "");
+    assert_eq!(resumed.len(), 1);
+    assert_eq!(bytes_down(&resumed)[0], down[2]);
+    assert_eq!(resumed_params, params);
+}
+
+#[test]
+fn with_the_cache_off_held_tensors_travel_every_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let (records, _) = keeper(dir.path(), 2, false, "[fleet]\nheld_cache_mib = 0\n");
+    let down = bytes_down(&records);
+    assert_eq!(down[0], down[1]);
+    assert!(down[0][0] > 4 * 199_210);
+}
+
+#[test]
+fn a_cache_smaller_than_a_tensor_keeps_only_what_fits() {
+    // 0.5 MiB holds the bias (800 B) but not the weight (627,200 B).
+    let dir = tempfile::tempdir().unwrap();
+    let (records, _) = keeper(dir.path(), 2, false, "[fleet]\nheld_cache_mib = 0.5\n");
+    let down = bytes_down(&records);
+    let saved = down[0][0] - down[1][0];
+    assert!(saved.abs_diff(800) < 32, "saved {saved} B");
 }

@@ -155,6 +155,7 @@ impl ServerHalf for Probe {
                     recipe: self.exp.training.clone(),
                     params: ParamSet::new(),
                     masks: Vec::new(),
+                    hold: Vec::new(),
                     options: serde_json::Value::Null,
                 }))
             })

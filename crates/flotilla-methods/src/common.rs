@@ -40,6 +40,7 @@ pub fn plan_full_model(
                     recipe: recipe.clone(),
                     params: params.clone(),
                     masks: Vec::new(),
+                    hold: Vec::new(),
                     options: serde_json::Value::Null,
                 }))
             }

@@ -133,6 +133,7 @@ fn proximal_term_keeps_local_weights_closer_to_the_global_model() {
             recipe: recipe.clone(),
             params: global.clone(),
             masks: Vec::new(),
+            hold: Vec::new(),
             options: serde_json::Value::Null,
         };
         let prox = Proximal::new(&task, mu).unwrap();

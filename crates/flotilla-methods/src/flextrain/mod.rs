@@ -373,6 +373,7 @@ impl ServerHalf for FlexTrain {
                     recipe: self.recipe.clone(),
                     params: Self::prefix(self.model_of(depth), depth),
                     masks: Vec::new(),
+                    hold: Vec::new(),
                     options: serde_json::to_value(options).expect("serialisable"),
                 }))
             })
