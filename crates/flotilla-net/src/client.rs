@@ -7,6 +7,7 @@ use crate::proto::service::coordinator_client::CoordinatorClient;
 use crate::proto::*;
 use flotilla_core::device::DeviceProfile;
 use flotilla_core::wire::PROTOCOL_VERSION;
+use flotilla_engine::held::{self, TensorCache};
 use flotilla_engine::method::KnownMasks;
 use flotilla_engine::{ClientCtx, ClientData, ClientHalf, EngineError, Experiment, Task};
 use std::path::PathBuf;
@@ -192,6 +193,10 @@ async fn run_async(
     let data = Arc::new(data);
     let mut report = ClientReport::default();
     let heartbeat = Duration::from_secs_f64(described.heartbeat_s.max(0.1));
+    // Masks and kept tensors outlive a session: a server restored from its checkpoint still
+    // counts on them, and every pull says what is held, so nothing stale is ever used.
+    let mut known = KnownMasks::new();
+    let mut cache = TensorCache::new(held::cache_bytes(exp.fleet.held_cache_mib()));
     'session: loop {
         let joined = match api
             .join(JoinRequest {
@@ -215,11 +220,17 @@ async fn run_async(
         report.joins += 1;
         report.client = joined.client;
         tracing::info!(client = joined.client, "joined");
-        // Masks travel once per session; a new session starts with none.
-        let mut known = KnownMasks::new();
         let (client, session) = (joined.client, joined.session);
         loop {
-            let pulled = match api.pull(PullRequest { client, session }).await {
+            let held = inventory(&known, &cache);
+            let pulled = match api
+                .pull(PullRequest {
+                    client,
+                    session,
+                    held,
+                })
+                .await
+            {
                 Ok(r) => r.into_inner(),
                 Err(s) => match classify(s) {
                     Failure::Fatal(s) => return Err(refused(s)),
@@ -249,7 +260,7 @@ async fn run_async(
                     )));
                 }
             }
-            let task = match Task::decode(&pulled.task, &mut known) {
+            let task = match Task::decode_with(&pulled.task, &mut known, &mut cache) {
                 Ok(t) => t,
                 Err(e) => {
                     tracing::warn!(error = %e, "undecodable task; skipping it");
@@ -317,6 +328,24 @@ async fn run_async(
             }
         }
     }
+}
+
+/// What the client holds, as a pull declares it.
+fn inventory(known: &KnownMasks, cache: &TensorCache) -> Vec<HeldRef> {
+    let masks = known.values().map(|m| HeldRef {
+        name: m.name.clone(),
+        fingerprint: m.fingerprint(),
+        mask: true,
+    });
+    let tensors = cache
+        .inventory()
+        .into_iter()
+        .map(|(name, fingerprint)| HeldRef {
+            name,
+            fingerprint,
+            mask: false,
+        });
+    masks.chain(tensors).collect()
 }
 
 fn refused(s: Status) -> NetError {

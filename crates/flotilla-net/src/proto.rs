@@ -66,6 +66,40 @@ pub struct PullRequest {
     /// Session id from [`JoinReply`].
     #[prost(uint64, tag = "2")]
     pub session: u64,
+    /// What the client holds: a task it gets relies on nothing else
+    /// (`flotilla_engine::held`).
+    #[prost(message, repeated, tag = "3")]
+    pub held: Vec<HeldRef>,
+}
+
+/// A mask or tensor the client holds, by name and fingerprint.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HeldRef {
+    /// Mask or tensor name.
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// `Mask::fingerprint` or `wire::fingerprint`.
+    #[prost(fixed64, tag = "2")]
+    pub fingerprint: u64,
+    /// A mask (true) or a tensor (false).
+    #[prost(bool, tag = "3")]
+    pub mask: bool,
+}
+
+impl PullRequest {
+    /// The inventory the request declares.
+    pub fn inventory(&self) -> flotilla_engine::held::Inventory {
+        let mut inv = flotilla_engine::held::Inventory::default();
+        for h in &self.held {
+            let into = if h.mask {
+                &mut inv.masks
+            } else {
+                &mut inv.tensors
+            };
+            into.insert(h.name.clone(), h.fingerprint);
+        }
+        inv
+    }
 }
 
 /// What a pull returns.

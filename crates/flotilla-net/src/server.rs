@@ -73,6 +73,10 @@ struct Member {
 struct Outgoing {
     session: u64,
     pull_reply: Option<PullReply>,
+    /// The task, to send again in full what the puller's inventory lacks.
+    prepared: Arc<Prepared>,
+    /// Bytes of the pull reply that carried the task, frame included, once delivered.
+    delivered_bytes: u64,
 }
 
 /// Reply bytes waiting for the round loop's verdict.
@@ -221,8 +225,20 @@ impl Coordinator for Service {
                 let mut st = shared.lock();
                 if let Some(out) = st.outbox.get_mut(&r.client)
                     && out.session == r.session
-                    && let Some(task) = out.pull_reply.take()
+                    && let Some(mut task) = out.pull_reply.take()
                 {
+                    // A client that lacks a mask or tensor the task names by fingerprint (a
+                    // restarted process, a restored server, an evicted entry) gets it in full.
+                    if let Some(fixed) = out.prepared.reconcile(&r.inventory()) {
+                        tracing::info!(
+                            client = r.client,
+                            "the client lacks what it was thought to hold; sending it in full"
+                        );
+                        task.task = fixed
+                            .encode()
+                            .map_err(|e| Status::internal(e.to_string()))?;
+                    }
+                    out.delivered_bytes = task.encoded_len() as u64 + GRPC_FRAME_BYTES;
                     // Liveness counts from the delivery: training starts now.
                     if let Some(m) = st.members.get_mut(&r.client) {
                         m.last_seen = Instant::now();
@@ -380,16 +396,17 @@ impl Fleet for NetFleet {
         let order: Vec<u64> = tasks.iter().map(|p| p.client).collect();
         let mut done: HashMap<u64, ClientRun> = HashMap::new();
         // client -> (task, session, record)
-        let mut pending: BTreeMap<u64, (Prepared, u64, flotilla_engine::sink::ClientRecord)> =
-            BTreeMap::new();
+        type Pending = (Arc<Prepared>, u64, flotilla_engine::sink::ClientRecord);
+        let mut pending: BTreeMap<u64, Pending> = BTreeMap::new();
         {
-            let encoded: Vec<(Prepared, Result<Vec<u8>, EngineError>)> = tasks
+            // Encode before taking the lock: encoding a large model is the slow part.
+            let encoded = tasks
                 .into_iter()
                 .map(|p| {
-                    let b = p.task.encode(&p.known);
-                    (p, b)
+                    let b = p.encode();
+                    (Arc::new(p), b)
                 })
-                .collect();
+                .collect::<Vec<_>>();
             let mut st = self.shared.lock();
             for (p, bytes) in encoded {
                 let c = p.client;
@@ -412,12 +429,15 @@ impl Fleet for NetFleet {
                     status: PullStatus::Task as i32,
                     task: bytes,
                 };
-                rec.bytes_down = pull_reply.encoded_len() as u64 + GRPC_FRAME_BYTES;
+                let delivered_bytes = pull_reply.encoded_len() as u64 + GRPC_FRAME_BYTES;
+                rec.bytes_down = delivered_bytes;
                 st.outbox.insert(
                     c,
                     Outgoing {
                         session,
                         pull_reply: Some(pull_reply),
+                        prepared: p.clone(),
+                        delivered_bytes,
                     },
                 );
                 pending.insert(c, (p, session, rec));
@@ -473,7 +493,9 @@ impl Fleet for NetFleet {
                 let verdict = match pending.get(&inc.client) {
                     Some((_, session, _)) if *session == inc.session => {
                         let (p, _, mut rec) = pending.remove(&inc.client).expect("pending");
-                        self.shared.lock().outbox.remove(&inc.client);
+                        if let Some(out) = self.shared.lock().outbox.remove(&inc.client) {
+                            rec.bytes_down = out.delivered_bytes;
+                        }
                         rec.bytes_up = inc.wire_bytes;
                         let profile = &self.roster[&inc.client].profile;
                         let (run, verdict) =

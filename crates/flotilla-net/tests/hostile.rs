@@ -119,7 +119,11 @@ fn assert_refused<T: std::fmt::Debug>(r: Result<T, Status>, code: Code, needle: 
 async fn next_task(api: &mut Api, client: u64, session: u64, known: &mut KnownMasks) -> Task {
     for _ in 0..30 {
         let r = api
-            .pull(PullRequest { client, session })
+            .pull(PullRequest {
+                client,
+                session,
+                held: Vec::new(),
+            })
             .await
             .expect("pull")
             .into_inner();
@@ -366,6 +370,7 @@ fn hostile_updates_are_refused_and_the_run_finishes() {
             api.pull(PullRequest {
                 client,
                 session: session ^ 1,
+                held: Vec::new(),
             })
             .await,
             Code::FailedPrecondition,
@@ -425,7 +430,11 @@ fn hostile_updates_are_refused_and_the_run_finishes() {
         // The run is over.
         loop {
             let r = api
-                .pull(PullRequest { client, session })
+                .pull(PullRequest {
+                    client,
+                    session,
+                    held: Vec::new(),
+                })
                 .await
                 .expect("pull")
                 .into_inner();
