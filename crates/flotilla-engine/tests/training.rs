@@ -332,3 +332,37 @@ fn soft_targets_generalise_cross_entropy() {
         .to_string();
     assert!(err.contains("no soft target"), "{err}");
 }
+
+#[test]
+fn a_step_count_replaces_the_epochs() {
+    let spec = small_mlp();
+    let params = Net::init_params(&spec, 0).unwrap();
+    let d = data(50);
+    let view = View::full();
+    let ce = CrossEntropy::under(&view);
+    let recipe = Recipe {
+        epochs: 3,
+        ..Recipe::sgd(0.1, 16)
+    };
+    // 50 examples in batches of 16 are 4 steps per epoch (16, 16, 16, 2).
+    let three = TrainJob::new(&spec, &view, &params, &d, &recipe, &ce)
+        .train()
+        .unwrap();
+    assert_eq!((three.steps, three.samples), (12, 150));
+    let short = TrainJob::new(&spec, &view, &params, &d, &recipe, &ce)
+        .steps(3)
+        .train()
+        .unwrap();
+    assert_eq!((short.steps, short.samples), (3, 48));
+    let long = TrainJob::new(&spec, &view, &params, &d, &recipe, &ce)
+        .steps(6)
+        .train()
+        .unwrap();
+    assert_eq!((long.steps, long.samples), (6, 50 + 32), "into a second epoch");
+    assert!(
+        TrainJob::new(&spec, &view, &params, &d, &recipe, &ce)
+            .steps(0)
+            .train()
+            .is_err()
+    );
+}

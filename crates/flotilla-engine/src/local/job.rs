@@ -40,6 +40,9 @@ pub struct TrainJob<'a, O: Objective> {
     /// A per-tensor term added to every step's gradient (PyTorch layout, trainable tensors
     /// only): variance correction, control variates.
     pub correction: Option<&'a ParamSet>,
+    /// Train exactly this many steps (continuing into further epochs, each reshuffled)
+    /// instead of the recipe's epochs.
+    pub steps: Option<usize>,
 }
 
 /// Result of local training.
@@ -92,6 +95,7 @@ impl<'a, O: Objective> TrainJob<'a, O> {
             shuffle_seed: 0,
             masks: None,
             correction: None,
+            steps: None,
         }
     }
 
@@ -113,6 +117,12 @@ impl<'a, O: Objective> TrainJob<'a, O> {
         self
     }
 
+    /// The same job training exactly `steps` steps, whatever the recipe's epochs.
+    pub fn steps(mut self, steps: usize) -> Self {
+        self.steps = Some(steps);
+        self
+    }
+
     /// Checks everything that can be checked before a step runs.
     fn check(&self) -> Result<(), EngineError> {
         self.objective.check(self.spec, self.view)?;
@@ -122,9 +132,9 @@ impl<'a, O: Objective> TrainJob<'a, O> {
             ));
         }
         check_shape(self.spec, &self.data.train)?;
-        if self.recipe.batch_size == 0 || self.recipe.epochs == 0 {
+        if self.recipe.batch_size == 0 || self.recipe.epochs == 0 || self.steps == Some(0) {
             return Err(EngineError::Task(
-                "batch_size and epochs must be positive".into(),
+                "batch_size, epochs and steps must be positive".into(),
             ));
         }
         if let Some(c) = self.correction {
@@ -177,9 +187,19 @@ impl<'a, O: Objective> TrainJob<'a, O> {
         let mut pixels = Vec::new();
         let (mut loss_sum, mut steps, mut samples) = (0.0f64, 0usize, 0usize);
         let mut step_tally = BTreeMap::new();
-        for _ in 0..self.recipe.epochs {
+        let (epochs, max_steps) = match self.steps {
+            Some(s) => (usize::MAX, s),
+            None => (self.recipe.epochs, usize::MAX),
+        };
+        for _ in 0..epochs {
+            if steps == max_steps {
+                break;
+            }
             order.shuffle(&mut rng);
             for batch in order.chunks(self.recipe.batch_size) {
+                if steps == max_steps {
+                    break;
+                }
                 let step = self.objective.begin_step(&mut step_rng);
                 if let Some(k) = self.objective.tally(&step) {
                     *step_tally.entry(k).or_insert(0) += 1;

@@ -28,4 +28,4 @@ pub use objective::{
 };
 pub use optim::TrainMasks;
 pub use probe::{ProbeConfig, fit_and_score, probe_accuracy};
-pub use task::{estimate_memory, param_counts, train_task};
+pub use task::{estimate_memory, gradient_task, param_counts, train_task, train_task_with};

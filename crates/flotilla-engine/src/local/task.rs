@@ -54,15 +54,97 @@ pub fn train_task<O: Objective>(
     ctx: &ClientCtx,
     objective: impl FnOnce() -> Result<O, EngineError>,
 ) -> Result<Reply, EngineError> {
-    let started = Instant::now();
-    let estimate = estimate_memory(&task.model, &task.view, &task.params, &task.recipe);
+    train_task_with(task, data, ctx, objective, None, None)
+}
+
+/// Refuses a task whose training estimate exceeds the device's budget.
+fn check_budget(estimate: &MemoryEstimate, ctx: &ClientCtx, what: &str) -> Result<(), EngineError> {
     if estimate.total() > ctx.profile.memory_bytes {
         return Err(EngineError::OverBudget(format!(
-            "training needs about {:.1} MiB but the device allows {:.1} MiB",
+            "{what} needs about {:.1} MiB but the device allows {:.1} MiB",
             estimate.total() as f64 / 1048576.0,
             ctx.profile.memory_bytes as f64 / 1048576.0
         )));
     }
+    Ok(())
+}
+
+/// [`train_task`] with `correction` added to every step's gradient (variance correction,
+/// control variates) and, when `steps` is set, exactly that many local steps instead of the
+/// recipe's epochs.
+pub fn train_task_with<O: Objective>(
+    task: &Task,
+    data: &ClientData,
+    ctx: &ClientCtx,
+    objective: impl FnOnce() -> Result<O, EngineError>,
+    correction: Option<&ParamSet>,
+    steps: Option<usize>,
+) -> Result<Reply, EngineError> {
+    let started = Instant::now();
+    let estimate = estimate_memory(&task.model, &task.view, &task.params, &task.recipe);
+    check_budget(&estimate, ctx, "training")?;
+    let peak = ThreadPeak::start();
+    let objective = objective()?;
+    let shuffle = seed::derive(ctx.seed, task.round, task.client, seed::Purpose::Shuffle);
+    let mut job = TrainJob::new(
+        &task.model,
+        &task.view,
+        &task.params,
+        data,
+        &task.recipe,
+        &objective,
+    )
+    .seed(shuffle)
+    .masks(&ctx.masks);
+    if let Some(c) = correction {
+        job = job.correction(c);
+    }
+    if let Some(s) = steps {
+        job = job.steps(s);
+    }
+    let out = job.train()?;
+    let params = out.params.filter(|n| !task.view.is_frozen(n));
+    let peak_memory_bytes = peak.peak_above_start();
+    let mut metrics = BTreeMap::new();
+    metrics.insert("train_loss".to_string(), out.mean_loss);
+    Ok(Reply {
+        round: task.round,
+        phase: task.phase,
+        client: task.client,
+        num_examples: data.train.len() as u64,
+        params,
+        metrics,
+        resources: Resources {
+            peak_memory_bytes,
+            estimated_memory_bytes: estimate.total(),
+            flops: flops::training(&task.model, &task.view, out.samples),
+            wall_time_s: started.elapsed().as_secs_f64(),
+        },
+    })
+}
+
+/// The gradient step of methods that exchange gradients (FeDLRT's basis phase, FedLin): refuse
+/// a task over the device's memory budget, take the mean gradients of the objective over
+/// `batches` local batches without a step, and reply with the gradients named in `upload`
+/// (in that order), `train_loss` (the objective's mean loss on those batches) and the
+/// measured resources. Every name in `upload` must be a trainable tensor of the task.
+pub fn gradient_task<O: Objective>(
+    task: &Task,
+    data: &ClientData,
+    ctx: &ClientCtx,
+    objective: impl FnOnce() -> Result<O, EngineError>,
+    batches: usize,
+    upload: &[String],
+) -> Result<Reply, EngineError> {
+    let started = Instant::now();
+    // A gradient pass keeps gradients but no optimizer state.
+    let stateless = Recipe {
+        momentum: 0.0,
+        optimizer: crate::recipe::OptimizerKind::Sgd,
+        ..task.recipe.clone()
+    };
+    let estimate = estimate_memory(&task.model, &task.view, &task.params, &stateless);
+    check_budget(&estimate, ctx, "the gradient pass")?;
     let peak = ThreadPeak::start();
     let objective = objective()?;
     let shuffle = seed::derive(ctx.seed, task.round, task.client, seed::Purpose::Shuffle);
@@ -76,8 +158,16 @@ pub fn train_task<O: Objective>(
     )
     .seed(shuffle)
     .masks(&ctx.masks)
-    .train()?;
-    let params = out.params.filter(|n| !task.view.is_frozen(n));
+    .gradients(batches)?;
+    let mut sent = Vec::with_capacity(upload.len());
+    for name in upload {
+        let g = out.grads.get(name).ok_or_else(|| {
+            EngineError::Task(format!(
+                "the task asks for the gradient of `{name}`, which is not a trainable tensor of its model"
+            ))
+        })?;
+        sent.push(g.clone());
+    }
     let peak_memory_bytes = peak.peak_above_start();
     let mut metrics = BTreeMap::new();
     metrics.insert("train_loss".to_string(), out.mean_loss);
@@ -86,7 +176,7 @@ pub fn train_task<O: Objective>(
         phase: task.phase,
         client: task.client,
         num_examples: data.train.len() as u64,
-        params,
+        params: ParamSet::from_tensors(sent)?,
         metrics,
         resources: Resources {
             peak_memory_bytes,
