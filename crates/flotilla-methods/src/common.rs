@@ -89,9 +89,19 @@ pub fn valid_updates<'a>(
 
 /// Refuses a task whose kind is not `train`, naming the method whose client received it.
 pub fn require_train(task: &Task, method: &str) -> Result<(), EngineError> {
-    if task.kind != "train" {
+    require_kind(task, &["train"], method)
+}
+
+/// Refuses a task whose kind is not one of `kinds`, naming the method whose client received it.
+pub fn require_kind(task: &Task, kinds: &[&str], method: &str) -> Result<(), EngineError> {
+    if !kinds.contains(&task.kind.as_str()) {
         return Err(EngineError::Task(format!(
-            "{method} clients do `train` tasks, not `{}`",
+            "{method} clients do {} tasks, not `{}`",
+            kinds
+                .iter()
+                .map(|k| format!("`{k}`"))
+                .collect::<Vec<_>>()
+                .join(", "),
             task.kind
         )));
     }

@@ -3,6 +3,7 @@
 
 mod common;
 pub mod fedavg;
+pub mod fedlrt;
 pub mod fedmap;
 pub mod flextrain;
 
@@ -18,6 +19,8 @@ pub const METHODS: &[&str] = &[
     "flextrain",
     "fedsmall",
     "fedclass",
+    "fedlrt",
+    "fedlin",
 ];
 
 /// The two halves of a method, as the engine drives them.
@@ -40,6 +43,10 @@ pub fn build(exp: &Experiment) -> Result<Halves, EngineError> {
         "flextrain" | "fedsmall" | "fedclass" => {
             let server = flextrain::FlexTrain::from_config(exp, spec, init)?;
             Ok((Box::new(server), Arc::new(flextrain::FlexTrainClient)))
+        }
+        "fedlrt" | "fedlin" => {
+            let server = fedlrt::FedLrt::from_config(exp, spec)?;
+            Ok((Box::new(server), Arc::new(fedlrt::FedLrtClient)))
         }
         other => Err(EngineError::Config(format!(
             "`method.name`: unknown method `{other}`; available: {}",
