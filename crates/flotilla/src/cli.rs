@@ -248,6 +248,9 @@ fn finish(sim: &mut Simulation, mut metrics: MetricsFiles, dir: &Path) -> Result
     write_outputs(sim.server(), &summary, dir)
 }
 
+/// The factors of a model with factored layers, written beside its dense model.
+pub const FACTORED_MODEL_FILE: &str = "model-factors.safetensors";
+
 /// Writes the final model, summary.json and the plots of a finished run, and prints where.
 pub(crate) fn write_outputs(
     server: &dyn flotilla_engine::ServerHalf,
@@ -255,8 +258,25 @@ pub(crate) fn write_outputs(
     dir: &Path,
 ) -> Result<()> {
     if let Some(model) = server.eval_models().into_iter().next() {
-        let meta = HashMap::from([("model".to_string(), serde_json::to_string(&model.spec)?)]);
-        safetensors_io::save(&dir.join("model.safetensors"), &model.params, Some(meta))?;
+        let save = |file: &str, spec: &flotilla_models::ModelSpec, params| -> Result<()> {
+            let meta = HashMap::from([("model".to_string(), serde_json::to_string(spec)?)]);
+            safetensors_io::save(&dir.join(file), params, Some(meta))?;
+            Ok(())
+        };
+        if model.spec.ranks.is_empty() {
+            save("model.safetensors", &model.spec, &model.params)?;
+        } else {
+            // Factored layers (FeDLRT): model.safetensors holds the dense model, W = U S Vᵀ
+            // multiplied out, so that the unfactored PyTorch module loads it with strict=True;
+            // the factors as trained go beside it.
+            let dense = flotilla_models::dense_export(&model.spec, &model.params)?;
+            let plain = flotilla_models::ModelSpec {
+                ranks: Default::default(),
+                ..model.spec.clone()
+            };
+            save("model.safetensors", &plain, &dense)?;
+            save(FACTORED_MODEL_FILE, &model.spec, &model.params)?;
+        }
     }
     safetensors_io::write_atomic(
         &dir.join(flotilla_report::SUMMARY_FILE),
