@@ -48,6 +48,8 @@ impl DeviceProfile {
 
     /// Checks that every figure is usable.
     pub fn validate(&self) -> Result<(), CoreError> {
+        crate::wire::check_label("device tier", &self.tier)
+            .map_err(|e| CoreError::Fleet(e.to_string()))?;
         let positive = [
             ("flops_per_s", self.flops_per_s),
             ("uplink_bps", self.uplink_bps),

@@ -13,6 +13,28 @@
 use crate::{CoreError, Tensor};
 use std::collections::HashMap;
 
+/// Longest name or label a peer may send (tensor, mask, metric, client or tier name), bytes.
+pub const MAX_LABEL_BYTES: usize = 256;
+
+/// Checks a string that a peer sent and that may reach logs, files or error messages: at most
+/// [`MAX_LABEL_BYTES`] bytes and no control characters (a newline would forge log lines).
+/// `what` names the field in the error.
+pub fn check_label(what: &str, value: &str) -> Result<(), CoreError> {
+    if value.len() > MAX_LABEL_BYTES {
+        return Err(CoreError::InvalidMessage(format!(
+            "{what} is {} bytes long; at most {MAX_LABEL_BYTES} are accepted",
+            value.len()
+        )));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(CoreError::InvalidMessage(format!(
+            "{what} {:?} contains control characters (newlines, escapes); use printable text",
+            value.escape_debug().to_string()
+        )));
+    }
+    Ok(())
+}
+
 /// Version of the message schema; peers with another version are refused.
 pub const PROTOCOL_VERSION: u32 = 2;
 
@@ -228,6 +250,7 @@ impl Mask {
 
     /// Decodes and validates a mask from the wire.
     pub fn decode(msg: &MaskMsg) -> Result<Mask, CoreError> {
+        check_label("mask name", &msg.name)?;
         if msg.len > MAX_TENSOR_VALUES {
             return Err(CoreError::InvalidMessage(format!(
                 "mask `{}` claims {} positions, over the limit of {MAX_TENSOR_VALUES}",
@@ -460,6 +483,7 @@ pub fn encode_masked(t: &Tensor, mask: &Mask) -> Result<TensorMsg, CoreError> {
 /// Decodes and validates a tensor; masked tensors look their mask up in `masks`, and their
 /// inactive positions decode as zero.
 pub fn decode_tensor(msg: &TensorMsg, masks: &HashMap<String, Mask>) -> Result<Tensor, CoreError> {
+    check_label("tensor name", &msg.name)?;
     let bad = |what: String| CoreError::InvalidMessage(format!("tensor `{}`: {what}", msg.name));
     if DType::try_from(msg.dtype) != Ok(DType::F32) {
         return Err(bad(format!("unsupported dtype {}", msg.dtype)));

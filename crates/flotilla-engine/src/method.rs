@@ -233,6 +233,11 @@ fn decode_tensors(msgs: &[wire::TensorMsg], known: &KnownMasks) -> Result<ParamS
     Ok(ParamSet::from_tensors(tensors)?)
 }
 
+/// Largest FLOP count a reply may report for one task (an exaFLOP: far beyond any client).
+pub const MAX_REPLY_FLOPS: f64 = 1e18;
+/// Longest wall time a reply may report for one task, seconds (about four months).
+pub const MAX_REPLY_SECONDS: f64 = 1e7;
+
 /// Resources measured while executing a task.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Resources {
@@ -303,6 +308,25 @@ impl Reply {
         let params = decode_tensors(&msg.tensors, masks)?;
         params.check_finite()?;
         let r = msg.resources.unwrap_or_default();
+        // Every number of a reply reaches records, metrics and checkpoints: refuse what
+        // cannot be a measurement (NaN, infinities, negative or absurd figures).
+        let refuse = |what: String| Err(EngineError::Protocol(format!("reply {what}")));
+        for (key, v) in &msg.metrics {
+            wire::check_label("metric name", key)?;
+            if !v.is_finite() {
+                return refuse(format!("metric `{key}` is {v}; metrics must be finite"));
+            }
+        }
+        for (key, v, max) in [
+            ("resources.flops", r.flops, MAX_REPLY_FLOPS),
+            ("resources.wall_time_s", r.wall_time_s, MAX_REPLY_SECONDS),
+        ] {
+            if !(v.is_finite() && (0.0..=max).contains(&v)) {
+                return refuse(format!(
+                    "`{key}` is {v}; it must be a number in [0, {max:e}]"
+                ));
+            }
+        }
         Ok(Reply {
             round: msg.round,
             phase: msg.phase,

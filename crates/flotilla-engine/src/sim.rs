@@ -81,6 +81,12 @@ impl Simulation {
         self.driver.restore_checkpoint()
     }
 
+    /// Makes the next checkpoint write stop after `step` as a crash would, and the run end
+    /// with an error (see [`Driver::inject_checkpoint_fault`]).
+    pub fn inject_checkpoint_fault(&mut self, step: crate::driver::CheckpointStep) {
+        self.driver.inject_checkpoint_fault(step);
+    }
+
     /// Gives the server half data of its own (a proxy or synthetic set) for server-side
     /// training during aggregation, replacing what `[server_data]` configured; it must be
     /// disjoint from the clients' data. A plain [`ClientData`] is labelled.

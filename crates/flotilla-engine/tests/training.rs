@@ -358,7 +358,11 @@ fn a_step_count_replaces_the_epochs() {
         .steps(6)
         .train()
         .unwrap();
-    assert_eq!((long.steps, long.samples), (6, 50 + 32), "into a second epoch");
+    assert_eq!(
+        (long.steps, long.samples),
+        (6, 50 + 32),
+        "into a second epoch"
+    );
     assert!(
         TrainJob::new(&spec, &view, &params, &d, &recipe, &ce)
             .steps(0)
