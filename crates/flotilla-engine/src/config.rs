@@ -294,6 +294,10 @@ pub struct ServerConfig {
     /// Largest message accepted, MiB (gRPC's default of 4 MiB is too small for models).
     #[serde(default = "max_message_mib")]
     pub max_message_mib: usize,
+    /// Most training examples a client may declare when it joins; its replies never weigh
+    /// more. Unset: the size of the configured training set (what `serve` loads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_examples: Option<u64>,
 }
 
 fn ten_minutes() -> f64 {
@@ -321,6 +325,7 @@ impl Default for ServerConfig {
             heartbeat_s: two(),
             liveness_s: fifteen(),
             max_message_mib: max_message_mib(),
+            max_examples: None,
         }
     }
 }

@@ -54,7 +54,7 @@ pub fn generate(dir: &Path, hosts: &[String], num_tokens: usize) -> Result<CertF
             let t: String = (0..32)
                 .map(|_| format!("{:x}", rng.random_range(0..16u8)))
                 .collect();
-            format!("client-{i} {t}\n")
+            format!("client-{i} {t} {i}\n")
         })
         .collect();
     let files = CertFiles {

@@ -45,6 +45,41 @@ pub struct ServerTls {
     pub client_ca: Option<PathBuf>,
 }
 
+/// Bound on a client's declared example count when neither the options nor the config set
+/// one: 2³², far above any single client's data, far below what would drown the others.
+pub const DEFAULT_MAX_EXAMPLES: u64 = 1 << 32;
+
+/// What the caller's bearer token authorises, put on each request by the interceptor.
+#[derive(Debug, Clone)]
+struct Authorised(Option<Arc<crate::Grant>>);
+
+impl Authorised {
+    fn of<T>(req: &Request<T>) -> Self {
+        req.extensions()
+            .get::<Authorised>()
+            .cloned()
+            .unwrap_or(Authorised(None))
+    }
+
+    /// Refuses a call for a client id the token does not cover.
+    fn check(&self, client: u64) -> Result<(), Status> {
+        match &self.0 {
+            Some(g) if !g.allows(client) => {
+                tracing::warn!(client, token = %g.label, "call refused: the token does not cover this client id");
+                Err(Status::permission_denied(format!(
+                    "the bearer token{} does not authorise client id {client}; use the token issued for that client",
+                    if g.label.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" `{}`", g.label)
+                    }
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// How to serve.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -52,9 +87,13 @@ pub struct ServeOptions {
     pub listen: SocketAddr,
     /// TLS; `None` serves plaintext (the CLI requires `--insecure` for that).
     pub tls: Option<ServerTls>,
-    /// Accepted bearer tokens as (label, token); `None` accepts any caller (only with
-    /// `--insecure`).
-    pub tokens: Option<Vec<(String, String)>>,
+    /// Accepted bearer tokens and the client ids each may act as; `None` accepts any caller
+    /// as any client (only with `--insecure`).
+    pub tokens: Option<Vec<crate::Grant>>,
+    /// Most training examples a client may declare when it joins (a reply never weighs more
+    /// than its client declared); `None`: `server.max_examples` of the config, else
+    /// [`DEFAULT_MAX_EXAMPLES`].
+    pub max_examples: Option<u64>,
     /// Where to write the bound address once listening (for scripts and tests).
     pub address_file: Option<PathBuf>,
 }
@@ -107,6 +146,7 @@ struct Shared {
     cfg: ServerConfig,
     experiment_toml: String,
     num_clients: u64,
+    max_examples: u64,
 }
 
 impl Shared {
@@ -157,8 +197,11 @@ impl Coordinator for Service {
     }
 
     async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinReply>, Status> {
+        let auth = Authorised::of(&req);
         let r = req.into_inner();
         check_version(r.protocol_version)?;
+        flotilla_core::wire::check_label("client name", &r.name)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let profile: DeviceProfile = serde_json::from_str(&r.profile_json)
             .map_err(|e| Status::invalid_argument(format!("device profile: {e}")))?;
         profile
@@ -170,6 +213,12 @@ impl Coordinator for Service {
             ));
         }
         let shared = &self.0;
+        if r.num_examples > shared.max_examples {
+            return Err(Status::invalid_argument(format!(
+                "a client may declare at most {} training examples (server.max_examples), got {}",
+                shared.max_examples, r.num_examples
+            )));
+        }
         let mut st = shared.lock();
         let client = match r.client {
             Some(c) if c >= shared.num_clients => {
@@ -178,15 +227,23 @@ impl Coordinator for Service {
                     shared.num_clients
                 )));
             }
-            Some(c) => c,
-            None => (0..shared.num_clients)
-                .find(|c| !st.members.contains_key(c))
-                .ok_or_else(|| {
+            Some(c) => {
+                auth.check(c)?;
+                c
+            }
+            None => {
+                let taken = |c: u64| st.members.contains_key(&c);
+                let free = match &auth.0 {
+                    Some(g) => g.first_free(shared.num_clients, taken),
+                    None => (0..shared.num_clients).find(|c| !taken(*c)),
+                };
+                free.ok_or_else(|| {
                     Status::resource_exhausted(format!(
-                        "all {} client ids of this run are taken",
+                        "every client id of this run that the token may use is taken ({} ids in the run)",
                         shared.num_clients
                     ))
-                })?,
+                })?
+            }
         };
         let session = rand::random::<u64>();
         if st.members.contains_key(&client) {
@@ -212,7 +269,9 @@ impl Coordinator for Service {
     }
 
     async fn pull(&self, req: Request<PullRequest>) -> Result<Response<PullReply>, Status> {
+        let auth = Authorised::of(&req);
         let r = req.into_inner();
+        auth.check(r.client)?;
         let shared = &self.0;
         shared.touch(r.client, r.session)?;
         let wait = LONG_POLL.min(Duration::from_secs_f64(shared.cfg.heartbeat_s));
@@ -266,7 +325,9 @@ impl Coordinator for Service {
     }
 
     async fn push(&self, req: Request<PushRequest>) -> Result<Response<PushReply>, Status> {
+        let auth = Authorised::of(&req);
         let r = req.into_inner();
+        auth.check(r.client)?;
         let shared = &self.0;
         shared.touch(r.client, r.session)?;
         let wire_bytes = r.encoded_len() as u64 + GRPC_FRAME_BYTES;
@@ -308,7 +369,9 @@ impl Coordinator for Service {
         &self,
         req: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatReply>, Status> {
+        let auth = Authorised::of(&req);
         let r = req.into_inner();
+        auth.check(r.client)?;
         self.0.touch(r.client, r.session)?;
         self.0.changed.notify_all();
         Ok(Response::new(HeartbeatReply {}))
@@ -568,6 +631,10 @@ pub fn serve(
         cfg: exp.server.clone(),
         experiment_toml,
         num_clients: exp.data.num_clients as u64,
+        max_examples: opts
+            .max_examples
+            .or(exp.server.max_examples)
+            .unwrap_or(DEFAULT_MAX_EXAMPLES),
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -589,11 +656,19 @@ pub fn serve(
     let svc = CoordinatorServer::new(Service(shared.clone()))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
-    let tokens: Option<Arc<HashMap<String, String>>> = opts
-        .tokens
-        .clone()
-        .map(|t| Arc::new(t.into_iter().map(|(name, tok)| (tok, name)).collect()));
-    let auth = move |req: Request<()>| -> Result<Request<()>, Status> {
+    if let Some(grants) = &opts.tokens {
+        for g in grants.iter().filter(|g| g.clients.is_none()) {
+            tracing::warn!(token = %g.label, "a fleet-wide token: its holder may join as any client id; bind it to ids in the token file (`LABEL TOKEN IDS`)");
+        }
+    }
+    let tokens: Option<Arc<HashMap<String, Arc<crate::Grant>>>> = opts.tokens.clone().map(|t| {
+        Arc::new(
+            t.into_iter()
+                .map(|g| (g.token.clone(), Arc::new(g)))
+                .collect(),
+        )
+    });
+    let auth = move |mut req: Request<()>| -> Result<Request<()>, Status> {
         let Some(tokens) = &tokens else {
             return Ok(req);
         };
@@ -602,9 +677,13 @@ pub fn serve(
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        match presented {
-            Some(t) if tokens.contains_key(t) => Ok(req),
-            Some(_) => {
+        match presented.and_then(|t| tokens.get(t)) {
+            Some(grant) => {
+                let grant = Authorised(Some(grant.clone()));
+                req.extensions_mut().insert(grant);
+                Ok(req)
+            }
+            None if presented.is_some() => {
                 tracing::warn!("call refused: unknown bearer token");
                 Err(Status::unauthenticated(
                     "unknown bearer token; pass a token the server lists (--token)",

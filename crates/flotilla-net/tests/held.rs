@@ -247,6 +247,7 @@ fn held_tensors_travel_once_and_again_to_a_client_that_lost_them() {
                 listen: "127.0.0.1:0".parse().unwrap(),
                 tls: None,
                 tokens: None,
+                max_examples: None,
                 address_file: Some(address_file),
             };
             server::serve(&mut driver, opts, &mut [&mut metrics])

@@ -21,6 +21,8 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
 const TOKEN: &str = "s3cret-token";
+/// A token bound to client 1 only (TOKEN is bound to client 0).
+const OTHER_TOKEN: &str = "other-s3cret";
 
 /// One client allowed per round; `max_message_mib = 1` makes the size limit testable.
 const EXPERIMENT: &str = r#"
@@ -180,6 +182,33 @@ fn reshape_first(p: &ParamSet) -> ParamSet {
 const CASES: &[(&str, Corruption, &str)] = &[
     ("garbage bytes", |_, _| vec![0xff; 64], "malformed"),
     (
+        "NaN FLOPs",
+        |t, n| {
+            let mut r = echo(t, n);
+            r.resources.flops = f64::NAN;
+            encode(&r)
+        },
+        "resources.flops",
+    ),
+    (
+        "infinite wall time",
+        |t, n| {
+            let mut r = echo(t, n);
+            r.resources.wall_time_s = f64::INFINITY;
+            encode(&r)
+        },
+        "resources.wall_time_s",
+    ),
+    (
+        "NaN loss",
+        |t, n| {
+            let mut r = echo(t, n);
+            r.metrics.insert("train_loss".into(), f64::NAN);
+            encode(&r)
+        },
+        "train_loss",
+    ),
+    (
         "truncated update",
         |t, n| {
             let b = encode(&echo(t, n));
@@ -294,7 +323,19 @@ fn hostile_updates_are_refused_and_the_run_finishes() {
             let opts = ServeOptions {
                 listen: "127.0.0.1:0".parse().unwrap(),
                 tls: None,
-                tokens: Some(vec![("tester".into(), TOKEN.into())]),
+                tokens: Some(vec![
+                    flotilla_net::Grant {
+                        label: "tester".into(),
+                        token: TOKEN.into(),
+                        clients: Some(vec![(0, 0)]),
+                    },
+                    flotilla_net::Grant {
+                        label: "other".into(),
+                        token: OTHER_TOKEN.into(),
+                        clients: Some(vec![(1, 1)]),
+                    },
+                ]),
+                max_examples: None,
                 address_file: Some(address_file),
             };
             server::serve(&mut driver, opts, &mut [&mut metrics])
@@ -357,6 +398,50 @@ fn hostile_updates_are_refused_and_the_run_finishes() {
             Code::InvalidArgument,
             "device profile",
             "bad profile",
+        );
+
+        // Client-supplied strings that would forge log lines.
+        let mut forged = join_request(Some(0), 10);
+        forged.name = "laptop\n2026-12-01T00:00:00Z  INFO client joined client=7".into();
+        assert_refused(
+            api.join(forged).await,
+            Code::InvalidArgument,
+            "control characters",
+            "newline in the client name",
+        );
+        let mut forged_tier = join_request(Some(0), 10);
+        forged_tier.profile_json = profile_json().replace("\"tier\":\"", "\"tier\":\"x\\n");
+        assert!(
+            forged_tier.profile_json.contains("\\n"),
+            "{}",
+            forged_tier.profile_json
+        );
+        assert_refused(
+            api.join(forged_tier).await,
+            Code::InvalidArgument,
+            "control characters",
+            "newline in the device tier",
+        );
+        // Weight inflation: a count no client holds.
+        assert_refused(
+            api.join(join_request(Some(0), u64::MAX)).await,
+            Code::InvalidArgument,
+            "at most",
+            "2^64 - 1 examples",
+        );
+        // Tokens are bound to ids: TOKEN may act as client 0 only, OTHER_TOKEN as 1 only.
+        assert_refused(
+            api.join(join_request(Some(1), 10)).await,
+            Code::PermissionDenied,
+            "does not authorise client id 1",
+            "join under another client's id",
+        );
+        let mut other = connect(&addr, Some(OTHER_TOKEN)).await;
+        assert_refused(
+            other.join(join_request(Some(0), 10)).await,
+            Code::PermissionDenied,
+            "does not authorise client id 0",
+            "the other token under client 0",
         );
 
         let examples = 50;

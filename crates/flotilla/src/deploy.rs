@@ -70,7 +70,8 @@ pub struct JoinArgs {
     /// Bearer token.
     #[arg(long, conflicts_with = "token_file")]
     pub token: Option<String>,
-    /// File holding the bearer token (the last field of its first line).
+    /// File holding the bearer token: the token of its first line, in the format of the
+    /// server's token file (`LABEL TOKEN IDS`, `LABEL TOKEN` or `TOKEN`).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
     /// CA certificate that signed the server's (PEM); required for https://.
@@ -162,6 +163,12 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         Some(n) => ServerData::from_config(&exp, &data.train.take_first(n))?,
         None => ServerData::from_config(&exp, &data.train)?,
     };
+    // No client's data can be larger than the training set it is a part of.
+    let max_examples = exp.server.max_examples.unwrap_or(
+        exp.data
+            .train_limit
+            .map_or(data.train.len(), |n| n.min(data.train.len())) as u64,
+    );
     drop(data.train);
     let (server_half, _) = flotilla_methods::build(&exp)?;
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -186,6 +193,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         listen: a.listen,
         tls,
         tokens,
+        max_examples: Some(max_examples),
         address_file: Some(dir.join("address")),
     };
     let summary = server::serve(&mut driver, opts, &mut [&mut metrics, &mut progress])?;
@@ -241,17 +249,9 @@ pub fn join(a: JoinArgs) -> Result<()> {
     let token = match (&a.token, &a.token_file) {
         (Some(t), _) => Some(t.clone()),
         (None, Some(f)) => {
-            let text = std::fs::read_to_string(f)
-                .with_context(|| format!("cannot read the token file {}", f.display()))?;
-            let line = text
-                .lines()
-                .map(str::trim)
-                .find(|l| !l.is_empty() && !l.starts_with('#'));
-            Some(
-                line.and_then(|l| l.split_whitespace().last())
-                    .with_context(|| format!("no token in {}", f.display()))?
-                    .to_string(),
-            )
+            // The same format the server reads; the first line's token is this client's.
+            let grants = flotilla_net::load_tokens(f)?;
+            Some(grants[0].token.clone())
         }
         (None, None) => None,
     };
