@@ -1,6 +1,7 @@
 //! The `flotilla` command.
 
 use clap::Parser;
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 #[global_allocator]
@@ -9,11 +10,20 @@ static ALLOC: flotilla_engine::alloc::CountingAlloc = flotilla_engine::alloc::Co
 fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FLOTILLA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+        .with_target(false);
+    // Colour only for a person at a terminal: piped or redirected logs stay plain text.
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    match std::env::var("FLOTILLA_LOG_FORMAT").as_deref() {
+        Ok("json") => logs.json().init(),
+        Ok("text") | Err(_) => logs.with_ansi(colour).init(),
+        Ok(other) => {
+            eprintln!("error: FLOTILLA_LOG_FORMAT must be `text` or `json`, got `{other}`");
+            return ExitCode::FAILURE;
+        }
+    }
     let cli = flotilla::cli::Cli::parse();
     match flotilla::cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -934,3 +934,45 @@ fn every_example_config_is_valid_and_plans() {
     }
     assert!(checked >= 9, "only {checked} example configs found");
 }
+
+#[test]
+fn logs_are_plain_when_piped_and_json_on_request() {
+    if !have_data("logs_are_plain_when_piped_and_json_on_request") {
+        return;
+    }
+    let tmp = TempDir::new().unwrap();
+    let cfg = write_config(tmp.path(), "tiny.toml", TINY);
+    let run = |out: &str, format: Option<&str>| {
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.args(["simulate", "--config", s(&cfg), "--out", out])
+            .current_dir(tmp.path())
+            .env("FLOTILLA_LOG", "info")
+            .env_remove("NO_COLOR")
+            .env_remove("FLOTILLA_LOG_FORMAT");
+        if let Some(f) = format {
+            cmd.env("FLOTILLA_LOG_FORMAT", f);
+        }
+        cmd.output().unwrap()
+    };
+    // stderr is a pipe here, as under a service manager or `2> log`.
+    let plain = run("plain", None);
+    let stderr = text(&plain.stderr);
+    assert!(plain.status.success(), "{stderr}");
+    assert!(stderr.contains("round finished"), "{stderr}");
+    assert!(!stderr.contains('\x1b'), "escape codes in piped logs:\n{stderr}");
+    let json = run("json", Some("json"));
+    let stderr = text(&json.stderr);
+    assert!(json.status.success(), "{stderr}");
+    let lines: Vec<Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["fields"]["message"] == "round finished" && l["level"] == "INFO"),
+        "{stderr}"
+    );
+    let bad = run("bad", Some("yaml"));
+    assert_clean_error(&bad, "unknown log format", &["FLOTILLA_LOG_FORMAT", "json"]);
+}
