@@ -11,15 +11,19 @@ import sys
 from svgplot import svg_lines
 
 RUNS, OUT = sys.argv[1], sys.argv[2]
-METHODS = ["fedavg", "fedlin", "fedlrt-none", "fedlrt-simplified", "fedlrt-full"]
+METHODS = ["fedavg", "fedlin", "fedlrt-none", "fedlrt-simplified", "fedlrt-full",
+           "fedlin-g4", "fedlrt-simplified-g4", "fedlrt-full-g4"]
 LABEL = {
     "fedavg": "FedAvg (dense)",
     "fedlin": "FedLin (dense, corrected)",
     "fedlrt-none": "FeDLRT, vc = none",
     "fedlrt-simplified": "FeDLRT, vc = simplified",
     "fedlrt-full": "FeDLRT, vc = full",
+    "fedlin-g4": "FedLin, 4-batch gradients",
+    "fedlrt-simplified-g4": "FeDLRT, simplified, 4-batch gradients",
+    "fedlrt-full-g4": "FeDLRT, full, 4-batch gradients",
 }
-COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"]
+COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
 
 
 def load(path):
@@ -81,8 +85,8 @@ for setting in SETTINGS:
         f"accuracy − 1 point ({100 * target:.2f}%). Bytes (up + down) and client training FLOPs are summed "
         "up to that round.",
         "",
-        "| method | final acc. (%) | best (%) | round at target | bytes to target (MB) | vs FedAvg | client FLOPs to target (T) | vs FedAvg | peak client memory (MB) | final mean rank |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | final acc. (%) | best (%) | round at target | bytes to target (MB) | vs FedAvg | client FLOPs to target (T) | vs FedAvg | bytes per round vs FedAvg | client FLOPs per round vs FedAvg | peak client memory (MB) | final mean rank |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base_round = first_round_at(base_rows, target)
     base_bytes = cumulative(base_rows, "bytes_up")
@@ -103,9 +107,12 @@ for setting in SETTINGS:
         else:
             bytes_cell = flops_cell = vs_b = vs_f = "not reached"
         rank = rows[-1].get("rank_mean")
+        per_round_bytes = (base["total_bytes_up"] + base["total_bytes_down"]) / (s["total_bytes_up"] + s["total_bytes_down"])
+        per_round_flops = base["total_flops"] / s["total_flops"] if s["total_flops"] else 0
         lines.append(
             f"| {LABEL[m]} | {100 * s['final_test_accuracy']:.2f} | {100 * s['best_test_accuracy']:.2f} | "
             f"{rnd or 'not reached'} | {bytes_cell} | {vs_b} | {flops_cell} | {vs_f} | "
+            f"{per_round_bytes:.1f}× | {per_round_flops:.1f}× | "
             f"{s['peak_client_memory_bytes'] / 1e6:.1f} | {rank if rank is not None else '-'} |"
         )
     lines.append("")
@@ -122,13 +129,12 @@ for setting in SETTINGS:
               os.path.join(OUT, f"{setting}_flops.svg"))
     rank_series = []
     for i, m in enumerate(METHODS):
-        if m in runs and m.startswith("fedlrt"):
+        if m in runs and m.startswith("fedlrt") and not m.endswith("-g4"):
             rows = runs[m][0]
             for j, layer in enumerate(sorted(k for k in rows[0] if k.startswith("rank/"))):
-                dash = ["", " (layers.1)"][j] if j < 2 else f" ({layer})"
-                rank_series.append((f"{LABEL[m].split(', ')[1]}{dash or ' (layers.0)'}",
-                                    COLORS[i] if j == 0 else COLORS[i] + "99",
-                                    [(r["round"], r[layer]) for r in rows]))
+                label = f"{m.split('-')[1]}, {layer.split('/')[1]}"
+                color = COLORS[i] if j == 0 else COLORS[i] + "88"
+                rank_series.append((label, color, [(r["round"], r[layer]) for r in rows]))
     svg_lines(f"Rank per layer after truncation ({setting})", "round", "rank", rank_series,
               os.path.join(OUT, f"{setting}_rank.svg"))
     lines.append(f"Plots: `{setting}_accuracy.svg`, `{setting}_rank.svg`, `{setting}_bytes.svg`, `{setting}_flops.svg`.")
@@ -157,6 +163,11 @@ if scaling:
         lines += ["", f"Accuracy lost from {lo} to {hi} clients: FedAvg {100 * (finals[lo][0] - finals[hi][0]):+.2f} pt, "
                       f"FeDLRT {100 * (finals[lo][1] - finals[hi][1]):+.2f} pt."]
     lines.append("")
+
+# Hand-written findings (what holds, what does not, and why) follow the generated tables.
+notes = os.path.join(OUT, "findings.md")
+if os.path.exists(notes):
+    lines += [open(notes).read().rstrip(), ""]
 
 open(os.path.join(OUT, "README.md"), "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
