@@ -298,6 +298,21 @@ pub struct ServerConfig {
     /// more. Unset: the size of the configured training set (what `serve` loads).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_examples: Option<u64>,
+    /// Most connections open at once; further peers wait until one closes.
+    #[serde(default = "max_connections")]
+    pub max_connections: usize,
+    /// A connection whose peer sends nothing for this long (no TLS handshake, no call, no
+    /// answer to keepalive pings) is closed, seconds.
+    #[serde(default = "idle_timeout_s")]
+    pub idle_timeout_s: f64,
+}
+
+fn max_connections() -> usize {
+    512
+}
+
+fn idle_timeout_s() -> f64 {
+    60.0
 }
 
 fn ten_minutes() -> f64 {
@@ -326,6 +341,8 @@ impl Default for ServerConfig {
             liveness_s: fifteen(),
             max_message_mib: max_message_mib(),
             max_examples: None,
+            max_connections: max_connections(),
+            idle_timeout_s: idle_timeout_s(),
         }
     }
 }
@@ -437,6 +454,7 @@ impl Experiment {
             ("server.deadline_s", sv.deadline_s),
             ("server.heartbeat_s", sv.heartbeat_s),
             ("server.liveness_s", sv.liveness_s),
+            ("server.idle_timeout_s", sv.idle_timeout_s),
         ] {
             if !(v.is_finite() && v > 0.0) {
                 return bad(
@@ -454,9 +472,18 @@ impl Experiment {
                 ),
             );
         }
-        if sv.min_clients == 0 || sv.max_message_mib == 0 {
+        if sv.idle_timeout_s <= sv.heartbeat_s {
             return bad(
-                "server.min_clients / server.max_message_mib",
+                "server.idle_timeout_s",
+                format!(
+                    "({}) must exceed server.heartbeat_s ({}), or waiting clients are cut off",
+                    sv.idle_timeout_s, sv.heartbeat_s
+                ),
+            );
+        }
+        if sv.min_clients == 0 || sv.max_message_mib == 0 || sv.max_connections == 0 {
+            return bad(
+                "server.min_clients / server.max_message_mib / server.max_connections",
                 "must be at least 1".into(),
             );
         }

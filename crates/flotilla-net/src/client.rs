@@ -251,6 +251,12 @@ async fn run_async(
                     );
                     return Ok(report);
                 }
+                Ok(PullStatus::Failed) => {
+                    return Err(NetError::Refused(format!(
+                        "the server ended the run with an error: {}",
+                        pulled.reason
+                    )));
+                }
                 Ok(PullStatus::Wait) => continue,
                 Ok(PullStatus::Task) => {}
                 Err(_) => {

@@ -11,6 +11,7 @@
 
 pub mod certs;
 pub mod client;
+pub mod listener;
 pub mod proto;
 pub mod server;
 

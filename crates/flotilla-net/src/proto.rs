@@ -110,8 +110,10 @@ pub enum PullStatus {
     Wait = 0,
     /// `task` holds a task.
     Task = 1,
-    /// The run is over; exit.
+    /// The run ended normally; exit.
     Done = 2,
+    /// The run ended in an error (`reason`); exit with a failure.
+    Failed = 3,
 }
 
 /// Server → client: a task, or wait, or done.
@@ -123,6 +125,9 @@ pub struct PullReply {
     /// An encoded `flotilla_core::wire::TaskMsg` when `status` is `Task`.
     #[prost(bytes = "vec", tag = "2")]
     pub task: Vec<u8>,
+    /// Why the run ended, when `status` is `Failed`.
+    #[prost(string, tag = "3")]
+    pub reason: String,
 }
 
 /// Client → server: the reply to a task.

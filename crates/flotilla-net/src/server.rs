@@ -134,6 +134,8 @@ struct State {
     inbox: Vec<Incoming>,
     restarted: Vec<u64>,
     done: bool,
+    /// Why the run ended, when it ended in an error.
+    failure: Option<String>,
     released: HashSet<u64>,
 }
 
@@ -306,11 +308,16 @@ impl Coordinator for Service {
                 }
                 if st.done {
                     st.released.insert(r.client);
+                    let (status, reason) = match &st.failure {
+                        Some(r) => (PullStatus::Failed, r.clone()),
+                        None => (PullStatus::Done, String::new()),
+                    };
                     drop(st);
                     shared.changed.notify_all();
                     return Ok(Response::new(PullReply {
-                        status: PullStatus::Done as i32,
+                        status: status as i32,
                         task: Vec::new(),
+                        reason,
                     }));
                 }
             }
@@ -319,6 +326,7 @@ impl Coordinator for Service {
                 return Ok(Response::new(PullReply {
                     status: PullStatus::Wait as i32,
                     task: Vec::new(),
+                    reason: String::new(),
                 }));
             }
         }
@@ -491,6 +499,7 @@ impl Fleet for NetFleet {
                 let pull_reply = PullReply {
                     status: PullStatus::Task as i32,
                     task: bytes,
+                    reason: String::new(),
                 };
                 let delivered_bytes = pull_reply.encoded_len() as u64 + GRPC_FRAME_BYTES;
                 rec.bytes_down = delivered_bytes;
@@ -695,7 +704,11 @@ pub fn serve(
             }
         }
     };
-    let mut builder = tonic::transport::Server::builder();
+    let idle = Duration::from_secs_f64(exp.server.idle_timeout_s);
+    // Pings keep a healthy but quiet connection above the idle timeout (its peer answers).
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(idle / 3))
+        .http2_keepalive_timeout(Some(idle / 3));
     if let Some(tls) = &opts.tls {
         let read = |p: &PathBuf| {
             std::fs::read(p).map_err(|e| NetError::Setup(format!("{}: {e}", p.display())))
@@ -711,7 +724,10 @@ pub fn serve(
             .map_err(|e| NetError::Setup(format!("TLS setup: {e}")))?;
     }
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = {
+        let _runtime = runtime.enter();
+        crate::listener::guarded_incoming(listener, exp.server.max_connections, idle)
+    };
     let router = builder.add_service(tonic::service::interceptor::InterceptedService::new(
         svc, auth,
     ));
@@ -734,6 +750,7 @@ pub fn serve(
     {
         let mut st = shared.lock();
         st.done = true;
+        st.failure = result.as_ref().err().map(|e| e.to_string());
         st.outbox.clear();
         for inc in std::mem::take(&mut st.inbox) {
             let _ = inc.verdict.send(Err("the run is over".into()));

@@ -70,8 +70,9 @@ pub struct JoinArgs {
     /// Bearer token.
     #[arg(long, conflicts_with = "token_file")]
     pub token: Option<String>,
-    /// File holding the bearer token: the token of its first line, in the format of the
-    /// server's token file (`LABEL TOKEN IDS`, `LABEL TOKEN` or `TOKEN`).
+    /// File holding the bearer token, in the format of the server's token file (`LABEL TOKEN
+    /// IDS`, `LABEL TOKEN` or `TOKEN` per line): the first token bound to this client's id
+    /// (`--partition K/N` joins as K), else the first line's.
     #[arg(long)]
     pub token_file: Option<PathBuf>,
     /// CA certificate that signed the server's (PEM); required for https://.
@@ -249,9 +250,11 @@ pub fn join(a: JoinArgs) -> Result<()> {
     let token = match (&a.token, &a.token_file) {
         (Some(t), _) => Some(t.clone()),
         (None, Some(f)) => {
-            // The same format the server reads; the first line's token is this client's.
+            // The same format the server reads: the token bound to this client's id (its
+            // partition index), else the first line's.
             let grants = flotilla_net::load_tokens(f)?;
-            Some(grants[0].token.clone())
+            let own = partition.and_then(|(k, _)| grants.iter().find(|g| g.allows(k)));
+            Some(own.unwrap_or(&grants[0]).token.clone())
         }
         (None, None) => None,
     };
