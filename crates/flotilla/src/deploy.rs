@@ -90,8 +90,10 @@ pub struct JoinArgs {
     /// A name for the server's logs.
     #[arg(long)]
     pub name: Option<String>,
-    /// Training threads (0: all cores).
-    #[arg(long, default_value_t = 0)]
+    /// Training threads. 1 (the default) gives exactly the simulator's result; more threads
+    /// train micro-batches in parallel (0: all cores), faster, with results equal to the
+    /// simulator's up to the rounding of float sums.
+    #[arg(long, default_value_t = 1)]
     pub threads: usize,
     /// Give up after the server has been unreachable this many seconds.
     #[arg(long, default_value_t = 300.0)]

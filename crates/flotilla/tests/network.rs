@@ -223,8 +223,6 @@ fn start_client(cwd: &Path, url: &str, k: u64, n: u64, extra: &[&str]) -> Proc {
         DATA_DIR,
         "--partition",
         &part,
-        "--threads",
-        "1",
         "--give-up",
         "60",
     ];
@@ -241,13 +239,19 @@ struct Served {
     addr: String,
 }
 
-/// Writes `body` as the config, starts `serve --insecure` on an ephemeral port and `n` clients.
+/// Writes `body` as the config, starts `serve --insecure` on an ephemeral port and `n` clients
+/// with `join`'s defaults.
 fn serve_with_clients(tmp: &Path, body: &str, n: u64) -> Served {
+    serve_with_client_options(tmp, body, n, &[])
+}
+
+/// [`serve_with_clients`] with `extra` options for every client.
+fn serve_with_client_options(tmp: &Path, body: &str, n: u64, extra: &[&str]) -> Served {
     let config = write_config(tmp, "net.toml", body);
     let state = tmp.join("served");
     let (server, addr) = start_server(tmp, &config, &state, "127.0.0.1:0", &[]);
     let url = format!("http://{addr}");
-    let clients = (0..n).map(|k| start_client(tmp, &url, k, n, &[])).collect();
+    let clients = (0..n).map(|k| start_client(tmp, &url, k, n, extra)).collect();
     Served {
         server,
         clients,
@@ -375,6 +379,39 @@ fn network_run_matches_simulate() {
         .as_f64()
         .unwrap();
     assert!(acc > 0.5, "final accuracy {acc} is not well above chance");
+}
+
+#[test]
+fn clients_on_several_threads_match_simulate_up_to_float_rounding() {
+    if !have_data("clients_on_several_threads_match_simulate_up_to_float_rounding") {
+        return;
+    }
+    // `join --threads 2` splits each batch into two micro-batches whose gradient sums round
+    // differently from one thread's: the trajectory is the simulator's up to float rounding,
+    // not bit for bit (README, "Over the network").
+    let tmp = TempDir::new().unwrap();
+    let Served {
+        mut server,
+        mut clients,
+        config,
+        state,
+        ..
+    } = serve_with_client_options(tmp.path(), NET, 3, &["--threads", "2"]);
+    server.expect_success();
+    for c in &mut clients {
+        c.expect_success();
+    }
+    let sim = simulate(tmp.path(), &config, &tmp.path().join("simulated"));
+    let acc = |d: &Path| {
+        read_json(&d.join("summary.json"))["final_test_accuracy"]
+            .as_f64()
+            .unwrap()
+    };
+    let (net, simulated) = (acc(&state), acc(&sim));
+    assert!(
+        (net - simulated).abs() <= 0.02,
+        "two threads {net}, simulate {simulated}"
+    );
 }
 
 #[test]
