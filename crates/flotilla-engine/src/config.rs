@@ -298,6 +298,10 @@ pub struct ServerConfig {
     /// more. Unset: the size of the configured training set (what `serve` loads).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_examples: Option<u64>,
+    /// Bytes of updates the server buffers at once, MiB; further pushes wait for room (a
+    /// single larger push is admitted alone).
+    #[serde(default = "max_push_mib_in_flight")]
+    pub max_push_mib_in_flight: usize,
     /// Most connections open at once; further peers wait until one closes.
     #[serde(default = "max_connections")]
     pub max_connections: usize,
@@ -305,6 +309,10 @@ pub struct ServerConfig {
     /// answer to keepalive pings) is closed, seconds.
     #[serde(default = "idle_timeout_s")]
     pub idle_timeout_s: f64,
+}
+
+fn max_push_mib_in_flight() -> usize {
+    512
 }
 
 fn max_connections() -> usize {
@@ -341,6 +349,7 @@ impl Default for ServerConfig {
             liveness_s: fifteen(),
             max_message_mib: max_message_mib(),
             max_examples: None,
+            max_push_mib_in_flight: max_push_mib_in_flight(),
             max_connections: max_connections(),
             idle_timeout_s: idle_timeout_s(),
         }
@@ -481,9 +490,13 @@ impl Experiment {
                 ),
             );
         }
-        if sv.min_clients == 0 || sv.max_message_mib == 0 || sv.max_connections == 0 {
+        if sv.min_clients == 0
+            || sv.max_message_mib == 0
+            || sv.max_connections == 0
+            || sv.max_push_mib_in_flight == 0
+        {
             return bad(
-                "server.min_clients / server.max_message_mib / server.max_connections",
+                "server.min_clients / max_message_mib / max_connections / max_push_mib_in_flight",
                 "must be at least 1".into(),
             );
         }

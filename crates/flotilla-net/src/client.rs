@@ -68,6 +68,26 @@ pub type Setup<'a> =
 /// Adds the bearer token to every call.
 pub type Interceptor = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>;
 
+/// A push with the headers the server's gate admits it by (client, session, size), read
+/// before its body ([`crate::push_gate`]).
+pub fn push_request(msg: PushRequest) -> Request<PushRequest> {
+    use prost::Message;
+    let (client, session, bytes) = (msg.client, msg.session, msg.encoded_len());
+    let mut req = Request::new(msg);
+    let m = req.metadata_mut();
+    for (name, value) in [
+        (crate::push_gate::PUSH_CLIENT, client.to_string()),
+        (crate::push_gate::PUSH_SESSION, session.to_string()),
+        (crate::push_gate::PUSH_BYTES, bytes.to_string()),
+    ] {
+        m.insert(
+            name,
+            value.parse().expect("digits are a valid header value"),
+        );
+    }
+    req
+}
+
 /// A connected client of the `Coordinator` service.
 pub type Api =
     CoordinatorClient<tonic::service::interceptor::InterceptedService<Channel, Interceptor>>;
@@ -308,11 +328,11 @@ async fn run_async(
             };
             let bytes = reply.encode(&known)?;
             match api
-                .push(PushRequest {
+                .push(push_request(PushRequest {
                     client,
                     session,
                     reply: bytes,
-                })
+                }))
                 .await
             {
                 Ok(_) => {

@@ -13,6 +13,7 @@ pub mod certs;
 pub mod client;
 pub mod listener;
 pub mod proto;
+pub mod push_gate;
 pub mod server;
 
 /// Errors of the network layer.

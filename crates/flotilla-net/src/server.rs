@@ -173,6 +173,23 @@ impl Shared {
     }
 }
 
+impl crate::push_gate::PushPolicy for Shared {
+    fn may_push(&self, client: u64, session: u64) -> Result<(), Status> {
+        let st = self.lock();
+        if st.members.get(&client).is_none_or(|m| m.session != session) {
+            return Err(Status::failed_precondition(format!(
+                "unknown session for client {client}; join again"
+            )));
+        }
+        match st.outbox.get(&client) {
+            Some(out) if out.session == session && out.pull_reply.is_none() => Ok(()),
+            _ => Err(Status::failed_precondition(format!(
+                "no task outstanding for client {client}: a late, duplicate or replayed update"
+            ))),
+        }
+    }
+}
+
 fn check_version(v: u32) -> Result<(), Status> {
     if v != PROTOCOL_VERSION {
         return Err(Status::failed_precondition(format!(
@@ -334,11 +351,27 @@ impl Coordinator for Service {
 
     async fn push(&self, req: Request<PushRequest>) -> Result<Response<PushReply>, Status> {
         let auth = Authorised::of(&req);
+        // The gate admitted this push from its headers before its body was read.
+        let declared = req
+            .extensions()
+            .get::<crate::push_gate::Admitted>()
+            .map(|a| a.declared);
         let r = req.into_inner();
         auth.check(r.client)?;
         let shared = &self.0;
         shared.touch(r.client, r.session)?;
-        let wire_bytes = r.encoded_len() as u64 + GRPC_FRAME_BYTES;
+        let encoded = r.encoded_len() as u64;
+        match declared {
+            Some(d) if encoded <= d => {}
+            Some(d) => {
+                return Err(Status::invalid_argument(format!(
+                    "update refused: {encoded} bytes sent, {d} declared in `{}`",
+                    crate::push_gate::PUSH_BYTES
+                )));
+            }
+            None => return Err(Status::internal("push not admitted by the gate")),
+        }
+        let wire_bytes = encoded + GRPC_FRAME_BYTES;
         let (tx, rx) = oneshot::channel();
         {
             let mut st = shared.lock();
@@ -728,8 +761,14 @@ pub fn serve(
         let _runtime = runtime.enter();
         crate::listener::guarded_incoming(listener, exp.server.max_connections, idle)
     };
+    let gate = crate::push_gate::Gate::new(
+        shared.clone(),
+        limit as u64,
+        exp.server.max_push_mib_in_flight as u64 * 1024 * 1024,
+    );
+    let gated = crate::push_gate::PushGate { inner: svc, gate };
     let router = builder.add_service(tonic::service::interceptor::InterceptedService::new(
-        svc, auth,
+        gated, auth,
     ));
     let server_task = runtime.spawn(async move {
         router

@@ -51,9 +51,14 @@ fn test_set() -> Dataset {
     Dataset::new(vec![0; 20 * 784], vec![0; 20], [1, 28, 28], 10).unwrap()
 }
 
-fn start(wait_s: f64, dir: &Path) -> (std::thread::JoinHandle<Result<serde_json::Value, String>>, String) {
-    let exp =
-        Experiment::from_toml(&EXPERIMENT.replace("WAIT", &format!("{wait_s:.1}"))).unwrap();
+fn start(
+    wait_s: f64,
+    dir: &Path,
+) -> (
+    std::thread::JoinHandle<Result<serde_json::Value, String>>,
+    String,
+) {
+    let exp = Experiment::from_toml(&EXPERIMENT.replace("WAIT", &format!("{wait_s:.1}"))).unwrap();
     let address_file: PathBuf = dir.join("address");
     let dir = dir.to_path_buf();
     let af = address_file.clone();

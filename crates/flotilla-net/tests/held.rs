@@ -211,11 +211,11 @@ async fn serve_one(api: &mut Api, session: u64, cache: &mut TensorCache) -> Opti
         };
         let bytes = reply.encode(&KnownMasks::new()).unwrap();
         let ok = api
-            .push(PushRequest {
+            .push(flotilla_net::client::push_request(PushRequest {
                 client: 0,
                 session,
                 reply: bytes,
-            })
+            }))
             .await
             .expect("push")
             .into_inner();

@@ -150,12 +150,13 @@ fn echo(task: &Task, examples: u64) -> Reply {
     }
 }
 
-fn push_req(client: u64, session: u64, reply: Vec<u8>) -> PushRequest {
-    PushRequest {
+/// A push as `flotilla join` sends it: with the headers the server admits it by.
+fn push_req(client: u64, session: u64, reply: Vec<u8>) -> Request<PushRequest> {
+    flotilla_net::client::push_request(PushRequest {
         client,
         session,
         reply,
-    }
+    })
 }
 
 /// A bad update of one kind, as bytes.
@@ -479,6 +480,29 @@ fn hostile_updates_are_refused_and_the_run_finishes() {
             let task = next_task(&mut api, client, session, &mut known).await;
             assert_eq!(task.round, i as u64 + 1);
             if i == 0 {
+                // Without the admission headers the body is not read.
+                let bare = PushRequest {
+                    client,
+                    session,
+                    reply: encode(&echo(&task, examples)),
+                };
+                assert_refused(
+                    api.push(bare).await,
+                    Code::FailedPrecondition,
+                    "must carry",
+                    "update without its headers",
+                );
+                // A body larger than declared is refused.
+                let mut small = push_req(client, session, encode(&echo(&task, examples)));
+                small
+                    .metadata_mut()
+                    .insert(flotilla_net::push_gate::PUSH_BYTES, "16".parse().unwrap());
+                assert_refused(
+                    api.push(small).await,
+                    Code::InvalidArgument,
+                    "declared",
+                    "update larger than declared",
+                );
                 // Over the size limit: refused by the transport before the handler; the task
                 // stays outstanding.
                 let huge = vec![0u8; 2 * 1024 * 1024];

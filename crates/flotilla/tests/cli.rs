@@ -959,7 +959,10 @@ fn logs_are_plain_when_piped_and_json_on_request() {
     let stderr = text(&plain.stderr);
     assert!(plain.status.success(), "{stderr}");
     assert!(stderr.contains("round finished"), "{stderr}");
-    assert!(!stderr.contains('\x1b'), "escape codes in piped logs:\n{stderr}");
+    assert!(
+        !stderr.contains('\x1b'),
+        "escape codes in piped logs:\n{stderr}"
+    );
     let json = run("json", Some("json"));
     let stderr = text(&json.stderr);
     assert!(json.status.success(), "{stderr}");

@@ -251,7 +251,9 @@ fn serve_with_client_options(tmp: &Path, body: &str, n: u64, extra: &[&str]) -> 
     let state = tmp.join("served");
     let (server, addr) = start_server(tmp, &config, &state, "127.0.0.1:0", &[]);
     let url = format!("http://{addr}");
-    let clients = (0..n).map(|k| start_client(tmp, &url, k, n, extra)).collect();
+    let clients = (0..n)
+        .map(|k| start_client(tmp, &url, k, n, extra))
+        .collect();
     Served {
         server,
         clients,
