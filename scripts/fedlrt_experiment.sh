@@ -4,6 +4,7 @@
 #   iid-16        16 IID clients: FedAvg, FedLin, FeDLRT with vc = none / simplified / full,
 #                 and the corrected ones again with the gradient pass on 4 batches (-g4)
 #   dirichlet-32  32 Dirichlet(0.5) clients: the same eight
+#   dirichlet-32-lr0.05  the five without ablations at lr 0.05 instead of 0.2
 #   iid-4/8/32    FedAvg and FeDLRT (simplified) for the scaling with the number of clients
 # Writes runs under runs/fedlrt/ and the tables and plots under docs/results/fedlrt/.
 #   scripts/fedlrt_experiment.sh [ROUNDS]        (default 30)
@@ -41,6 +42,10 @@ dirichlet='{ kind = "dirichlet", alpha = 0.5 }'
 for m in fedavg fedlin fedlrt-none fedlrt-simplified fedlrt-full fedlin-g4 fedlrt-simplified-g4 fedlrt-full-g4; do
   run iid-16 $m 16 "$iid"
   run dirichlet-32 $m 32 "$dirichlet"
+done
+# The corrected methods at the smaller step the theory asks for (λ ≲ 1/(L·s*)).
+for m in fedavg fedlin fedlrt-none fedlrt-simplified fedlrt-full; do
+  run dirichlet-32-lr0.05 $m 32 "$dirichlet" --set training.lr=0.05
 done
 for c in 4 8 32; do
   for m in fedavg fedlrt-simplified; do run "iid-$c" $m $c "$iid"; done

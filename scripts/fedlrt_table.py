@@ -71,7 +71,12 @@ lines = [
     "",
 ]
 
-SETTINGS = [s for s in ["iid-16", "dirichlet-32"] if os.path.isdir(os.path.join(RUNS, s))]
+TITLES = {
+    "iid-16": "16 clients, IID",
+    "dirichlet-32": "32 clients, Dirichlet(0.5)",
+    "dirichlet-32-lr0.05": "32 clients, Dirichlet(0.5), learning rate 0.05 instead of 0.2",
+}
+SETTINGS = [s for s in TITLES if os.path.isdir(os.path.join(RUNS, s))]
 for setting in SETTINGS:
     runs = runs_of(setting)
     if "fedavg" not in runs:
@@ -79,7 +84,7 @@ for setting in SETTINGS:
     base_rows, base = runs["fedavg"]
     target = base["final_test_accuracy"] - 0.01
     lines += [
-        f"## {setting}: {setting.split('-')[1]} clients, {'IID' if setting.startswith('iid') else 'Dirichlet(0.5)'}, all in every round",
+        f"## {setting}: {TITLES[setting]}, all in every round",
         "",
         f"Equal-accuracy point: the first evaluated round at which a method reaches FedAvg's final "
         f"accuracy − 1 point ({100 * target:.2f}%). Bytes (up + down) and client training FLOPs are summed "

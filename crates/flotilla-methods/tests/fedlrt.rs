@@ -263,3 +263,49 @@ fn a_resumed_run_continues_at_the_checkpointed_ranks() {
     assert_eq!(resumed.spec.ranks, straight.spec.ranks);
     assert_eq!(resumed.params, straight.params);
 }
+
+/// FeDLRT's client, keeping what every client sends back after training its core.
+struct Recording(std::sync::Mutex<Vec<(u64, ParamSet)>>);
+
+impl ClientHalf for Recording {
+    fn execute(
+        &self,
+        task: &Task,
+        data: &ClientData,
+        ctx: &ClientCtx,
+    ) -> Result<Reply, EngineError> {
+        let reply = FedLrtClient.execute(task, data, ctx)?;
+        if task.kind == "train-core" {
+            let mut seen = self.0.lock().unwrap();
+            seen.push((task.client, reply.params.clone()));
+        }
+        Ok(reply)
+    }
+}
+
+#[test]
+fn the_full_correction_turns_every_clients_step_into_the_global_one() {
+    // One local step on the client's whole data (batch = all 80 examples): the step's gradient
+    // is the one the correction was taken from, so G̃_c + (G̃ − G̃_c) = G̃ and every client
+    // computes the same core and dense tensors, whatever its data.
+    for (vc, same) in [("full", true), ("none", false)] {
+        let method = format!("name = \"fedlrt\"\nr0 = 4\nvc = \"{vc}\"\ns_star = 1");
+        let toml = config(&method, 3, 1).replace("batch_size = 10", "batch_size = 80");
+        let recording = Arc::new(Recording(Default::default()));
+        simulate(&toml, Some(recording.clone()));
+        let seen = recording.0.lock().unwrap();
+        assert_eq!(seen.len(), 3);
+        let spread = seen[1..]
+            .iter()
+            .map(|(_, p)| p.max_abs_diff(&seen[0].1).unwrap())
+            .fold(0f32, f32::max);
+        if same {
+            assert!(spread < 1e-5, "{vc}: clients differ by {spread}");
+        } else {
+            assert!(
+                spread > 1e-3,
+                "{vc}: clients should differ, spread {spread}"
+            );
+        }
+    }
+}
