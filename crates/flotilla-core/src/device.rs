@@ -46,6 +46,19 @@ impl DeviceProfile {
         }
     }
 
+    /// The profile a client declares when it joins, with its name: parsed from JSON,
+    /// validated, and the name checked like every peer-supplied label. Errors say which part
+    /// is wrong.
+    pub fn from_join(profile_json: &str, name: &str) -> Result<DeviceProfile, CoreError> {
+        crate::wire::check_label("client name", name)?;
+        let profile: DeviceProfile = serde_json::from_str(profile_json)
+            .map_err(|e| CoreError::InvalidMessage(format!("device profile: {e}")))?;
+        profile
+            .validate()
+            .map_err(|e| CoreError::InvalidMessage(format!("device profile: {e}")))?;
+        Ok(profile)
+    }
+
     /// Checks that every figure is usable.
     pub fn validate(&self) -> Result<(), CoreError> {
         crate::wire::check_label("device tier", &self.tier)

@@ -219,13 +219,8 @@ impl Coordinator for Service {
         let auth = Authorised::of(&req);
         let r = req.into_inner();
         check_version(r.protocol_version)?;
-        flotilla_core::wire::check_label("client name", &r.name)
+        let profile = DeviceProfile::from_join(&r.profile_json, &r.name)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let profile: DeviceProfile = serde_json::from_str(&r.profile_json)
-            .map_err(|e| Status::invalid_argument(format!("device profile: {e}")))?;
-        profile
-            .validate()
-            .map_err(|e| Status::invalid_argument(format!("device profile: {e}")))?;
         if r.num_examples == 0 {
             return Err(Status::invalid_argument(
                 "a client needs at least one training example to join",
