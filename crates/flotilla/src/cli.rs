@@ -80,7 +80,8 @@ pub enum Command {
         /// Run directories.
         #[arg(required = true)]
         runs: Vec<PathBuf>,
-        /// Where comparison plots of several runs go (default: ./comparison).
+        /// Where comparison plots of several runs go (default: `comparison/` inside the first
+        /// run's directory, never the working directory).
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -497,7 +498,7 @@ fn report(dirs: &[PathBuf], out: Option<PathBuf>) -> Result<()> {
         }
     }
     if runs.len() > 1 {
-        let out = out.unwrap_or_else(|| PathBuf::from("comparison"));
+        let out = out.unwrap_or_else(|| dirs[0].join("comparison"));
         std::fs::create_dir_all(&out)
             .with_context(|| format!("cannot create {}", out.display()))?;
         for p in flotilla_report::render_comparison(&runs, &out)? {

@@ -387,6 +387,16 @@ fn simulate_evaluate_report_end_to_end() {
         "no comparison plot in {}",
         comparison.display()
     );
+    // Without --out the comparison goes inside the first run, not the working directory.
+    success(
+        &flotilla(tmp.path(), &["report", s(&run), s(&run2)]),
+        "report without --out",
+    );
+    assert!(
+        run.join("comparison/compare_accuracy_vs_round.svg")
+            .is_file()
+    );
+    assert!(!tmp.path().join("comparison").exists());
 }
 
 // ---------------------------------------------------------------------------------------------
