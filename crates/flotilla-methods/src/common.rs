@@ -1,6 +1,7 @@
 //! Pieces shared by methods that send every client the same full model.
 
 use flotilla_core::ParamSet;
+use flotilla_core::aggregate::Contribution;
 use flotilla_engine::local::{Recipe, estimate_memory};
 use flotilla_engine::{
     Assignment, ClientInfo, EngineError, Experiment, MethodState, PhaseCtx, Reply, Task,
@@ -54,6 +55,21 @@ pub fn check_full_model_reply(global: &ParamSet, reply: &Reply) -> Result<(), St
     global
         .check_same_layout(&reply.params)
         .map_err(|e| format!("update does not match the task's tensors: {e}"))
+}
+
+/// Each reply's tensors weighted by its example count: what example-weighted rules (FedAvg's
+/// mean, the robust rules, partial-support means) fold. Accepts `&[Reply]` and `&[&Reply]`.
+pub fn contributions<'a, R: std::borrow::Borrow<Reply>>(replies: &'a [R]) -> Vec<Contribution<'a>> {
+    replies
+        .iter()
+        .map(|r| {
+            let r = r.borrow();
+            Contribution {
+                params: &r.params,
+                weight: r.num_examples as f64,
+            }
+        })
+        .collect()
 }
 
 /// The replies fit to average into `global`: same layout and at least one example. The others

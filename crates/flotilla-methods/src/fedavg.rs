@@ -10,7 +10,7 @@ use crate::common::{check_full_model_reply, checkpoint_global, plan_full_model, 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::Tensor;
 use flotilla_core::ParamSet;
-use flotilla_core::aggregate::{self, Contribution};
+use flotilla_core::aggregate;
 use flotilla_engine::local::{Batch, CrossEntropy, Objective, Recipe, train_task};
 use flotilla_engine::{
     Assignment, ClientCtx, ClientData, ClientHalf, ClientInfo, EngineError, EvalModel, Experiment,
@@ -170,13 +170,7 @@ impl ServerHalf for FedAvg {
         _server: &mut ServerCtx<'_>,
     ) -> Result<PhaseEnd, EngineError> {
         let valid = valid_updates(ctx, &self.global, replies)?;
-        let contribs: Vec<Contribution> = valid
-            .iter()
-            .map(|r| Contribution {
-                params: &r.params,
-                weight: r.num_examples as f64,
-            })
-            .collect();
+        let contribs = crate::common::contributions(&valid[..]);
         self.global = match self.aggregator {
             Aggregator::Mean => aggregate::weighted_mean(&contribs)?,
             Aggregator::Median => aggregate::coordinate_median(&contribs)?,

@@ -41,7 +41,7 @@
 //! network.
 
 use crate::common::{method_options, require_kind};
-use flotilla_core::aggregate::{self, Contribution};
+use flotilla_core::aggregate;
 use flotilla_core::{ParamSet, Tensor};
 use flotilla_engine::local::{
     CrossEntropy, Recipe, estimate_memory, gradient_task, train_task_with,
@@ -584,13 +584,7 @@ impl FedLrt {
 
 /// The example-weighted mean of the replies' tensors.
 fn weighted(replies: &[Reply]) -> Result<ParamSet, EngineError> {
-    let contribs: Vec<Contribution> = replies
-        .iter()
-        .map(|r| Contribution {
-            params: &r.params,
-            weight: r.num_examples as f64,
-        })
-        .collect();
+    let contribs = crate::common::contributions(replies);
     Ok(aggregate::weighted_mean(&contribs)?)
 }
 

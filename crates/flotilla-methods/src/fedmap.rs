@@ -21,7 +21,7 @@
 
 use crate::common::{check_full_model_reply, plan_full_model, valid_updates};
 use flotilla_core::ParamSet;
-use flotilla_core::aggregate::{self, Contribution};
+use flotilla_core::aggregate;
 use flotilla_core::wire::Mask;
 use flotilla_engine::local::{CrossEntropy, Recipe, train_task};
 use flotilla_engine::method::KnownMasks;
@@ -314,13 +314,7 @@ impl ServerHalf for FedMap {
         _server: &mut ServerCtx<'_>,
     ) -> Result<PhaseEnd, EngineError> {
         let valid = valid_updates(ctx, &self.global, replies)?;
-        let contribs: Vec<Contribution> = valid
-            .iter()
-            .map(|r| Contribution {
-                params: &r.params,
-                weight: r.num_examples as f64,
-            })
-            .collect();
+        let contribs = crate::common::contributions(&valid[..]);
         self.global = aggregate::weighted_mean(&contribs)?;
         self.apply_masks();
         if let Some(shadow) = &mut self.shadow {

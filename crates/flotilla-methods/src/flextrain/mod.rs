@@ -23,7 +23,7 @@
 //!   between classes; each class deploys its own model at its depth.
 
 use flotilla_core::ParamSet;
-use flotilla_core::aggregate::{self, Contribution, Support};
+use flotilla_core::aggregate::{self, Support};
 use flotilla_engine::local::{Recipe, estimate_memory, train_task};
 
 mod objective;
@@ -294,13 +294,7 @@ impl FlexTrain {
         replies: &[&Reply],
         support: Support,
     ) -> Result<ParamSet, EngineError> {
-        let contribs: Vec<Contribution> = replies
-            .iter()
-            .map(|r| Contribution {
-                params: &r.params,
-                weight: r.num_examples as f64,
-            })
-            .collect();
+        let contribs = crate::common::contributions(replies);
         Ok(aggregate::weighted_mean_partial(base, &contribs, support)?)
     }
 
