@@ -57,16 +57,86 @@ pub fn train_task<O: Objective>(
     train_task_with(task, data, ctx, objective, None, None)
 }
 
-/// Refuses a task whose training estimate exceeds the device's budget.
-fn check_budget(estimate: &MemoryEstimate, ctx: &ClientCtx, what: &str) -> Result<(), EngineError> {
-    if estimate.total() > ctx.profile.memory_bytes {
-        return Err(EngineError::OverBudget(format!(
-            "{what} needs about {:.1} MiB but the device allows {:.1} MiB",
-            estimate.total() as f64 / 1048576.0,
-            ctx.profile.memory_bytes as f64 / 1048576.0
-        )));
+/// What a client step measures from the moment it accepts a task until its reply: wall time,
+/// the analytic memory estimate and the heap high-water mark above the start.
+struct Measurement {
+    started: Instant,
+    estimate: MemoryEstimate,
+    peak: ThreadPeak,
+}
+
+impl Measurement {
+    /// Refuses the task when `estimate` exceeds the device's budget (`what` names the work);
+    /// otherwise starts the memory measurement.
+    fn start(
+        started: Instant,
+        estimate: MemoryEstimate,
+        ctx: &ClientCtx,
+        what: &str,
+    ) -> Result<Self, EngineError> {
+        if estimate.total() > ctx.profile.memory_bytes {
+            return Err(EngineError::OverBudget(format!(
+                "{what} needs about {:.1} MiB but the device allows {:.1} MiB",
+                estimate.total() as f64 / 1048576.0,
+                ctx.profile.memory_bytes as f64 / 1048576.0
+            )));
+        }
+        Ok(Self {
+            started,
+            estimate,
+            peak: ThreadPeak::start(),
+        })
     }
-    Ok(())
+
+    /// The reply carrying `params`, `train_loss` and the measured resources of `samples`
+    /// forward and backward passes.
+    fn reply(
+        self,
+        task: &Task,
+        data: &ClientData,
+        params: ParamSet,
+        mean_loss: f64,
+        samples: usize,
+    ) -> Reply {
+        let peak_memory_bytes = self.peak.peak_above_start();
+        let mut metrics = BTreeMap::new();
+        metrics.insert("train_loss".to_string(), mean_loss);
+        Reply {
+            round: task.round,
+            phase: task.phase,
+            client: task.client,
+            num_examples: data.train.len() as u64,
+            params,
+            metrics,
+            resources: Resources {
+                peak_memory_bytes,
+                estimated_memory_bytes: self.estimate.total(),
+                flops: flops::training(&task.model, &task.view, samples),
+                wall_time_s: self.started.elapsed().as_secs_f64(),
+            },
+        }
+    }
+}
+
+/// The training job of `task` on `data`: its model, view, parameters and recipe, shuffled
+/// by (run seed, round, client), the client's masks held at zero.
+fn job<'a, O: Objective>(
+    task: &'a Task,
+    data: &'a ClientData,
+    ctx: &'a ClientCtx,
+    objective: &'a O,
+) -> TrainJob<'a, O> {
+    let shuffle = seed::derive(ctx.seed, task.round, task.client, seed::Purpose::Shuffle);
+    TrainJob::new(
+        &task.model,
+        &task.view,
+        &task.params,
+        data,
+        &task.recipe,
+        objective,
+    )
+    .seed(shuffle)
+    .masks(&ctx.masks)
 }
 
 /// [`train_task`] with `correction` added to every step's gradient (variance correction,
@@ -82,20 +152,9 @@ pub fn train_task_with<O: Objective>(
 ) -> Result<Reply, EngineError> {
     let started = Instant::now();
     let estimate = estimate_memory(&task.model, &task.view, &task.params, &task.recipe);
-    check_budget(&estimate, ctx, "training")?;
-    let peak = ThreadPeak::start();
+    let measurement = Measurement::start(started, estimate, ctx, "training")?;
     let objective = objective()?;
-    let shuffle = seed::derive(ctx.seed, task.round, task.client, seed::Purpose::Shuffle);
-    let mut job = TrainJob::new(
-        &task.model,
-        &task.view,
-        &task.params,
-        data,
-        &task.recipe,
-        &objective,
-    )
-    .seed(shuffle)
-    .masks(&ctx.masks);
+    let mut job = job(task, data, ctx, &objective);
     if let Some(c) = correction {
         job = job.correction(c);
     }
@@ -104,23 +163,7 @@ pub fn train_task_with<O: Objective>(
     }
     let out = job.train()?;
     let params = out.params.filter(|n| !task.view.is_frozen(n));
-    let peak_memory_bytes = peak.peak_above_start();
-    let mut metrics = BTreeMap::new();
-    metrics.insert("train_loss".to_string(), out.mean_loss);
-    Ok(Reply {
-        round: task.round,
-        phase: task.phase,
-        client: task.client,
-        num_examples: data.train.len() as u64,
-        params,
-        metrics,
-        resources: Resources {
-            peak_memory_bytes,
-            estimated_memory_bytes: estimate.total(),
-            flops: flops::training(&task.model, &task.view, out.samples),
-            wall_time_s: started.elapsed().as_secs_f64(),
-        },
-    })
+    Ok(measurement.reply(task, data, params, out.mean_loss, out.samples))
 }
 
 /// The gradient step of methods that exchange gradients (FeDLRT's basis phase, FedLin): refuse
@@ -144,21 +187,9 @@ pub fn gradient_task<O: Objective>(
         ..task.recipe.clone()
     };
     let estimate = estimate_memory(&task.model, &task.view, &task.params, &stateless);
-    check_budget(&estimate, ctx, "the gradient pass")?;
-    let peak = ThreadPeak::start();
+    let measurement = Measurement::start(started, estimate, ctx, "the gradient pass")?;
     let objective = objective()?;
-    let shuffle = seed::derive(ctx.seed, task.round, task.client, seed::Purpose::Shuffle);
-    let out = TrainJob::new(
-        &task.model,
-        &task.view,
-        &task.params,
-        data,
-        &task.recipe,
-        &objective,
-    )
-    .seed(shuffle)
-    .masks(&ctx.masks)
-    .gradients(batches)?;
+    let out = job(task, data, ctx, &objective).gradients(batches)?;
     let mut sent = Vec::with_capacity(upload.len());
     for name in upload {
         let g = out.grads.get(name).ok_or_else(|| {
@@ -168,21 +199,6 @@ pub fn gradient_task<O: Objective>(
         })?;
         sent.push(g.clone());
     }
-    let peak_memory_bytes = peak.peak_above_start();
-    let mut metrics = BTreeMap::new();
-    metrics.insert("train_loss".to_string(), out.mean_loss);
-    Ok(Reply {
-        round: task.round,
-        phase: task.phase,
-        client: task.client,
-        num_examples: data.train.len() as u64,
-        params: ParamSet::from_tensors(sent)?,
-        metrics,
-        resources: Resources {
-            peak_memory_bytes,
-            estimated_memory_bytes: estimate.total(),
-            flops: flops::training(&task.model, &task.view, out.samples),
-            wall_time_s: started.elapsed().as_secs_f64(),
-        },
-    })
+    let params = ParamSet::from_tensors(sent)?;
+    Ok(measurement.reply(task, data, params, out.mean_loss, out.samples))
 }
