@@ -477,25 +477,14 @@ impl FedLrt {
             dirs.push(tensor(&l.tensor(NEW_U), &nu.columns(0, k).into_owned()));
             dirs.push(tensor(&l.tensor(NEW_V), &nv.columns(0, k).into_owned()));
         }
+        // U and V get no correction (they are frozen while the core trains), and no tensor
+        // does without one.
+        let bases = self.bases();
+        let corrected =
+            |name: &str| self.vc != Correction::None && !bases.iter().any(|b| b == name);
         let mut corrections = BTreeMap::new();
         for reply in replies {
-            let own = &reply.params;
-            let mut vc = Vec::new();
-            for t in mean.iter() {
-                let is_basis = self
-                    .layers
-                    .iter()
-                    .any(|l| t.name == l.tensor("U") || t.name == l.tensor("V"));
-                if is_basis || self.vc == Correction::None {
-                    continue;
-                }
-                let mine = own.require(&t.name)?;
-                vc.push(Tensor {
-                    name: format!("{CORRECTION_PREFIX}{}", t.name),
-                    shape: t.shape.clone(),
-                    data: t.data.iter().zip(&mine.data).map(|(g, c)| g - c).collect(),
-                });
-            }
+            let vc = correction_terms(&mean, &reply.params, corrected)?;
             corrections.insert(reply.client, ParamSet::from_tensors(vc)?);
         }
         tracing::debug!(round = ctx.round, ranks = ?spec.ranks, "bases augmented");
@@ -519,13 +508,8 @@ impl FedLrt {
                 .corrections
                 .remove(&reply.client)
                 .unwrap_or_default();
-            for t in mean.iter() {
-                let mine = reply.params.require(&t.name)?;
-                vc.push(Tensor {
-                    name: format!("{CORRECTION_PREFIX}{}", t.name),
-                    shape: t.shape.clone(),
-                    data: t.data.iter().zip(&mine.data).map(|(g, c)| g - c).collect(),
-                })?;
+            for t in correction_terms(&mean, &reply.params, |_| true)? {
+                vc.push(t)?;
             }
             corrections.insert(reply.client, vc);
         }
@@ -580,6 +564,25 @@ impl FedLrt {
     fn last_phase(&self) -> u32 {
         if self.vc == Correction::Full { 2 } else { 1 }
     }
+}
+
+/// A client's correction for each tensor of `mean` that `keep` admits: the mean gradient
+/// minus the client's own, named `vc.<tensor>`.
+fn correction_terms(
+    mean: &ParamSet,
+    own: &ParamSet,
+    keep: impl Fn(&str) -> bool,
+) -> Result<Vec<Tensor>, EngineError> {
+    let mut out = Vec::new();
+    for t in mean.iter().filter(|t| keep(&t.name)) {
+        let mine = own.require(&t.name)?;
+        out.push(Tensor {
+            name: format!("{CORRECTION_PREFIX}{}", t.name),
+            shape: t.shape.clone(),
+            data: t.data.iter().zip(&mine.data).map(|(g, c)| g - c).collect(),
+        });
+    }
+    Ok(out)
 }
 
 /// The example-weighted mean of the replies' tensors.
@@ -743,9 +746,7 @@ impl ServerHalf for FedLrt {
                 describe(&got)
             ));
         }
-        if reply.num_examples == 0 {
-            return Err("the reply reports zero examples".into());
-        }
+        // The driver has already refused a reply with zero examples.
         Ok(())
     }
 
