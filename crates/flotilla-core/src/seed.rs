@@ -26,6 +26,8 @@ pub enum Purpose {
     Server = 8,
     /// Drawing the training samples held out for the server (`[server_data] source = "holdout"`).
     ServerData = 9,
+    /// Drawing the labelled training images a linear probe is fitted on.
+    Probe = 10,
 }
 
 /// SplitMix64 finaliser: a cheap, well-mixed bijection on u64.

@@ -191,6 +191,15 @@ pub struct EvaluationConfig {
     /// Also evaluate the global model on each participating client's held-out data.
     #[serde(default)]
     pub per_client: bool,
+    /// Labelled training images the linear probe is fitted on, for models scored by a probe
+    /// (self-supervised encoders): a fixed, seeded sample of the training set. Evaluation
+    /// only: no client trains on these labels.
+    #[serde(default = "default_probe_examples")]
+    pub probe_examples: usize,
+}
+
+fn default_probe_examples() -> usize {
+    10_000
 }
 
 fn one_u64() -> u64 {
@@ -202,6 +211,7 @@ impl Default for EvaluationConfig {
         Self {
             every: 1,
             per_client: false,
+            probe_examples: default_probe_examples(),
         }
     }
 }
@@ -577,6 +587,12 @@ impl Experiment {
         }
         if self.evaluation.every == 0 {
             return bad("evaluation.every", "must be at least 1".into());
+        }
+        if self.evaluation.probe_examples == 0 {
+            return bad(
+                "evaluation.probe_examples",
+                "must be at least 1 (the labelled images a linear probe is fitted on)".into(),
+            );
         }
         if self.evaluation.per_client && self.data.holdout == 0.0 {
             return bad(

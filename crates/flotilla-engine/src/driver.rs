@@ -10,10 +10,10 @@
 use crate::EngineError;
 use crate::config::Experiment;
 use crate::held::{self, HeldLedger, Inventory};
-use crate::local::{evaluate, evaluate_views};
+use crate::local::{self, evaluate, evaluate_views};
 use crate::method::{
     Assignment, ClientData, ClientInfo, EvalModel, HeldTensors, KnownMasks, MethodState, PhaseCtx,
-    PhaseEnd, Reply, ServerCtx, ServerHalf, Task,
+    PhaseEnd, Readout, Reply, ServerCtx, ServerHalf, Task,
 };
 use crate::server_data::ServerData;
 use crate::sink::{ClientRecord, Event, RoundRecord, Sink};
@@ -21,8 +21,9 @@ use flotilla_core::device::DeviceProfile;
 use flotilla_core::seed::{self, Purpose};
 use flotilla_core::{ParamSet, Tensor, safetensors_io};
 use flotilla_data::Dataset;
-use flotilla_models::View;
+use flotilla_models::{ModelSpec, View};
 use rand::Rng;
+use rand::seq::SliceRandom;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -158,6 +159,8 @@ pub struct Driver {
     /// some): fingerprints and sizes, never copies.
     client_tensors: HashMap<u64, HeldLedger>,
     server_data: Option<ServerData>,
+    /// Labelled training images linear probes are fitted on ([`Driver::set_probe_data`]).
+    probe_train: Option<Dataset>,
     next_round: u64,
     totals: Totals,
     /// Clients already told to the server half ([`ServerHalf::observe`]).
@@ -205,12 +208,25 @@ struct Totals {
     /// Set when the evaluated models carry device counts.
     #[serde(default)]
     last_mean_device_accuracy: Option<f64>,
+    /// Linear-probe test accuracy of the raw pixels and of the untrained models, measured
+    /// before round 1 when a model is scored by a probe: the floors a learned representation
+    /// must beat.
+    #[serde(default)]
+    probe_floor: Option<ProbeFloor>,
     /// Server-side FLOPs the method reported (absent in older checkpoints).
     #[serde(default)]
     server_flops: f64,
     /// Wall time of the server half's planning and aggregation (absent in older checkpoints).
     #[serde(default)]
     server_wall_s: f64,
+}
+
+/// What a linear probe reaches without training: on raw pixels, and on the models as
+/// initialised (a random encoder).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct ProbeFloor {
+    raw_pixels: f64,
+    initial_model: f64,
 }
 
 impl Totals {
@@ -226,6 +242,14 @@ impl Totals {
             ("last_accuracy", self.last_accuracy),
             ("last_loss", self.last_loss),
             ("last_mean_device_accuracy", self.last_mean_device_accuracy),
+            (
+                "probe_floor.raw_pixels",
+                self.probe_floor.as_ref().map(|f| f.raw_pixels),
+            ),
+            (
+                "probe_floor.initial_model",
+                self.probe_floor.as_ref().map(|f| f.initial_model),
+            ),
         ];
         figures
             .into_iter()
@@ -266,6 +290,7 @@ impl Driver {
             client_masks: HashMap::new(),
             client_tensors: HashMap::new(),
             server_data: None,
+            probe_train: None,
             next_round: 1,
             totals: Totals::default(),
             observed: std::collections::HashSet::new(),
@@ -292,6 +317,29 @@ impl Driver {
     /// [`ClientData`] is labelled; [`ServerData::from_config`] reads `[server_data]`.
     pub fn set_server_data(&mut self, data: impl Into<ServerData>) {
         self.server_data = Some(data.into());
+    }
+
+    /// Gives the driver the training set linear probes draw their labelled images from (a
+    /// fixed sample of `[evaluation] probe_examples`, from the run seed). Needed only when a
+    /// model is scored by a probe ([`Readout::LinearProbe`]), and kept only then; the labels
+    /// are used for evaluation only.
+    pub fn set_probe_data(&mut self, train: &Dataset) -> Result<(), EngineError> {
+        let probed = self
+            .server
+            .eval_models()
+            .iter()
+            .any(|m| m.readout == Readout::LinearProbe);
+        if !probed {
+            return Ok(());
+        }
+        let n = self.exp.evaluation.probe_examples.min(train.len());
+        let mut idx: Vec<usize> = (0..train.len()).collect();
+        let mut rng = seed::rng(self.exp.seed, 0, 0, Purpose::Probe);
+        idx.shuffle(&mut rng);
+        idx.truncate(n);
+        idx.sort_unstable();
+        self.probe_train = Some(train.subset(&idx)?);
+        Ok(())
     }
 
     /// Tells the server half about `clients` it has not seen yet.
@@ -489,6 +537,9 @@ impl Driver {
         checkpoint_every: u64,
     ) -> Result<serde_json::Value, EngineError> {
         let rounds = self.exp.rounds;
+        if self.next_round == 1 {
+            self.measure_probe_floor()?;
+        }
         emit(
             sinks,
             &Event::Started {
@@ -536,6 +587,7 @@ impl Driver {
             "best_test_accuracy": t.best_accuracy,
             "final_mean_device_accuracy": t.last_mean_device_accuracy,
             "final_test_loss": t.last_loss,
+            "probe_floor": t.probe_floor,
             "total_bytes_up": t.bytes_up,
             "total_bytes_down": t.bytes_down,
             "total_flops": t.flops,
@@ -672,7 +724,15 @@ impl Driver {
             let mut tasks = Vec::new();
             for (info, a) in infos.iter().zip(plan) {
                 match a {
-                    Assignment::Run(t) => tasks.push(*t),
+                    Assignment::Run(t) => {
+                        // What the server decided for this client (e.g. a depth-dropout
+                        // draw), recorded in its clients.jsonl line.
+                        if let Some(record) = t.options.get("record").and_then(|r| r.as_object()) {
+                            let r = records.get_mut(&info.id).expect("selected");
+                            r.extra.extend(record.clone());
+                        }
+                        tasks.push(*t)
+                    }
                     Assignment::Skip(reason) => {
                         tracing::info!(round, client = info.id, %reason, "client skipped");
                         let r = records.get_mut(&info.id).expect("selected");
@@ -785,7 +845,7 @@ impl Driver {
                 .collect();
             let total: f64 = weights.iter().sum();
             if total > 0.0 {
-                let mean = |f: fn(&(f64, f64)) -> f64| {
+                let mean = |f: fn(&(f64, Option<f64>)) -> f64| {
                     results
                         .iter()
                         .zip(&weights)
@@ -794,7 +854,13 @@ impl Driver {
                         / total
                 };
                 acc = Some(mean(|r| r.0));
-                loss = Some(mean(|r| r.1));
+                loss = results
+                    .iter()
+                    .all(|r| r.1.is_some())
+                    .then(|| mean(|r| r.1.unwrap_or(0.0)));
+                if models.iter().any(|m| m.readout == Readout::LinearProbe) {
+                    extra.insert("probe_accuracy".into(), acc.into());
+                }
                 if models.iter().any(|m| m.devices.is_some()) {
                     extra.insert("mean_device_accuracy".into(), acc.into());
                     device_acc = acc;
@@ -880,19 +946,30 @@ impl Driver {
         Ok((record, clients))
     }
 
-    /// Evaluates the models on the test set, one (accuracy, loss) each. Models that share
-    /// architecture and parameters and differ only in their view are evaluated together, so
-    /// depth prefixes of one model share their trunk.
-    fn evaluate_models(&self, models: &[EvalModel]) -> Result<Vec<(f64, f64)>, EngineError> {
-        let mut results = vec![(0.0, 0.0); models.len()];
+    /// Evaluates the models on the test set, one (accuracy, loss) each; a model scored by a
+    /// linear probe has no loss. Models that share architecture and parameters and differ
+    /// only in their view are evaluated together, so depth prefixes of one model share their
+    /// trunk.
+    fn evaluate_models(
+        &self,
+        models: &[EvalModel],
+    ) -> Result<Vec<(f64, Option<f64>)>, EngineError> {
+        let mut results = vec![(0.0, None); models.len()];
         let mut done = vec![false; models.len()];
         for i in 0..models.len() {
             if done[i] {
                 continue;
             }
+            if models[i].readout == Readout::LinearProbe {
+                let m = &models[i];
+                results[i] = (self.probe(&m.spec, &m.view, &m.params)?, None);
+                done[i] = true;
+                continue;
+            }
             let group: Vec<usize> = (i..models.len())
                 .filter(|&j| {
                     !done[j]
+                        && models[j].readout == Readout::Classifier
                         && models[j].spec == models[i].spec
                         && models[j].params == models[i].params
                 })
@@ -904,12 +981,106 @@ impl Driver {
                 &models[i].params,
                 &self.test,
             )?;
-            for (&j, r) in group.iter().zip(r) {
-                results[j] = r;
+            for (&j, (a, l)) in group.iter().zip(r) {
+                results[j] = (a, Some(l));
                 done[j] = true;
             }
         }
         Ok(results)
+    }
+
+    /// The labelled images probes are fitted on, or an error that says how to provide them.
+    fn probe_train(&self) -> Result<&Dataset, EngineError> {
+        self.probe_train.as_ref().ok_or_else(|| {
+            EngineError::Config(format!(
+                "method `{}` scores its model with a linear probe, which needs labelled training images; this driver was given none (Driver::set_probe_data)",
+                self.server.name()
+            ))
+        })
+    }
+
+    /// Test accuracy of a linear probe on the features of `params` under `view`, the features
+    /// computed on the workers in chunks aligned to the evaluator's, so the result is
+    /// identical for any number of workers.
+    fn probe(&self, spec: &ModelSpec, view: &View, params: &ParamSet) -> Result<f64, EngineError> {
+        let train = self.probe_train()?;
+        let features = |data: &Dataset| -> Result<Vec<f32>, EngineError> {
+            let parts = self.on_workers(data.len(), |a, b| {
+                let idx: Vec<usize> = (a..b).collect();
+                let part = data.subset(&idx)?;
+                local::probe::features(spec, view, params, &part, &self.mean, &self.std)
+            })?;
+            Ok(parts.into_iter().flatten().collect())
+        };
+        let (train_f, test_f) = (features(train)?, features(&self.test)?);
+        local::fit_and_score(
+            (&train_f, &train.labels),
+            (&test_f, &self.test.labels),
+            spec.feature_dim(),
+            self.test.num_classes,
+            &local::ProbeConfig::default(),
+        )
+    }
+
+    /// Before round 1, when a model is scored by a linear probe: the probe's test accuracy on
+    /// raw pixels and on the untrained models, the floors the trained encoder must beat.
+    fn measure_probe_floor(&mut self) -> Result<(), EngineError> {
+        let models = self.server.eval_models();
+        let Some(m) = models.iter().find(|m| m.readout == Readout::LinearProbe) else {
+            return Ok(());
+        };
+        let train = self.probe_train()?;
+        let pixels = |d: &Dataset| -> Vec<f32> { d.images.iter().map(|&p| f32::from(p)).collect() };
+        let dim = train.image_size();
+        let raw_pixels = local::fit_and_score(
+            (&pixels(train), &train.labels),
+            (&pixels(&self.test), &self.test.labels),
+            dim,
+            self.test.num_classes,
+            &local::ProbeConfig::default(),
+        )?;
+        let initial_model = self.probe(&m.spec, &m.view, &m.params)?;
+        tracing::info!(
+            raw_pixels,
+            initial_model,
+            "linear-probe floors: raw pixels and the untrained model"
+        );
+        self.totals.probe_floor = Some(ProbeFloor {
+            raw_pixels,
+            initial_model,
+        });
+        Ok(())
+    }
+
+    /// Runs `work(start, end)` on each worker for consecutive ranges of `0..n`, aligned to the
+    /// evaluator's fixed chunk, and returns the results in range order.
+    fn on_workers<T: Send>(
+        &self,
+        n: usize,
+        work: impl Fn(usize, usize) -> Result<T, EngineError> + Sync,
+    ) -> Result<Vec<T>, EngineError> {
+        let workers = self.pools.len().max(1);
+        let chunk = crate::local::EVAL_CHUNK;
+        let per = n.div_ceil(workers).div_ceil(chunk) * chunk;
+        let ranges: Vec<(usize, usize)> = (0..workers)
+            .map(|w| (w * per, ((w + 1) * per).min(n)))
+            .filter(|(a, b)| a < b)
+            .collect();
+        let work = &work;
+        std::thread::scope(|s| {
+            let hs: Vec<_> = ranges
+                .iter()
+                .enumerate()
+                .map(|(w, &(a, b))| s.spawn(move || self.pools[w].install(|| work(a, b))))
+                .collect();
+            hs.into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(EngineError::Task("evaluation thread panicked".into()))
+                    })
+                })
+                .collect()
+        })
     }
 
     /// Test-set evaluation split over the workers in chunks aligned to the evaluator's fixed
@@ -933,40 +1104,14 @@ impl Driver {
         data: &Dataset,
     ) -> Result<Vec<(f64, f64)>, EngineError> {
         let n = data.len();
-        let workers = self.pools.len().max(1);
-        let chunk = crate::local::EVAL_CHUNK;
-        let per = n.div_ceil(workers).div_ceil(chunk) * chunk;
-        let ranges: Vec<(usize, usize)> = (0..workers)
-            .map(|w| (w * per, ((w + 1) * per).min(n)))
-            .filter(|(a, b)| a < b)
-            .collect();
-        type Part = Result<(Vec<(f64, f64)>, usize), EngineError>;
-        let results: Vec<Part> = std::thread::scope(|s| {
-            let hs: Vec<_> = ranges
-                .iter()
-                .enumerate()
-                .map(|(w, &(a, b))| {
-                    s.spawn(move || {
-                        let idx: Vec<usize> = (a..b).collect();
-                        let part = data.subset(&idx)?;
-                        let r = self.pools[w].install(|| {
-                            evaluate_views(spec, views, params, &part, &self.mean, &self.std)
-                        })?;
-                        Ok((r, b - a))
-                    })
-                })
-                .collect();
-            hs.into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(EngineError::Task("evaluation thread panicked".into()))
-                    })
-                })
-                .collect()
-        });
+        let results = self.on_workers(n, |a, b| {
+            let idx: Vec<usize> = (a..b).collect();
+            let part = data.subset(&idx)?;
+            let r = evaluate_views(spec, views, params, &part, &self.mean, &self.std)?;
+            Ok((r, b - a))
+        })?;
         let mut sums = vec![(0.0, 0.0); views.len()];
-        for r in results {
-            let (part, k) = r?;
+        for (part, k) in results {
             for (s, (a, l)) in sums.iter_mut().zip(part) {
                 s.0 += a * k as f64;
                 s.1 += l * k as f64;

@@ -20,7 +20,7 @@ pub use driver::{Driver, Fleet};
 pub use error::EngineError;
 pub use method::{
     Assignment, ClientCtx, ClientData, ClientHalf, ClientInfo, EvalModel, MethodState, PhaseCtx,
-    PhaseEnd, Reply, ServerCtx, ServerHalf, Task,
+    PhaseEnd, Readout, Reply, ServerCtx, ServerHalf, Task,
 };
 pub use recipe::{OptimizerKind, Recipe};
 pub use sim::Simulation;

@@ -378,6 +378,22 @@ pub struct EvalModel {
     /// the models set it, the reported test accuracy is the mean over devices
     /// (`mean_device_accuracy`); otherwise the plain mean over models.
     pub devices: Option<u64>,
+    /// How the model is scored on the test set.
+    pub readout: Readout,
+}
+
+/// How an evaluated model is scored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Readout {
+    /// Its own classifier: test accuracy and loss of its logits.
+    #[default]
+    Classifier,
+    /// A linear probe on its features ([`flotilla_models::Net::features`]): a logistic
+    /// regression fitted on `[evaluation] probe_examples` labelled training images, scored on
+    /// the test set. For encoders trained without labels, whose output is a projection rather
+    /// than class logits. The probe's test accuracy is the model's test accuracy (also written
+    /// as `probe_accuracy`); a probe has no test loss.
+    LinearProbe,
 }
 
 /// Everything a method needs to resume: named parameter collections and JSON state.

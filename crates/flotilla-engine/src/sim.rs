@@ -68,6 +68,7 @@ impl Simulation {
         if let Some(d) = server_data {
             driver.set_server_data(d);
         }
+        driver.set_probe_data(&fleet.train)?;
         driver.check_fleet((0..fleet.parts.len() as u64).map(|c| fleet.info(c)))?;
         Ok(Self {
             driver,

@@ -366,6 +366,7 @@ impl ServerHalf for Showcase {
                 view: View::full(),
                 params: self.resnet.clone(),
                 devices: None,
+                readout: flotilla_engine::Readout::Classifier,
             },
             EvalModel {
                 label: "mlp".into(),
@@ -373,6 +374,7 @@ impl ServerHalf for Showcase {
                 view: View::full(),
                 params: self.mlp.clone(),
                 devices: None,
+                readout: flotilla_engine::Readout::Classifier,
             },
         ]
     }
@@ -818,6 +820,7 @@ impl ServerHalf for Keeper {
             view: View::full(),
             params: self.params.clone(),
             devices: None,
+            readout: flotilla_engine::Readout::Classifier,
         }]
     }
 

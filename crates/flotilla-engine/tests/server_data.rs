@@ -190,6 +190,7 @@ impl ServerHalf for Probe {
             view: View::full(),
             params: self.params.clone(),
             devices: None,
+            readout: flotilla_engine::Readout::Classifier,
         }]
     }
 

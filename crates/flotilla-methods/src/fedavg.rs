@@ -201,6 +201,7 @@ impl ServerHalf for FedAvg {
             view: View::full(),
             params: self.global.clone(),
             devices: None,
+            readout: flotilla_engine::Readout::Classifier,
         }]
     }
 

@@ -776,6 +776,7 @@ impl ServerHalf for FedLrt {
             view: View::full(),
             params: self.params.clone(),
             devices: None,
+            readout: flotilla_engine::Readout::Classifier,
         }]
     }
 

@@ -354,6 +354,7 @@ impl ServerHalf for FedMap {
             view: View::full(),
             params: self.global.clone(),
             devices: None,
+            readout: flotilla_engine::Readout::Classifier,
         }]
     }
 

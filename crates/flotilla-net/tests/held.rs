@@ -104,6 +104,7 @@ impl ServerHalf for Keeper {
             view: View::full(),
             params: self.params.clone(),
             devices: None,
+            readout: flotilla_engine::Readout::Classifier,
         }]
     }
 

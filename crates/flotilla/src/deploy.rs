@@ -172,7 +172,6 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             .train_limit
             .map_or(data.train.len(), |n| n.min(data.train.len())) as u64,
     );
-    drop(data.train);
     let (server_half, _) = flotilla_methods::build(&exp)?;
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let resolved = toml::to_string(&exp).context("cannot serialise the config")?;
@@ -180,6 +179,10 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     if let Some(d) = server_data {
         driver.set_server_data(d);
     }
+    // Linear probes (self-supervised methods) are fitted on labelled training images the
+    // server holds for evaluation; a sample of `probe_examples` is kept, the rest dropped.
+    driver.set_probe_data(&data.train)?;
+    drop(data.train);
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create the run directory {}", dir.display()))?;
     let keep = if resuming {

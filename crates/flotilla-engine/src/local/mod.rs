@@ -28,4 +28,6 @@ pub use objective::{
 };
 pub use optim::TrainMasks;
 pub use probe::{ProbeConfig, fit_and_score, probe_accuracy};
-pub use task::{estimate_memory, gradient_task, param_counts, train_task, train_task_with};
+pub use task::{
+    estimate_memory, gradient_task, inputs_of, param_counts, train_task, train_task_with,
+};

@@ -40,6 +40,11 @@ pub trait Objective: Sync {
     /// of the step's micro-batches. `()` for objectives that decide nothing.
     type Step: Sync;
 
+    /// Model inputs each sample becomes (2 for a contrastive objective that runs two
+    /// augmented views of every image). The engine charges FLOPs and estimates activation
+    /// memory for this many inputs per sample.
+    const INPUTS_PER_SAMPLE: usize = 1;
+
     /// Checks the objective against the model and view before training starts; the error
     /// says what does not fit.
     fn check(&self, _spec: &ModelSpec, _view: &View) -> Result<(), EngineError> {

@@ -57,6 +57,15 @@ pub fn train_task<O: Objective>(
     train_task_with(task, data, ctx, objective, None, None)
 }
 
+/// `recipe` with its batch counted in model inputs: what an objective that runs several
+/// inputs per sample (two augmented views) holds activations for. Planners estimate with it.
+pub fn inputs_of<O: Objective>(recipe: &Recipe) -> Recipe {
+    Recipe {
+        batch_size: recipe.batch_size * O::INPUTS_PER_SAMPLE,
+        ..recipe.clone()
+    }
+}
+
 /// What a client step measures from the moment it accepts a task until its reply: wall time,
 /// the analytic memory estimate and the heap high-water mark above the start.
 struct Measurement {
@@ -89,7 +98,7 @@ impl Measurement {
     }
 
     /// The reply carrying `params`, `train_loss` and the measured resources of `samples`
-    /// forward and backward passes.
+    /// model inputs' forward and backward passes.
     fn reply(
         self,
         task: &Task,
@@ -151,7 +160,12 @@ pub fn train_task_with<O: Objective>(
     steps: Option<usize>,
 ) -> Result<Reply, EngineError> {
     let started = Instant::now();
-    let estimate = estimate_memory(&task.model, &task.view, &task.params, &task.recipe);
+    let estimate = estimate_memory(
+        &task.model,
+        &task.view,
+        &task.params,
+        &inputs_of::<O>(&task.recipe),
+    );
     let measurement = Measurement::start(started, estimate, ctx, "training")?;
     let objective = objective()?;
     let mut job = job(task, data, ctx, &objective);
@@ -163,7 +177,13 @@ pub fn train_task_with<O: Objective>(
     }
     let out = job.train()?;
     let params = out.params.filter(|n| !task.view.is_frozen(n));
-    Ok(measurement.reply(task, data, params, out.mean_loss, out.samples))
+    Ok(measurement.reply(
+        task,
+        data,
+        params,
+        out.mean_loss,
+        out.samples * O::INPUTS_PER_SAMPLE,
+    ))
 }
 
 /// The gradient step of methods that exchange gradients (FeDLRT's basis phase, FedLin): refuse
@@ -186,7 +206,12 @@ pub fn gradient_task<O: Objective>(
         optimizer: crate::recipe::OptimizerKind::Sgd,
         ..task.recipe.clone()
     };
-    let estimate = estimate_memory(&task.model, &task.view, &task.params, &stateless);
+    let estimate = estimate_memory(
+        &task.model,
+        &task.view,
+        &task.params,
+        &inputs_of::<O>(&stateless),
+    );
     let measurement = Measurement::start(started, estimate, ctx, "the gradient pass")?;
     let objective = objective()?;
     let out = job(task, data, ctx, &objective).gradients(batches)?;
@@ -200,5 +225,11 @@ pub fn gradient_task<O: Objective>(
         sent.push(g.clone());
     }
     let params = ParamSet::from_tensors(sent)?;
-    Ok(measurement.reply(task, data, params, out.mean_loss, out.samples))
+    Ok(measurement.reply(
+        task,
+        data,
+        params,
+        out.mean_loss,
+        out.samples * O::INPUTS_PER_SAMPLE,
+    ))
 }

@@ -422,6 +422,7 @@ impl ServerHalf for FlexTrain {
             view: View::depth_prefix(depth, self.blocks),
             params: self.model_of(depth).clone(),
             devices: Some(devices),
+            readout: flotilla_engine::Readout::Classifier,
         };
         if sizes.is_empty() {
             // No fleet observed yet: the full model.
@@ -431,6 +432,7 @@ impl ServerHalf for FlexTrain {
                 view: View::full(),
                 params: self.global.clone(),
                 devices: None,
+                readout: flotilla_engine::Readout::Classifier,
             }];
         }
         match self.mode {
