@@ -6,6 +6,7 @@ pub mod fedavg;
 pub mod fedlrt;
 pub mod fedmap;
 pub mod flextrain;
+pub mod fll;
 
 use flotilla_engine::{ClientHalf, EngineError, Experiment, ServerHalf};
 use flotilla_models::Net;
@@ -21,6 +22,8 @@ pub const METHODS: &[&str] = &[
     "fedclass",
     "fedlrt",
     "fedlin",
+    "fll",
+    "fedssl",
 ];
 
 /// The two halves of a method, as the engine drives them.
@@ -47,6 +50,10 @@ pub fn build(exp: &Experiment) -> Result<Halves, EngineError> {
         "fedlrt" | "fedlin" => {
             let server = fedlrt::FedLrt::from_config(exp, spec)?;
             Ok((Box::new(server), Arc::new(fedlrt::FedLrtClient)))
+        }
+        "fll" | "fedssl" => {
+            let server = fll::Fll::from_config(exp, spec)?;
+            Ok((Box::new(server), Arc::new(fll::FllClient)))
         }
         other => Err(EngineError::Config(format!(
             "`method.name`: unknown method `{other}`; available: {}",
