@@ -32,7 +32,7 @@ pub enum Loss {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Augment {
-    /// Smallest area fraction a random resized crop keeps (the largest is 1).
+    /// Smallest area fraction a random resized crop keeps (the largest is 1); 1 = no crop.
     pub crop_min_scale: f64,
     /// Probability of a horizontal flip.
     pub flip: f64,
@@ -80,12 +80,18 @@ impl Augment {
     pub fn apply(&self, image: &[f32], shape: [usize; 3], rng: &mut ChaCha8Rng, out: &mut [f32]) {
         let [c, h, w] = shape;
         // Random resized crop: area fraction and aspect ratio, bilinear back to h × w.
-        let area = rng.random_range(self.crop_min_scale..=1.0) * (h * w) as f64;
-        let ratio = (rng.random_range((3.0f64 / 4.0).ln()..=(4.0f64 / 3.0).ln())).exp();
-        let ch = (area / ratio).sqrt().clamp(1.0, h as f64);
-        let cw = (area * ratio).sqrt().clamp(1.0, w as f64);
-        let top = rng.random_range(0.0..=(h as f64 - ch));
-        let left = rng.random_range(0.0..=(w as f64 - cw));
+        // `crop_min_scale = 1` turns cropping off.
+        let (ch, cw, top, left) = if self.crop_min_scale < 1.0 {
+            let area = rng.random_range(self.crop_min_scale..=1.0) * (h * w) as f64;
+            let ratio = (rng.random_range((3.0f64 / 4.0).ln()..=(4.0f64 / 3.0).ln())).exp();
+            let ch = (area / ratio).sqrt().clamp(1.0, h as f64);
+            let cw = (area * ratio).sqrt().clamp(1.0, w as f64);
+            let top = rng.random_range(0.0..=(h as f64 - ch));
+            let left = rng.random_range(0.0..=(w as f64 - cw));
+            (ch, cw, top, left)
+        } else {
+            (h as f64, w as f64, 0.0, 0.0)
+        };
         let flip = rng.random_bool(self.flip);
         for k in 0..c {
             let src = &image[k * h * w..(k + 1) * h * w];
@@ -288,7 +294,7 @@ mod tests {
             TensorData::new(z.iter().flatten().copied().collect::<Vec<_>>(), [4, 2]),
             &compute_device(),
         );
-        let got = nt_xent(t, tau).into_scalar();
+        let got: f32 = nt_xent(t, tau).into_scalar();
         let cos = |a: [f32; 2], b: [f32; 2]| {
             let d = a[0] * b[0] + a[1] * b[1];
             d / ((a[0] * a[0] + a[1] * a[1]).sqrt() * (b[0] * b[0] + b[1] * b[1]).sqrt())

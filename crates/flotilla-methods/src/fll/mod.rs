@@ -573,17 +573,23 @@ mod tests {
     fn server(method: &str) -> Fll {
         let exp: Experiment = toml::from_str(&format!(
             r#"
-            name = "t"
+            seed = 1
             rounds = 10
             [data]
             dataset = "fashion-mnist"
             num_clients = 4
+            partition = {{ kind = "iid" }}
             [model]
             arch = "vit"
             patch = 7
             dim = 16
             depth = 4
             heads = 2
+            [training]
+            epochs = 1
+            batch_size = 16
+            optimizer = "adam"
+            lr = 0.001
             [method]
             {method}
             "#
@@ -642,17 +648,23 @@ mod tests {
     fn bad_options_name_the_key() {
         let exp: Experiment = toml::from_str(
             r#"
-            name = "t"
+            seed = 1
             rounds = 10
             [data]
             dataset = "fashion-mnist"
             num_clients = 4
+            partition = { kind = "iid" }
             [model]
             arch = "vit"
             patch = 7
             dim = 16
             depth = 4
             heads = 2
+            [training]
+            epochs = 1
+            batch_size = 16
+            optimizer = "adam"
+            lr = 0.001
             [method]
             name = "fll"
             stage_rounds = [1, 2]
