@@ -40,6 +40,19 @@ pub enum Command {
         /// Continue a stopped run from its last checkpoint.
         #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "out", "overrides"])]
         resume: Option<PathBuf>,
+        /// Serve a live dashboard of the run at this address, e.g. 127.0.0.1:8080 (port 0: any
+        /// free port; the URL is printed and written to `dashboard` in the run directory).
+        /// Beyond loopback it needs FLOTILLA_DASHBOARD_TOKEN.
+        #[arg(long, value_name = "ADDR")]
+        dashboard: Option<std::net::SocketAddr>,
+        /// Keep the dashboard up this many seconds after the run ends, to look at the result.
+        #[arg(
+            long,
+            value_name = "SECONDS",
+            default_value_t = 0,
+            requires = "dashboard"
+        )]
+        dashboard_linger: u64,
     },
     /// Dry-run the method's plan for round 1 on the config's fleet: what each device tier is
     /// asked to train (depth, tensors and parameters sent) or why it is left out.
@@ -136,13 +149,18 @@ pub fn run(cli: Cli) -> Result<()> {
             data_dir,
             overrides,
             resume,
-        } => match resume {
-            Some(dir) => resume_run(&dir, data_dir.as_deref()),
-            None => {
-                let config = config.context("--config is required")?;
-                simulate(&config, out, data_dir.as_deref(), &overrides)
+            dashboard,
+            dashboard_linger,
+        } => {
+            let live = dashboard.map(|addr| (addr, dashboard_linger));
+            match resume {
+                Some(dir) => resume_run(&dir, data_dir.as_deref(), live),
+                None => {
+                    let config = config.context("--config is required")?;
+                    simulate(&config, out, data_dir.as_deref(), &overrides, live)
+                }
             }
-        },
+        }
         Command::Plan { config, overrides } => plan(&config, &overrides),
         Command::Evaluate {
             config,
@@ -206,6 +224,7 @@ fn simulate(
     out: Option<PathBuf>,
     data_dir: Option<&Path>,
     overrides: &[String],
+    dashboard: Option<(std::net::SocketAddr, u64)>,
 ) -> Result<()> {
     let exp = load_config(config, overrides)?;
     let data = load_data(&exp, data_dir)?;
@@ -218,35 +237,100 @@ fn simulate(
         );
     }
     let resolved = toml::to_string(&exp).context("cannot serialise the config")?;
+    let config_json = serde_json::to_value(&exp)?;
     let (server, client) = flotilla_methods::build(&exp)?;
-    // Set up (and refuse an impossible fleet) before anything is written.
+    // Set up (and refuse an impossible fleet or dashboard) before anything is written.
     let mut sim = Simulation::new(exp, data, server, client, &dir)?;
+    let dashboard = start_dashboard(dashboard, &dir, config_json)?;
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create the run directory {}", dir.display()))?;
     safetensors_io::write_atomic(&dir.join("config.toml"), resolved.as_bytes())?;
     let metrics = MetricsFiles::open(&dir, 0)?;
-    finish(&mut sim, metrics, &dir)
+    announce_dashboard(dashboard.as_ref(), &dir)?;
+    finish(&mut sim, metrics, &dir, dashboard)
 }
 
-fn resume_run(dir: &Path, data_dir: Option<&Path>) -> Result<()> {
+fn resume_run(
+    dir: &Path,
+    data_dir: Option<&Path>,
+    dashboard: Option<(std::net::SocketAddr, u64)>,
+) -> Result<()> {
     let config = dir.join("config.toml");
     let exp = load_config(&config, &[])?;
     let data = load_data(&exp, data_dir)?;
+    let config_json = serde_json::to_value(&exp)?;
     let (server, client) = flotilla_methods::build(&exp)?;
     let mut sim = Simulation::new(exp, data, server, client, dir)?;
     let round = sim.restore_checkpoint()?;
     tracing::info!(round, "resuming after the last checkpoint");
+    let dashboard = start_dashboard(dashboard, dir, config_json)?;
     let metrics = MetricsFiles::open(dir, round)?;
-    finish(&mut sim, metrics, dir)
+    announce_dashboard(dashboard.as_ref(), dir)?;
+    finish(&mut sim, metrics, dir, dashboard)
 }
 
-/// Runs the simulation with the metrics files and a progress display, then writes the model,
-/// the summary and the plots.
-fn finish(sim: &mut Simulation, mut metrics: MetricsFiles, dir: &Path) -> Result<()> {
+/// Starts the dashboard of the run in `dir` when an address is given.
+fn start_dashboard(
+    live: Option<(std::net::SocketAddr, u64)>,
+    dir: &Path,
+    config: serde_json::Value,
+) -> Result<Option<(crate::dashboard::Dashboard, u64)>> {
+    let Some((addr, linger)) = live else {
+        return Ok(None);
+    };
+    let name = dir.file_name().map_or_else(
+        || dir.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let d = crate::dashboard::Dashboard::start(addr, &name, config)?;
+    Ok(Some((d, linger)))
+}
+
+/// Says where the dashboard is: on stderr and in the run directory's `dashboard` file.
+fn announce_dashboard(
+    dashboard: Option<&(crate::dashboard::Dashboard, u64)>,
+    dir: &Path,
+) -> Result<()> {
+    if let Some((d, _)) = dashboard {
+        let url = format!("http://{}/\n", d.addr());
+        safetensors_io::write_atomic(&dir.join("dashboard"), url.as_bytes())?;
+        eprintln!("dashboard: {}", d.url());
+    }
+    Ok(())
+}
+
+/// Runs the simulation with the metrics files, a progress display and the dashboard if there
+/// is one, then writes the model, the summary and the plots.
+fn finish(
+    sim: &mut Simulation,
+    mut metrics: MetricsFiles,
+    dir: &Path,
+    dashboard: Option<(crate::dashboard::Dashboard, u64)>,
+) -> Result<()> {
     let mut progress = Progress::new();
-    let summary = sim.run(&mut [&mut metrics, &mut progress])?;
+    let mut live = dashboard.as_ref().map(|(d, _)| d.sink());
+    let run = match live.as_mut() {
+        Some(live) => sim.run(&mut [&mut metrics, &mut progress, live]),
+        None => sim.run(&mut [&mut metrics, &mut progress]),
+    };
     progress.done();
-    write_outputs(sim.server(), &summary, dir)
+    let summary = match run {
+        Ok(s) => s,
+        Err(e) => {
+            if let Some(live) = &live {
+                live.failed(&e.to_string());
+            }
+            return Err(e.into());
+        }
+    };
+    write_outputs(sim.server(), &summary, dir)?;
+    if let Some((d, linger)) = dashboard
+        && linger > 0
+    {
+        eprintln!("dashboard: {} stays up for {linger} s", d.url());
+        std::thread::sleep(std::time::Duration::from_secs(linger));
+    }
+    Ok(())
 }
 
 /// The factors of a model with factored layers, written beside its dense model.

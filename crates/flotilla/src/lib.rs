@@ -29,4 +29,5 @@ pub use flotilla_report as report;
 pub mod bench;
 pub mod bench_net;
 pub mod cli;
+pub mod dashboard;
 pub mod deploy;

@@ -1,0 +1,355 @@
+//! The live dashboard of `flotilla simulate --dashboard`, read while the run goes on: the JSON
+//! API and the event stream (rounds in order, equal to metrics.jsonl at the end), the token
+//! beyond loopback, and the page as headless Chromium renders it.
+//!
+//! Needs Fashion-MNIST (like the other command tests); the browser test also needs Debian's
+//! `chromium` (`.ci/run` installs both). Without Chromium the browser test fails unless
+//! FLOTILLA_SKIP_BROWSER=1 says to skip it.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+
+/// The tiny experiment with more rounds, so that the run lasts while the test watches.
+fn config(dir: &Path, rounds: u64) -> PathBuf {
+    let body = tiny_with("rounds = 2", &format!("rounds = {rounds}"));
+    write_config(dir, "dash.toml", &body)
+}
+
+/// Starts `simulate --dashboard 127.0.0.1:0` (or `addr`) and returns the process and the
+/// dashboard's base URL, read from the run directory's `dashboard` file.
+fn start(tmp: &Path, rounds: u64, addr: &str, env: &[(&str, &str)]) -> (Child, String) {
+    let cfg = config(tmp, rounds);
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "simulate",
+        "--config",
+        s(&cfg),
+        "--out",
+        "run",
+        "--dashboard",
+        addr,
+        "--dashboard-linger",
+        "120",
+    ])
+    .current_dir(tmp)
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().unwrap();
+    let file = tmp.join("run/dashboard");
+    let started = Instant::now();
+    while !file.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no dashboard file"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let url = std::fs::read_to_string(&file).unwrap().trim().to_string();
+    (child, url)
+}
+
+/// host:port of a base URL `http://host:port/`.
+fn host(url: &str) -> String {
+    url.trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string()
+}
+
+/// A GET over plain HTTP/1.1; returns the status and a reader positioned at the body
+/// (de-chunked by [`Chunked`]).
+fn get(url: &str, path: &str) -> (u16, Chunked) {
+    let mut stream = TcpStream::connect(host(url)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: */*\r\n\r\n",
+        host(url)
+    )
+    .unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut status = String::new();
+    reader.read_line(&mut status).unwrap();
+    let code: u16 = status.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut chunked = false;
+    let mut length = None;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let l = line.trim().to_ascii_lowercase();
+        if l.is_empty() {
+            break;
+        }
+        chunked |= l == "transfer-encoding: chunked";
+        if let Some(n) = l.strip_prefix("content-length: ") {
+            length = n.parse::<usize>().ok();
+        }
+    }
+    (
+        code,
+        Chunked {
+            reader,
+            chunked,
+            left: length.unwrap_or(usize::MAX),
+        },
+    )
+}
+
+/// The body of an HTTP/1.1 response, chunked or not.
+struct Chunked {
+    reader: BufReader<TcpStream>,
+    chunked: bool,
+    left: usize,
+}
+
+impl Read for Chunked {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.chunked && self.left == 0 {
+            let mut line = String::new();
+            self.reader.read_line(&mut line)?;
+            if line.trim().is_empty() {
+                line.clear();
+                self.reader.read_line(&mut line)?; // the CRLF after the previous chunk
+            }
+            let size = usize::from_str_radix(line.trim(), 16).unwrap_or(0);
+            if size == 0 {
+                return Ok(0);
+            }
+            self.left = size;
+        }
+        if self.left == 0 {
+            return Ok(0);
+        }
+        let n = buf.len().min(self.left);
+        let got = self.reader.read(&mut buf[..n])?;
+        if self.chunked || self.left != usize::MAX {
+            self.left -= got;
+        }
+        Ok(got)
+    }
+}
+
+fn get_json(url: &str, path: &str) -> (u16, Value) {
+    let (code, mut body) = get(url, path);
+    let mut text = String::new();
+    body.read_to_string(&mut text).unwrap();
+    (code, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// Reads server-sent events until `finished` (or the stream ends): (event, data) pairs.
+fn read_events(url: &str, path: &str) -> Vec<(String, Value)> {
+    let (code, body) = get(url, path);
+    assert_eq!(code, 200);
+    let mut events = Vec::new();
+    let mut kind = String::from("message");
+    for line in BufReader::new(body).lines() {
+        let Ok(line) = line else { break };
+        if let Some(k) = line.strip_prefix("event:") {
+            kind = k.trim().to_string();
+        } else if let Some(d) = line.strip_prefix("data:") {
+            let data: Value = serde_json::from_str(d.trim()).unwrap();
+            let done = kind == "finished";
+            events.push((kind.clone(), data));
+            if done {
+                break;
+            }
+        }
+    }
+    events
+}
+
+fn stop(mut child: Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn events_arrive_in_order_while_the_run_goes_on_and_match_metrics() {
+    if !have_data("events_arrive_in_order_while_the_run_goes_on_and_match_metrics") {
+        return;
+    }
+    let tmp = TempDir::new().unwrap();
+    // Long enough (a few seconds) that the stream connects while rounds are still to come.
+    let rounds = 40;
+    let (child, url) = start(tmp.path(), rounds, "127.0.0.1:0", &[]);
+    let (code, run) = get_json(&url, "/api/run");
+    assert_eq!(code, 200);
+    assert_eq!(run["method"], "fedavg");
+    assert_eq!(run["config"]["rounds"], rounds);
+    let events = read_events(&url, "/api/events");
+    let (first, snapshot) = &events[0];
+    assert_eq!(first, "snapshot");
+    let mut seen: Vec<Value> = snapshot["rounds"].as_array().unwrap().clone();
+    let live = events.iter().filter(|(k, _)| k == "round").count();
+    assert!(
+        live > 0,
+        "no round arrived live (the snapshot already held {} rounds)",
+        seen.len()
+    );
+    for (kind, data) in &events[1..] {
+        if kind == "round" {
+            seen.push(data["round"].clone());
+            assert!(data["clients"].as_array().is_some_and(|c| !c.is_empty()));
+        }
+    }
+    assert_eq!(events.last().unwrap().0, "finished");
+    let numbers: Vec<u64> = seen.iter().map(|r| r["round"].as_u64().unwrap()).collect();
+    assert_eq!(
+        numbers,
+        (1..=rounds).collect::<Vec<_>>(),
+        "rounds out of order"
+    );
+    // At the end, /api/run and metrics.jsonl hold the same rounds as the stream.
+    let (_, done) = get_json(&url, "/api/run");
+    assert_eq!(done["status"], "finished");
+    let metrics = read_jsonl(&tmp.path().join("run/metrics.jsonl"));
+    assert_eq!(metrics.len(), rounds as usize);
+    for (streamed, written) in seen.iter().zip(&metrics) {
+        assert_eq!(streamed, written, "round {}", written["round"]);
+    }
+    assert_eq!(done["rounds"].as_array().unwrap(), &metrics);
+    stop(child);
+}
+
+#[test]
+fn beyond_loopback_the_dashboard_needs_its_token() {
+    if !have_data("beyond_loopback_the_dashboard_needs_its_token") {
+        return;
+    }
+    let tmp = TempDir::new().unwrap();
+    let cfg = config(tmp.path(), 2);
+    let out = flotilla_env(
+        tmp.path(),
+        &[
+            "simulate",
+            "--config",
+            s(&cfg),
+            "--out",
+            "open",
+            "--dashboard",
+            "0.0.0.0:0",
+        ],
+        &[("FLOTILLA_DASHBOARD_TOKEN", "")],
+    );
+    assert_clean_error(
+        &out,
+        "a dashboard beyond loopback without a token",
+        &["FLOTILLA_DASHBOARD_TOKEN", "127.0.0.1"],
+    );
+    let (child, url) = start(
+        tmp.path(),
+        3,
+        "0.0.0.0:0",
+        &[("FLOTILLA_DASHBOARD_TOKEN", "s3cret")],
+    );
+    let port = host(&url).rsplit(':').next().unwrap().to_string();
+    let local = format!("http://127.0.0.1:{port}/");
+    assert_eq!(get_json(&local, "/api/run").0, 401);
+    assert_eq!(get_json(&local, "/").0, 401);
+    assert_eq!(get_json(&local, "/api/events").0, 401);
+    assert_eq!(get_json(&local, "/api/run?token=wrong").0, 401);
+    let (code, run) = get_json(&local, "/api/run?token=s3cret");
+    assert_eq!(code, 200);
+    assert_eq!(run["method"], "fedavg");
+    stop(child);
+}
+
+#[test]
+fn chromium_renders_the_round_counter_and_the_client_table_without_console_errors() {
+    if !have_data("chromium_renders_the_round_counter_and_the_client_table_without_console_errors")
+    {
+        return;
+    }
+    let chromium = ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|b| {
+            Command::new(b)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+    let Some(chromium) = chromium else {
+        if std::env::var("FLOTILLA_SKIP_BROWSER").as_deref() == Ok("1") {
+            eprintln!("note: the browser test skipped (FLOTILLA_SKIP_BROWSER=1)");
+            return;
+        }
+        panic!("no chromium: apt-get install chromium, or set FLOTILLA_SKIP_BROWSER=1");
+    };
+    let tmp = TempDir::new().unwrap();
+    let rounds = 4;
+    let (child, url) = start(tmp.path(), rounds, "127.0.0.1:0", &[]);
+    // Let the run finish (the dashboard lingers), so the page has every round to show.
+    let started = Instant::now();
+    while !tmp.path().join("run/summary.json").exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the run did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let shot = tmp.path().join("dashboard.png");
+    let browse = |extra: &[&str]| {
+        let profile = tmp.path().join(format!("profile-{}", extra.len()));
+        Command::new(chromium)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--enable-logging=stderr",
+                "--v=0",
+                "--virtual-time-budget=8000",
+                "--window-size=1400,1100",
+                &format!("--user-data-dir={}", profile.display()),
+            ])
+            .args(extra)
+            .arg(&url)
+            .output()
+            .unwrap()
+    };
+    let dom = browse(&["--dump-dom"]);
+    let html = text(&dom.stdout);
+    let log = text(&dom.stderr);
+    assert!(
+        html.contains(&format!("<b id=\"round\">{rounds}</b>")),
+        "round counter not rendered:\n{html}"
+    );
+    assert!(html.contains("<b id=\"status\">finished</b>"), "{html}");
+    // The client table of the last round: 5 clients, each with its status cell.
+    let tbody = html
+        .split("<tbody id=\"clients\">")
+        .nth(1)
+        .and_then(|t| t.split("</tbody>").next())
+        .unwrap_or("");
+    assert_eq!(tbody.matches("<tr>").count(), 5, "{tbody}");
+    assert_eq!(
+        tbody.matches("<td class=\"ok\">ok</td>").count(),
+        5,
+        "{tbody}"
+    );
+    for bad in ["Uncaught", "SyntaxError", "TypeError", "ReferenceError"] {
+        assert!(
+            !log.lines()
+                .any(|l| l.contains("CONSOLE") && l.contains(bad)),
+            "console error in the page:\n{log}"
+        );
+    }
+    let out = browse(&[&format!("--screenshot={}", shot.display())]);
+    assert!(shot.exists(), "no screenshot: {}", text(&out.stderr));
+    if let Ok(dir) = std::env::var("FLOTILLA_SCREENSHOT_DIR") {
+        std::fs::copy(&shot, Path::new(&dir).join("dashboard.png")).unwrap();
+    }
+    stop(child);
+}
