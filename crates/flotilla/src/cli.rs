@@ -97,6 +97,10 @@ pub enum Command {
         /// run's directory, never the working directory).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Also serve the runs' dashboards at this address (e.g. 127.0.0.1:8080), side by side,
+        /// until interrupted. Beyond loopback it needs FLOTILLA_DASHBOARD_TOKEN.
+        #[arg(long, value_name = "ADDR")]
+        serve: Option<std::net::SocketAddr>,
     },
     /// Measure training throughput, round overhead and memory; prints a table.
     Bench {
@@ -172,7 +176,7 @@ pub fn run(cli: Cli) -> Result<()> {
             data_dir,
             json,
         } => partition(&config, data_dir.as_deref(), json),
-        Command::Report { runs, out } => report(&runs, out),
+        Command::Report { runs, out, serve } => report(&runs, out, serve),
         Command::Bench {
             w1_process: Some(batch),
             ..
@@ -571,7 +575,11 @@ fn partition(config: &Path, data_dir: Option<&Path>, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn report(dirs: &[PathBuf], out: Option<PathBuf>) -> Result<()> {
+fn report(
+    dirs: &[PathBuf],
+    out: Option<PathBuf>,
+    serve: Option<std::net::SocketAddr>,
+) -> Result<()> {
     let runs = dirs
         .iter()
         .map(|d| Run::load(d))
@@ -590,5 +598,52 @@ fn report(dirs: &[PathBuf], out: Option<PathBuf>) -> Result<()> {
         }
     }
     println!("{}", flotilla_report::summary_table(&runs));
+    if let Some(addr) = serve {
+        let states = runs
+            .iter()
+            .map(finished_run_state)
+            .collect::<Result<Vec<_>>>()?;
+        let (_, url) = crate::dashboard::Dashboard::serve_finished(addr, states)?;
+        println!("dashboard: {url} (Ctrl-C to stop)");
+        loop {
+            std::thread::park();
+        }
+    }
     Ok(())
+}
+
+/// A finished run as the dashboard's `/api/run` shows it: its config (from config.toml when
+/// the run has one), every round, the last round's clients and the summary.
+fn finished_run_state(run: &Run) -> Result<serde_json::Value> {
+    let config_path = run.dir.join("config.toml");
+    let config = if config_path.exists() {
+        let text = std::fs::read_to_string(&config_path)
+            .with_context(|| format!("cannot read {}", config_path.display()))?;
+        let value: toml::Value = toml::from_str(&text)
+            .with_context(|| format!("{} is not valid TOML", config_path.display()))?;
+        serde_json::to_value(value)?
+    } else {
+        serde_json::Value::Null
+    };
+    let last = run.rounds.last().map(|r| r.round);
+    let clients: Vec<&flotilla_report::ClientRecord> = run
+        .clients
+        .iter()
+        .filter(|c| Some(c.round) == last)
+        .collect();
+    let method = run
+        .summary
+        .get("method")
+        .cloned()
+        .unwrap_or_else(|| config["method"]["name"].clone());
+    Ok(serde_json::json!({
+        "name": run.name,
+        "method": method,
+        "rounds_total": config.get("rounds").cloned().unwrap_or_else(|| last.into()),
+        "config": config,
+        "status": if run.summary.is_empty() { "stopped" } else { "finished" },
+        "rounds": run.rounds,
+        "clients": clients,
+        "summary": run.summary,
+    }))
 }

@@ -9,6 +9,9 @@
 //! - `/api/events`: server-sent events: first a `snapshot` (the same JSON as `/api/run`), then
 //!   `started`, `round`, `checkpoint` and `finished` as they happen.
 //!
+//! `flotilla report --serve` shows finished runs the same way: each run's page and API under
+//! `/runs/<i>/`, and at `/` the runs side by side.
+//!
 //! The dashboard is read-only. It binds to loopback unless told otherwise, and beyond loopback
 //! it refuses to start without a token (`FLOTILLA_DASHBOARD_TOKEN`), which every request must
 //! then carry as `Authorization: Bearer <token>` or `?token=<token>`.
@@ -35,20 +38,91 @@ const PAGE: &str = include_str!("dashboard.html");
 /// Environment variable holding the token a dashboard beyond loopback requires.
 pub const TOKEN_ENV: &str = "FLOTILLA_DASHBOARD_TOKEN";
 
-/// What the dashboard shows, shared between the run (through [`DashboardSink`]) and the
-/// HTTP handlers.
-struct Shared {
+/// One run as the dashboard shows it, shared between the run (through [`DashboardSink`]) and
+/// the HTTP handlers.
+struct RunShared {
     /// The run as `/api/run` returns it.
     state: Mutex<Value>,
     /// Live events, as (event name, JSON data).
     events: broadcast::Sender<(String, String)>,
-    token: Option<String>,
+}
+
+impl RunShared {
+    fn new(state: Value) -> Arc<Self> {
+        let (events, _) = broadcast::channel(1024);
+        Arc::new(Self {
+            state: Mutex::new(state),
+            events,
+        })
+    }
+}
+
+/// What a handler needs: its run and the token, if one is required.
+#[derive(Clone)]
+struct Ctx {
+    run: Arc<RunShared>,
+    token: Option<Arc<str>>,
 }
 
 /// A running dashboard server. It stops when the process exits.
 pub struct Dashboard {
-    shared: Arc<Shared>,
+    run: Arc<RunShared>,
+    token: Option<Arc<str>>,
     addr: SocketAddr,
+}
+
+/// The token a dashboard on `addr` requires: `FLOTILLA_DASHBOARD_TOKEN`, which must be set
+/// beyond loopback (`flag` names the option in the error).
+fn token_for(addr: SocketAddr, flag: &str) -> Result<Option<Arc<str>>> {
+    let token = std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty());
+    if !addr.ip().is_loopback() && token.is_none() {
+        bail!(
+            "{flag} {addr} listens beyond loopback; set {TOKEN_ENV} to a secret the page must present, or use 127.0.0.1"
+        );
+    }
+    Ok(token.map(Arc::from))
+}
+
+/// The page and API of one run under `prefix` ("" or "/runs/<i>").
+fn run_routes(prefix: &str, ctx: Ctx) -> Router {
+    Router::new()
+        .route(&format!("{prefix}/"), get(page))
+        .route(&format!("{prefix}/api/run"), get(api_run))
+        .route(&format!("{prefix}/api/events"), get(api_events))
+        .with_state(ctx)
+}
+
+/// Binds `addr` now (so that errors and the chosen port are known before anything runs) and
+/// serves `app` on a thread and runtime of its own.
+fn spawn(addr: SocketAddr, app: Router) -> Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("cannot listen on {addr} for the dashboard"))?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    std::thread::Builder::new()
+        .name("flotilla-dashboard".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "the dashboard cannot start");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let served = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => axum::serve(l, app).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "the dashboard stopped");
+                }
+            });
+        })?;
+    Ok(addr)
 }
 
 impl Dashboard {
@@ -56,60 +130,69 @@ impl Dashboard {
     /// resolved config `config`. Beyond loopback the token comes from
     /// `FLOTILLA_DASHBOARD_TOKEN`, and its absence is an error.
     pub fn start(addr: SocketAddr, name: &str, config: Value) -> Result<Self> {
-        let token = std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty());
-        if !addr.ip().is_loopback() && token.is_none() {
-            bail!(
-                "--dashboard {addr} listens beyond loopback; set {TOKEN_ENV} to a secret the page must present, or use 127.0.0.1"
-            );
+        let token = token_for(addr, "--dashboard")?;
+        let run = RunShared::new(json!({
+            "name": name,
+            "method": config["method"]["name"],
+            "config": config,
+            "rounds_total": config["rounds"],
+            "status": "starting",
+            "rounds": [],
+            "clients": [],
+            "summary": null,
+        }));
+        let ctx = Ctx {
+            run: run.clone(),
+            token: token.clone(),
+        };
+        let addr = spawn(addr, run_routes("", ctx))?;
+        Ok(Self { run, token, addr })
+    }
+
+    /// Serves finished runs (each as the JSON of `/api/run`) on `addr`: run `i` at
+    /// `/runs/<i>/` and all of them side by side at `/`. Returns the address and the URL of
+    /// `/`; the server runs until the process exits.
+    pub fn serve_finished(addr: SocketAddr, runs: Vec<Value>) -> Result<(SocketAddr, String)> {
+        let token = token_for(addr, "--serve")?;
+        let query = token
+            .as_ref()
+            .map(|t| format!("?token={t}"))
+            .unwrap_or_default();
+        let mut frames = String::new();
+        let mut app = Router::new();
+        for (i, run) in runs.into_iter().enumerate() {
+            let name = run["name"].as_str().unwrap_or("run").to_string();
+            frames.push_str(&format!(
+                "<iframe src=\"/runs/{i}/{query}\" title=\"{}\"></iframe>\n",
+                escape_html(&name)
+            ));
+            let ctx = Ctx {
+                run: RunShared::new(run),
+                token: token.clone(),
+            };
+            app = app.merge(run_routes(&format!("/runs/{i}"), ctx));
         }
-        let listener = std::net::TcpListener::bind(addr)
-            .with_context(|| format!("cannot listen on {addr} for the dashboard"))?;
-        listener.set_nonblocking(true)?;
-        let addr = listener.local_addr()?;
-        let (events, _) = broadcast::channel(1024);
-        let shared = Arc::new(Shared {
-            state: Mutex::new(json!({
-                "name": name,
-                "method": config["method"]["name"],
-                "config": config,
-                "rounds_total": config["rounds"],
-                "status": "starting",
-                "rounds": [],
-                "clients": [],
-                "summary": null,
-            })),
-            events,
-            token,
-        });
-        let app = Router::new()
-            .route("/", get(page))
-            .route("/api/run", get(api_run))
-            .route("/api/events", get(api_events))
-            .with_state(shared.clone());
-        std::thread::Builder::new()
-            .name("flotilla-dashboard".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        tracing::error!(error = %e, "the dashboard cannot start");
-                        return;
+        let index: Arc<str> = Arc::from(format!(
+            "<!doctype html><html><head><meta charset=\"utf-8\"><title>flotilla runs</title>\
+             <style>body{{margin:0;display:flex;height:100vh}}\
+             iframe{{flex:1;border:0;border-right:2px solid #1d2330}}</style></head>\
+             <body>{frames}</body></html>"
+        ));
+        let index_token = token.clone();
+        app = app.route(
+            "/",
+            get(
+                move |headers: HeaderMap, Query(q): Query<HashMap<String, String>>| async move {
+                    if authorised(index_token.as_deref(), &headers, &q) {
+                        Html(index.to_string()).into_response()
+                    } else {
+                        unauthorised()
                     }
-                };
-                rt.block_on(async move {
-                    let served = match tokio::net::TcpListener::from_std(listener) {
-                        Ok(l) => axum::serve(l, app).await,
-                        Err(e) => Err(e),
-                    };
-                    if let Err(e) = served {
-                        tracing::error!(error = %e, "the dashboard stopped");
-                    }
-                });
-            })?;
-        Ok(Self { shared, addr })
+                },
+            ),
+        );
+        let addr = spawn(addr, app)?;
+        Ok((addr, format!("http://{addr}/{query}")))
     }
 
     /// The address it listens on.
@@ -119,7 +202,7 @@ impl Dashboard {
 
     /// The page's URL (with the token, when one is needed).
     pub fn url(&self) -> String {
-        match &self.shared.token {
+        match &self.token {
             Some(t) => format!("http://{}/?token={t}", self.addr),
             None => format!("http://{}/", self.addr),
         }
@@ -128,14 +211,14 @@ impl Dashboard {
     /// A sink that feeds the dashboard with the run's events.
     pub fn sink(&self) -> DashboardSink {
         DashboardSink {
-            shared: self.shared.clone(),
+            run: self.run.clone(),
         }
     }
 }
 
 /// Feeds a [`Dashboard`] with a run's events.
 pub struct DashboardSink {
-    shared: Arc<Shared>,
+    run: Arc<RunShared>,
 }
 
 impl DashboardSink {
@@ -150,13 +233,10 @@ impl DashboardSink {
     /// Updates the state and broadcasts the event under the same lock, so that a client that
     /// subscribes while holding the snapshot misses nothing and sees nothing twice.
     fn publish(&self, kind: &str, data: Value, update: impl FnOnce(&mut Value)) {
-        let mut state = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.run.state.lock().unwrap_or_else(|p| p.into_inner());
         update(&mut state);
         // No receiver is not an error: nobody is watching.
-        let _ = self
-            .shared
-            .events
-            .send((kind.to_string(), data.to_string()));
+        let _ = self.run.events.send((kind.to_string(), data.to_string()));
     }
 }
 
@@ -210,15 +290,15 @@ fn to_json<T: serde::Serialize + ?Sized>(v: &T) -> Value {
 }
 
 /// Whether a request carries the token, when one is set.
-fn authorised(shared: &Shared, headers: &HeaderMap, query: &HashMap<String, String>) -> bool {
-    let Some(token) = &shared.token else {
+fn authorised(token: Option<&str>, headers: &HeaderMap, query: &HashMap<String, String>) -> bool {
+    let Some(token) = token else {
         return true;
     };
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    bearer == Some(token.as_str()) || query.get("token") == Some(token)
+    bearer == Some(token) || query.get("token").map(String::as_str) == Some(token)
 }
 
 /// The answer to a request without the token.
@@ -230,12 +310,20 @@ fn unauthorised() -> Response {
         .into_response()
 }
 
+/// Text safe to place in HTML.
+fn escape_html(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
 async fn page(
-    State(shared): State<Arc<Shared>>,
+    State(ctx): State<Ctx>,
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    if authorised(&shared, &headers, &query) {
+    if authorised(ctx.token.as_deref(), &headers, &query) {
         Html(PAGE).into_response()
     } else {
         unauthorised()
@@ -243,14 +331,15 @@ async fn page(
 }
 
 async fn api_run(
-    State(shared): State<Arc<Shared>>,
+    State(ctx): State<Ctx>,
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    if !authorised(&shared, &headers, &query) {
+    if !authorised(ctx.token.as_deref(), &headers, &query) {
         return unauthorised();
     }
-    let state = shared
+    let state = ctx
+        .run
         .state
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -259,17 +348,17 @@ async fn api_run(
 }
 
 async fn api_events(
-    State(shared): State<Arc<Shared>>,
+    State(ctx): State<Ctx>,
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    if !authorised(&shared, &headers, &query) {
+    if !authorised(ctx.token.as_deref(), &headers, &query) {
         return unauthorised();
     }
     // Subscribe while holding the state, so the snapshot and the live events join exactly.
     let (snapshot, rx) = {
-        let state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
-        (state.to_string(), shared.events.subscribe())
+        let state = ctx.run.state.lock().unwrap_or_else(|p| p.into_inner());
+        (state.to_string(), ctx.run.events.subscribe())
     };
     let first = futures_util::stream::once(async move {
         Ok::<_, Infallible>(SseEvent::default().event("snapshot").data(snapshot))

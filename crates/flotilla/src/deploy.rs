@@ -47,6 +47,10 @@ pub struct ServeArgs {
     /// Serve plaintext and accept callers without a token (trusted networks and tests only).
     #[arg(long, conflicts_with_all = ["cert", "key", "client_ca"])]
     pub insecure: bool,
+    /// Serve a live dashboard of the run at this address (plain HTTP, read-only), e.g.
+    /// 127.0.0.1:8080. Beyond loopback it needs FLOTILLA_DASHBOARD_TOKEN.
+    #[arg(long, value_name = "ADDR")]
+    pub dashboard: Option<SocketAddr>,
 }
 
 /// Options of `flotilla join`.
@@ -175,6 +179,20 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     let (server_half, _) = flotilla_methods::build(&exp)?;
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let resolved = toml::to_string(&exp).context("cannot serialise the config")?;
+    let dashboard = match a.dashboard {
+        Some(addr) => {
+            let name = dir.file_name().map_or_else(
+                || dir.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            );
+            Some(crate::dashboard::Dashboard::start(
+                addr,
+                &name,
+                serde_json::to_value(&exp)?,
+            )?)
+        }
+        None => None,
+    };
     let mut driver = Driver::new(exp, test, server_half, &dir, workers)?;
     if let Some(d) = server_data {
         driver.set_server_data(d);
@@ -202,7 +220,22 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         max_examples: Some(max_examples),
         address_file: Some(dir.join("address")),
     };
-    let summary = server::serve(&mut driver, opts, &mut [&mut metrics, &mut progress])?;
+    let summary = match &dashboard {
+        Some(d) => {
+            eprintln!("dashboard: {}", d.url());
+            let mut live = d.sink();
+            let summary = server::serve(
+                &mut driver,
+                opts,
+                &mut [&mut metrics, &mut progress, &mut live],
+            );
+            if let Err(e) = &summary {
+                live.failed(&e.to_string());
+            }
+            summary?
+        }
+        None => server::serve(&mut driver, opts, &mut [&mut metrics, &mut progress])?,
+    };
     progress.done();
     write_outputs(driver.server(), &summary, &dir)
 }

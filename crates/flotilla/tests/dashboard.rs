@@ -353,3 +353,62 @@ fn chromium_renders_the_round_counter_and_the_client_table_without_console_error
     }
     stop(child);
 }
+
+#[test]
+fn report_serves_finished_runs_side_by_side() {
+    if !have_data("report_serves_finished_runs_side_by_side") {
+        return;
+    }
+    let tmp = TempDir::new().unwrap();
+    let cfg = config(tmp.path(), 2);
+    for (out, seed) in [("a", "0"), ("b", "1")] {
+        success(
+            &flotilla(
+                tmp.path(),
+                &[
+                    "simulate",
+                    "--config",
+                    s(&cfg),
+                    "--out",
+                    out,
+                    "--set",
+                    &format!("seed={seed}"),
+                ],
+            ),
+            "simulate",
+        );
+    }
+    let mut child = Command::new(BIN)
+        .args(["report", "a", "b", "--serve", "127.0.0.1:0"])
+        .current_dir(tmp.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut url = None;
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if let Some(rest) = line.strip_prefix("dashboard: ") {
+            url = rest.split_whitespace().next().map(str::to_string);
+            break;
+        }
+    }
+    let url = url.expect("report printed no dashboard URL");
+    let (code, mut index) = get(&url, "/");
+    assert_eq!(code, 200);
+    let mut html = String::new();
+    index.read_to_string(&mut html).unwrap();
+    assert_eq!(html.matches("<iframe").count(), 2, "{html}");
+    for (i, dir) in ["a", "b"].iter().enumerate() {
+        let (code, run) = get_json(&url, &format!("/runs/{i}/api/run"));
+        assert_eq!(code, 200);
+        assert_eq!(run["name"], *dir);
+        assert_eq!(run["status"], "finished");
+        let metrics = read_jsonl(&tmp.path().join(dir).join("metrics.jsonl"));
+        assert_eq!(run["rounds"].as_array().unwrap(), &metrics);
+        assert_eq!(run["clients"].as_array().unwrap().len(), 5);
+        let (code, _) = get(&url, &format!("/runs/{i}/"));
+        assert_eq!(code, 200);
+    }
+    stop(child);
+}

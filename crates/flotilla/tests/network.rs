@@ -710,3 +710,60 @@ fn tls_with_tokens_refuses_a_client_without_a_valid_token() {
         vec![1]
     );
 }
+
+/// `GET path` over plain HTTP with `Connection: close`: the whole response as text.
+fn http_get(url: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let host = url.trim_start_matches("http://").trim_end_matches('/');
+    let mut stream = std::net::TcpStream::connect(host).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn the_served_run_has_a_live_dashboard() {
+    if !have_data("the_served_run_has_a_live_dashboard") {
+        return;
+    }
+    let tmp = TempDir::new().unwrap();
+    let config = write_config(tmp.path(), "net.toml", NET);
+    let state = tmp.path().join("served");
+    let (mut server, addr) = start_server(
+        tmp.path(),
+        &config,
+        &state,
+        "127.0.0.1:0",
+        &["--dashboard", "127.0.0.1:0"],
+    );
+    // Printed before the server listens: it is in the output already.
+    let log = server.log();
+    let url = log
+        .split("dashboard: ")
+        .nth(1)
+        .and_then(|u| u.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    // Before any client joins, the page and the run's JSON are there.
+    let page = http_get(&url, "/");
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(page.contains("id=\"round\""), "{page}");
+    let run = http_get(&url, "/api/run");
+    assert!(run.contains("\"method\":\"fedavg\""), "{run}");
+    let server_url = format!("http://{addr}");
+    let mut clients: Vec<Proc> = (0..3)
+        .map(|k| start_client(tmp.path(), &server_url, k, 3, &[]))
+        .collect();
+    server.expect_success();
+    for c in &mut clients {
+        c.expect_success();
+    }
+}
