@@ -10,6 +10,7 @@
 //! - [`device`]: device profiles, fleets and the virtual clock;
 //! - [`seed`]: derivation of every random stream from the run seed;
 //! - [`safetensors_io`]: reading and writing parameter collections as safetensors files.
+#![warn(missing_docs)]
 
 pub mod aggregate;
 pub mod device;

@@ -8,6 +8,7 @@
 //!
 //! Every file problem comes back as a [`DataError`] that names the path and
 //! the fix; no file content makes the loaders panic.
+#![warn(missing_docs)]
 
 mod dataset;
 mod error;

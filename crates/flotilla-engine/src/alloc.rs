@@ -33,6 +33,8 @@ thread_local! {
     static CURRENT: Cell<*const Counters> = const { Cell::new(std::ptr::null()) };
 }
 
+/// The system allocator with counting: install it as the binary's `#[global_allocator]` and
+/// every allocation updates the process's live bytes and the current thread's measurement.
 pub struct CountingAlloc;
 
 fn record(delta: isize) {

@@ -2,6 +2,7 @@
 //! measurement (counting allocator, FLOP formulas, memory estimates) and the event sinks.
 //!
 //! See ARCHITECTURE.md at the repository root for the bird's-eye view.
+#![warn(missing_docs)]
 
 pub mod alloc;
 pub mod config;

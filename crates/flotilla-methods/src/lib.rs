@@ -1,5 +1,6 @@
 //! Federated-learning methods for flotilla, one module each (server half and client half
 //! side by side), and the registry that builds them from a config.
+#![warn(missing_docs)]
 
 mod common;
 pub mod fedavg;

@@ -12,6 +12,7 @@
 //! - [`flops`] and [`memory`] give the per-layer FLOP formulas and the analytic memory estimate.
 //!
 //! Burn-specific code stays in this crate; the rest of flotilla talks to [`Net`].
+#![warn(missing_docs)]
 
 mod arch;
 mod factored;

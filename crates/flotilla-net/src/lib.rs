@@ -8,6 +8,7 @@
 //! a session), then long-polls `Pull` for tasks, trains with the method's client half while
 //! sending `Heartbeat`s, and `Push`es the reply. Every call carries a bearer token; TLS is on
 //! unless the operator passes `--insecure`.
+#![warn(missing_docs)]
 
 pub mod certs;
 pub mod client;

@@ -17,6 +17,7 @@
 //! println!("{summary}");
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+#![warn(missing_docs)]
 
 pub use flotilla_core as core;
 pub use flotilla_data as data;
