@@ -442,6 +442,15 @@ impl<'a> ServerCtx<'a> {
     }
 }
 
+/// What a task is expected to cost its client ([`ServerHalf::task_cost`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TaskCost {
+    /// Training memory estimate, bytes.
+    pub memory_bytes: u64,
+    /// Training FLOPs per local sample.
+    pub flops_per_sample: f64,
+}
+
 /// The server half of a method.
 pub trait ServerHalf: Send + Sync {
     /// Method name as in configs.
@@ -490,6 +499,23 @@ pub trait ServerHalf: Send + Sync {
             }
         }
         Ok(())
+    }
+
+    /// What the planner expects `task` to cost a client: the training memory estimate and
+    /// FLOPs per training sample (what `flotilla plan` prints). The default is the engine's
+    /// estimate for the task's model, view and recipe with one model input per sample; a
+    /// method whose objective runs several inputs per sample overrides it.
+    fn task_cost(&self, task: &Task) -> TaskCost {
+        TaskCost {
+            memory_bytes: crate::local::estimate_memory(
+                &task.model,
+                &task.view,
+                &task.params,
+                &task.recipe,
+            )
+            .total(),
+            flops_per_sample: flotilla_models::flops::training(&task.model, &task.view, 1),
+        }
     }
 
     /// The models to evaluate (one, or several: per cluster, per depth…).

@@ -472,10 +472,13 @@ fn plan(config: &Path, overrides: &[String]) -> Result<()> {
     };
     let blocks = exp.model_spec().num_blocks();
     println!(
-        "{:<14} {:>7} {:>10}  plan of `{}` for round 1",
+        "{:<14} {:>7} {:>10} {:>10} {:>12} {:>10}  plan of `{}` for round 1",
         "tier",
         "devices",
         "memory MiB",
+        "est. MiB",
+        "MFLOP/sample",
+        "MB sent",
         server.name()
     );
     let mut tiers: Vec<(String, Vec<&ClientInfo>)> = Vec::new();
@@ -488,8 +491,17 @@ fn plan(config: &Path, overrides: &[String]) -> Result<()> {
     tiers.sort_by_key(|(_, m)| m[0].profile.memory_bytes);
     for (tier, members) in &tiers {
         let first = members[0];
+        // The estimate the method planned by, training FLOPs per sample and the task's bytes.
+        let mut figures = ("-".to_string(), "-".to_string(), "-".to_string());
         let decision = match server.plan(&ctx, std::slice::from_ref(first))?.pop() {
             Some(Assignment::Run(task)) => {
+                let cost = server.task_cost(&task);
+                let bytes = task.encode(&Default::default())?.len();
+                figures = (
+                    format!("{:.1}", cost.memory_bytes as f64 / 1048576.0),
+                    format!("{:.1}", cost.flops_per_sample / 1e6),
+                    format!("{:.2}", bytes as f64 / 1e6),
+                );
                 let depth = match task.view.prefix_depth(blocks) {
                     Some(d) if blocks > 0 => format!("depth {d}/{blocks}, "),
                     _ => String::new(),
@@ -508,10 +520,19 @@ fn plan(config: &Path, overrides: &[String]) -> Result<()> {
             Some(Assignment::Skip(reason)) => format!("skipped: {reason}"),
             None => "no assignment".into(),
         };
+        let budget = if first.profile.memory_bytes
+            == flotilla_core::device::DeviceProfile::unlimited().memory_bytes
+        {
+            "unlimited".to_string()
+        } else {
+            format!("{:.1}", first.profile.memory_bytes as f64 / 1048576.0)
+        };
         println!(
-            "{tier:<14} {:>7} {:>10.1}  {decision}",
+            "{tier:<14} {:>7} {budget:>10} {:>10} {:>12} {:>10}  {decision}",
             members.len(),
-            first.profile.memory_bytes as f64 / 1048576.0
+            figures.0,
+            figures.1,
+            figures.2
         );
     }
     Ok(())

@@ -31,13 +31,14 @@ use contrastive::{Augment, Loss, SelfSupervised};
 use flotilla_core::ParamSet;
 use flotilla_core::aggregate::{self, Support};
 use flotilla_core::seed::{self, Purpose};
+use flotilla_engine::local::Objective;
 use flotilla_engine::local::{Recipe, estimate_memory, inputs_of, train_task};
 use flotilla_engine::{
     Assignment, ClientCtx, ClientData, ClientHalf, ClientInfo, EngineError, EvalModel, Experiment,
-    MethodState, PhaseCtx, PhaseEnd, Readout, Reply, ServerCtx, ServerHalf, Task,
+    MethodState, PhaseCtx, PhaseEnd, Readout, Reply, ServerCtx, ServerHalf, Task, TaskCost,
 };
 use flotilla_models::Architecture;
-use flotilla_models::{ModelSpec, Net, View};
+use flotilla_models::{ModelSpec, Net, View, flops};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -447,6 +448,18 @@ impl ServerHalf for Fll {
             }
         });
         Ok(PhaseEnd::RoundComplete)
+    }
+
+    /// Two augmented views of every sample go through the model.
+    fn task_cost(&self, task: &Task) -> TaskCost {
+        TaskCost {
+            memory_bytes: self.memory_need(&task.view),
+            flops_per_sample: flops::training(
+                &task.model,
+                &task.view,
+                SelfSupervised::INPUTS_PER_SAMPLE,
+            ),
+        }
     }
 
     fn eval_models(&self) -> Vec<EvalModel> {
