@@ -12,6 +12,7 @@ use crate::config::Experiment;
 use crate::driver::{ClientRun, Driver, Fleet, Prepared, ReplyCheck, blank_record, judge_reply};
 use crate::method::{ClientCtx, ClientData, ClientHalf, ClientInfo, KnownMasks, ServerHalf};
 use crate::server_data::{self, ServerData};
+use crate::sink::ClientStatus;
 use crate::sink::Sink;
 use flotilla_core::ParamSet;
 use flotilla_core::device::{self, DeviceProfile};
@@ -216,7 +217,7 @@ impl LocalFleet {
             Ok(r) => r,
             Err(EngineError::OverBudget(reason)) => {
                 tracing::info!(round = task.round, client = c, %reason, "client refused its task");
-                rec.status = "skipped".into();
+                rec.status = ClientStatus::Skipped;
                 rec.reason = Some(reason);
                 return Ok(ClientRun {
                     record: rec,
@@ -225,7 +226,7 @@ impl LocalFleet {
             }
             Err(e) => {
                 tracing::warn!(round = task.round, client = c, error = %e, "client failed");
-                rec.status = "failed".into();
+                rec.status = ClientStatus::Failed;
                 rec.reason = Some(e.to_string());
                 return Ok(ClientRun {
                     record: rec,

@@ -2,7 +2,7 @@
 //! The loop knows no sink; sinks know no loop.
 
 use crate::EngineError;
-pub use flotilla_report::{ClientRecord, RoundRecord};
+pub use flotilla_report::{ClientRecord, ClientStatus, RoundRecord};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};

@@ -26,7 +26,7 @@ use flotilla_data::{Dataset, Split};
 use flotilla_engine::local::{
     self, Batch, CrossEntropy, Objective, Recipe, TrainJob, TrainOutcome, cross_entropy,
 };
-use flotilla_engine::sink::{ClientRecord, Event, RoundRecord, Sink};
+use flotilla_engine::sink::{ClientRecord, ClientStatus, Event, RoundRecord, Sink};
 use flotilla_engine::{
     Assignment, ClientCtx, ClientData, ClientHalf, ClientInfo, EngineError, EvalModel, Experiment,
     MethodState, PhaseCtx, PhaseEnd, Reply, ServerCtx, ServerHalf, Simulation, Task,
@@ -898,7 +898,10 @@ fn bytes_down(records: &[(RoundRecord, Vec<ClientRecord>)]) -> Vec<Vec<u64>> {
     records
         .iter()
         .map(|(_, clients)| {
-            assert!(clients.iter().all(|c| c.status == "ok"), "{clients:?}");
+            assert!(
+                clients.iter().all(|c| c.status == ClientStatus::Ok),
+                "{clients:?}"
+            );
             clients.iter().map(|c| c.bytes_down).collect()
         })
         .collect()

@@ -3,6 +3,7 @@
 
 use flotilla_data::{Dataset, Split};
 use flotilla_engine::driver::CheckpointStep;
+use flotilla_engine::sink::ClientStatus;
 use flotilla_engine::sink::{ClientRecord, Event, RoundRecord, Sink};
 use flotilla_engine::{
     ClientCtx, ClientData, ClientHalf, EngineError, Experiment, Reply, Simulation, Task,
@@ -96,13 +97,13 @@ name = "fedavg"
     for (r, clients) in &rounds.0 {
         assert_eq!(r.clients, 2, "two good clients aggregated");
         let status = |id: u64| clients.iter().find(|c| c.client == id).unwrap();
-        assert_eq!(status(1).status, "failed");
+        assert_eq!(status(1).status, ClientStatus::Failed);
         assert!(
             status(1).reason.as_deref().unwrap().contains("NaN"),
             "{:?}",
             status(1).reason
         );
-        assert_eq!(status(2).status, "failed");
+        assert_eq!(status(2).status, ClientStatus::Failed);
         assert!(
             status(2)
                 .reason
@@ -187,7 +188,7 @@ fn replies_with_impossible_numbers_are_refused_and_the_checkpoint_resumes() {
             (4, "resources.flops"),
         ] {
             let c = clients.iter().find(|c| c.client == id).unwrap();
-            assert_eq!(c.status, "failed");
+            assert_eq!(c.status, ClientStatus::Failed);
             let reason = c.reason.as_deref().unwrap();
             assert!(reason.contains(what), "client {id}: {reason}");
         }

@@ -8,6 +8,7 @@ use flotilla_core::ParamSet;
 use flotilla_data::Split;
 use flotilla_engine::local::evaluate;
 use flotilla_engine::sink::ClientRecord;
+use flotilla_engine::sink::ClientStatus;
 use flotilla_engine::{
     ClientCtx, ClientData, ClientHalf, EngineError, Experiment, Reply, Simulation, Task,
 };
@@ -128,7 +129,7 @@ fn bytes_per_round_follow_the_message_formula() {
         let (down, up) = formula(vc, &[(128, 784, 32, 64), (64, 128, 32, 64)], dense);
         let messages = if vc == "full" { 3 } else { 2 };
         for c in clients {
-            assert_eq!(c.status, "ok");
+            assert_eq!(c.status, ClientStatus::Ok);
             // Protobuf framing, tensor names and shapes, held references and the task's
             // model, recipe and options: under 1,000 bytes per message.
             for (what, got, floats) in [("down", c.bytes_down, down), ("up", c.bytes_up, up)] {

@@ -12,7 +12,7 @@ use flotilla_core::ParamSet;
 use flotilla_core::device::DeviceProfile;
 use flotilla_data::Split;
 use flotilla_engine::local::{CrossEntropy, Objective, Recipe, TrainJob};
-use flotilla_engine::sink::ClientRecord;
+use flotilla_engine::sink::{ClientRecord, ClientStatus};
 use flotilla_engine::{
     Assignment, ClientCtx, ClientData, ClientHalf, ClientInfo, Experiment, PhaseCtx, ServerCtx,
     ServerHalf, Simulation, Task,
@@ -511,7 +511,7 @@ fn a_simulated_fleet_reports_mean_device_accuracy_and_bytes_per_prefix() {
     // The device that fits no prefix is refused with the reason, every round.
     let refused: Vec<&ClientRecord> = clients.iter().filter(|c| c.tier == "too-small").collect();
     assert_eq!(refused.len(), 1);
-    assert_eq!(refused[0].status, "skipped");
+    assert_eq!(refused[0].status, ClientStatus::Skipped);
     assert!(
         refused[0]
             .reason
@@ -539,7 +539,7 @@ fn a_simulated_fleet_reports_mean_device_accuracy_and_bytes_per_prefix() {
         "mid" => 2,
         _ => 3,
     };
-    for c in clients.iter().filter(|c| c.status == "ok") {
+    for c in clients.iter().filter(|c| c.status == ClientStatus::Ok) {
         let k = depth_of_tier(&c.tier);
         let prefix = init.filter(|n| ModelSpec::in_prefix(n, k)).numel() as u64;
         assert!(
@@ -554,7 +554,7 @@ fn a_simulated_fleet_reports_mean_device_accuracy_and_bytes_per_prefix() {
     let peak = |t: &str| {
         clients
             .iter()
-            .filter(|c| c.tier == t && c.status == "ok")
+            .filter(|c| c.tier == t && c.status == ClientStatus::Ok)
             .map(|c| c.peak_memory_bytes)
             .max()
             .unwrap()

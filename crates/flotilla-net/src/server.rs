@@ -15,6 +15,7 @@ use flotilla_core::wire::PROTOCOL_VERSION;
 use flotilla_engine::config::ServerConfig;
 use flotilla_engine::driver::{ClientRun, Fleet, Prepared, ReplyCheck, blank_record, judge_reply};
 use flotilla_engine::method::KnownMasks;
+use flotilla_engine::sink::ClientStatus;
 use flotilla_engine::sink::Sink;
 use flotilla_engine::{ClientInfo, Driver, EngineError};
 use prost::Message;
@@ -512,7 +513,7 @@ impl Fleet for NetFleet {
                 let mut rec = blank_record(p.task.round, c, &self.roster[&c].profile);
                 let bytes = bytes?;
                 let Some(member) = st.members.get(&c) else {
-                    rec.status = "failed".into();
+                    rec.status = ClientStatus::Failed;
                     rec.reason = Some("left the run before its task was sent".into());
                     done.insert(
                         c,
@@ -579,7 +580,7 @@ impl Fleet for NetFleet {
                 }
                 let (_, _, mut rec) = pending.remove(&c).expect("pending");
                 tracing::warn!(round = rec.round, client = c, %reason, "client lost");
-                rec.status = "failed".into();
+                rec.status = ClientStatus::Failed;
                 rec.reason = Some(reason);
                 done.insert(
                     c,
@@ -620,7 +621,7 @@ impl Fleet for NetFleet {
                         client = c,
                         "straggler: over the deadline"
                     );
-                    rec.status = "straggler".into();
+                    rec.status = ClientStatus::Straggler;
                     rec.reason = Some(format!(
                         "not done within the {} s deadline (server.deadline_s)",
                         cfg.deadline_s

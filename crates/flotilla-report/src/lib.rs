@@ -39,7 +39,7 @@ pub use plot::{
     render_plots,
 };
 pub use run::{
-    CLIENTS_FILE, ClientRecord, METRICS_FILE, RoundRecord, Run, SUMMARY_FILE, read_jsonl,
-    write_atomic,
+    CLIENTS_FILE, ClientRecord, ClientStatus, METRICS_FILE, RoundRecord, Run, SUMMARY_FILE,
+    read_jsonl, write_atomic,
 };
 pub use table::summary_table;

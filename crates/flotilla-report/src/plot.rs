@@ -7,7 +7,7 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::error::ReportError;
-use crate::run::{ClientRecord, RoundRecord, Run, write_atomic};
+use crate::run::{ClientRecord, ClientStatus, RoundRecord, Run, write_atomic};
 
 /// Sub-directory of a run directory that [`render_plots`] writes into.
 pub const PLOTS_DIR: &str = "plots";
@@ -113,7 +113,11 @@ pub fn render_plots(run: &Run) -> Result<Vec<PathBuf>, ReportError> {
         draw_line_chart(&chart)
     })?);
 
-    let ok: Vec<&ClientRecord> = run.clients.iter().filter(|c| c.status == "ok").collect();
+    let ok: Vec<&ClientRecord> = run
+        .clients
+        .iter()
+        .filter(|c| c.status == ClientStatus::Ok)
+        .collect();
     let empty_note = if run.clients.is_empty() {
         "no client records (clients.jsonl absent or empty)"
     } else {

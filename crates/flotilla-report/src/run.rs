@@ -83,8 +83,8 @@ pub struct ClientRecord {
     pub client: u64,
     /// The device tier the client belongs to.
     pub tier: String,
-    /// `"ok"`, `"dropped"`, `"straggler"` or `"skipped"`.
-    pub status: String,
+    /// How the client's round ended (`"ok"`, `"dropped"`, … in the file).
+    pub status: ClientStatus,
     /// Why the client did not complete the round, if it did not.
     pub reason: Option<String>,
     /// Number of local training examples.
@@ -111,6 +111,42 @@ pub struct ClientRecord {
     /// Every other field of the line, kept as is.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+}
+
+/// How a selected client's round ended, written in clients.jsonl as its lowercase name.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientStatus {
+    /// It trained and its update counted.
+    #[default]
+    Ok,
+    /// It dropped out before its task (simulated dropout, lost connection).
+    Dropped,
+    /// It finished after the round's deadline; its update did not count.
+    Straggler,
+    /// The method gave it no task (e.g. nothing fits its memory budget).
+    Skipped,
+    /// Its task failed or its update was refused.
+    Failed,
+}
+
+impl ClientStatus {
+    /// The name as written in clients.jsonl.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientStatus::Ok => "ok",
+            ClientStatus::Dropped => "dropped",
+            ClientStatus::Straggler => "straggler",
+            ClientStatus::Skipped => "skipped",
+            ClientStatus::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for ClientStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A loaded run directory.
@@ -335,4 +371,26 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), ReportError> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_statuses_read_and_write_the_names_run_directories_hold() {
+        for (status, name) in [
+            (ClientStatus::Ok, "ok"),
+            (ClientStatus::Dropped, "dropped"),
+            (ClientStatus::Straggler, "straggler"),
+            (ClientStatus::Skipped, "skipped"),
+            (ClientStatus::Failed, "failed"),
+        ] {
+            assert_eq!(serde_json::to_value(status).unwrap(), name);
+            assert_eq!(status.to_string(), name);
+            let back: ClientStatus = serde_json::from_value(name.into()).unwrap();
+            assert_eq!(back, status);
+        }
+        assert!(serde_json::from_value::<ClientStatus>("lost".into()).is_err());
+    }
 }

@@ -1,3 +1,4 @@
+use flotilla_report::ClientStatus;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -409,7 +410,7 @@ fn render_plots_survives_nan_and_equal_values() {
         .map(|c| ClientRecord {
             round: 1,
             client: c,
-            status: "ok".into(),
+            status: ClientStatus::Ok,
             peak_memory_bytes: 7 * 1024 * 1024,
             estimated_memory_bytes: 7 * 1024 * 1024,
             sim_time_s: if c == 0 { f64::NAN } else { 0.0 },

@@ -4,7 +4,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use flotilla_core::safetensors_io;
 use flotilla_data::{DatasetKind, Split};
-use flotilla_engine::sink::{Event, MetricsFiles, Sink};
+use flotilla_engine::sink::{ClientStatus, Event, MetricsFiles, Sink};
 use flotilla_engine::{EngineError, Experiment, Simulation};
 use flotilla_report::Run;
 use std::collections::HashMap;
@@ -437,7 +437,7 @@ impl Sink for Progress {
                         round = round.round,
                         accuracy = %acc,
                         clients = round.clients,
-                        skipped = clients.iter().filter(|c| c.status != "ok").count(),
+                        skipped = clients.iter().filter(|c| c.status != ClientStatus::Ok).count(),
                         wall_s = format!("{:.1}", round.wall_time_s),
                         "round finished"
                     ),

@@ -911,7 +911,10 @@ fn plan_gives_each_tier_its_depth_and_names_a_device_that_fits_none() {
             .split_whitespace()
             .skip(2)
             .take(3)
-            .map(|x| x.parse().unwrap_or_else(|_| panic!("not a number in `{l}`")))
+            .map(|x| {
+                x.parse()
+                    .unwrap_or_else(|_| panic!("not a number in `{l}`"))
+            })
             .collect();
         (f[0], f[1], f[2])
     };
@@ -919,7 +922,11 @@ fn plan_gives_each_tier_its_depth_and_names_a_device_that_fits_none() {
     for tier in ["r05", "r12", "r20", "r25", "r48", "r66", "r100"] {
         let (budget, estimate, flops) = figures(tier);
         assert!(estimate <= budget, "{tier}: {estimate} MiB over {budget}");
-        assert!(estimate >= last.0 && flops >= last.1, "{tier}: {}", line(tier));
+        assert!(
+            estimate >= last.0 && flops >= last.1,
+            "{tier}: {}",
+            line(tier)
+        );
         last = (estimate, flops);
     }
     assert!(

@@ -6,6 +6,7 @@ use crate::EngineError;
 use crate::local::{self, evaluate, evaluate_views};
 use crate::method::{EvalModel, Readout};
 use crate::sink::ClientRecord;
+use crate::sink::ClientStatus;
 use flotilla_core::ParamSet;
 use flotilla_data::Dataset;
 use flotilla_models::{ModelSpec, View};
@@ -72,7 +73,7 @@ impl Driver {
             && let Some(m) = models.into_iter().next()
         {
             let mut accs = Vec::new();
-            for c in clients.iter_mut().filter(|c| c.status == "ok") {
+            for c in clients.iter_mut().filter(|c| c.status == ClientStatus::Ok) {
                 let Some(data) = fleet.holdout(c.client)? else {
                     continue;
                 };

@@ -14,7 +14,7 @@ use crate::method::{
     Assignment, ClientInfo, PhaseCtx, PhaseEnd, Readout, Reply, ServerCtx, ServerHalf, Task,
 };
 use crate::server_data::ServerData;
-use crate::sink::{ClientRecord, Event, RoundRecord, Sink};
+use crate::sink::{ClientRecord, ClientStatus, Event, RoundRecord, Sink};
 use flotilla_core::seed::{self, Purpose};
 use flotilla_data::Dataset;
 use rand::Rng;
@@ -314,7 +314,7 @@ impl Driver {
         for &c in &selected {
             let mut rec = blank_record(round, c, &fleet.info(c).profile);
             if let Some(reason) = fleet.drops_out(round, c) {
-                rec.status = "dropped".into();
+                rec.status = ClientStatus::Dropped;
                 tracing::debug!(round, client = c, %reason, "dropped out");
                 rec.reason = Some(reason);
             } else {
@@ -350,7 +350,7 @@ impl Driver {
                 }
                 Assignment::Skip(reason) => {
                     tracing::info!(round = ctx.round, client = info.id, %reason, "client skipped");
-                    r.status = "skipped".into();
+                    r.status = ClientStatus::Skipped;
                     r.reason = Some(reason);
                 }
             }
@@ -394,7 +394,7 @@ impl Driver {
                     && simulated
                     && r.sim_time_s > deadline
                 {
-                    r.status = "straggler".into();
+                    r.status = ClientStatus::Straggler;
                     r.reason = Some(format!(
                         "took {:.1} s of simulated time, over the {deadline} s deadline",
                         r.sim_time_s
@@ -409,7 +409,9 @@ impl Driver {
             cost.sim_s = cost.sim_s.max(records[&r.client].sim_time_s);
         }
         if let Some(deadline) = self.exp.fleet.deadline_s
-            && records.values().any(|r| r.status == "straggler")
+            && records
+                .values()
+                .any(|r| r.status == ClientStatus::Straggler)
         {
             cost.sim_s = cost.sim_s.max(deadline);
         }

@@ -3,7 +3,7 @@
 
 use super::Driver;
 use crate::sim::peak_rss_bytes;
-use crate::sink::{ClientRecord, RoundRecord};
+use crate::sink::{ClientRecord, ClientStatus, RoundRecord};
 use std::time::Instant;
 
 #[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
@@ -105,7 +105,7 @@ impl Driver {
         started: Instant,
         eval_wall: f64,
     ) -> RoundRecord {
-        let ok = || clients.iter().filter(|c| c.status == "ok");
+        let ok = || clients.iter().filter(|c| c.status == ClientStatus::Ok);
         let train_losses: Vec<f64> = ok().filter_map(|c| c.train_loss).collect();
         let mut extra = eval.extra;
         let wall = started.elapsed().as_secs_f64();

@@ -4,6 +4,7 @@
 use super::{ClientRun, ReplyCheck};
 use crate::method::{KnownMasks, Reply, Task};
 use crate::sink::ClientRecord;
+use crate::sink::ClientStatus;
 use flotilla_core::device::DeviceProfile;
 
 /// The checks every reply passes before it counts, whatever the method: addressed to the
@@ -64,7 +65,7 @@ pub fn judge_reply(
         }
         Err(reason) => {
             tracing::warn!(round = rec.round, client = rec.client, %reason, "update refused");
-            rec.status = "failed".into();
+            rec.status = ClientStatus::Failed;
             rec.reason = Some(format!("update refused: {reason}"));
             let run = ClientRun {
                 record: rec,
@@ -81,7 +82,7 @@ pub fn blank_record(round: u64, c: u64, p: &DeviceProfile) -> ClientRecord {
         round,
         client: c,
         tier: p.tier.clone(),
-        status: "ok".into(),
+        status: ClientStatus::Ok,
         ..Default::default()
     }
 }
@@ -101,8 +102,8 @@ pub(super) fn merge_record(into: &mut ClientRecord, phase: &ClientRecord) {
     if phase.train_loss.is_some() {
         into.train_loss = phase.train_loss;
     }
-    if phase.status != "ok" {
-        into.status = phase.status.clone();
+    if phase.status != ClientStatus::Ok {
+        into.status = phase.status;
         into.reason = phase.reason.clone();
     }
 }
