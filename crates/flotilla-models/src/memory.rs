@@ -135,7 +135,7 @@ fn activations_per_sample(spec: &ModelSpec, view: &View) -> (usize, usize) {
             // kernel (crate::kernels) keeps only a one-byte argmax per window, 1/16 of an f32
             // per input, and never stores a whole conv output: the largest per-batch buffer
             // left is the gradient of the first pooled output.
-            let fast = crate::kernels::fast();
+            let fast = crate::kernels::flotilla_kernels();
             let conv_kept = |a: usize| if fast { a / 16 } else { 3 * a };
             let mut acts = input;
             let mut largest = input;

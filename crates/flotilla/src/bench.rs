@@ -440,12 +440,12 @@ pub fn run(quick: bool, data_dir: Option<&Path>) -> Result<()> {
             "one client, a micro-batch (and a gradient buffer) per core",
         ));
         // The same runs on burn's own conv, ReLU, pool and linear ops (the flex reference path).
-        flotilla_models::kernels::set_fast(false);
+        flotilla_models::kernels::use_flotilla_kernels(false);
         let reference = w1_train(batch, samples, 1).and_then(|(one_ref, heap_ref)| {
             let (all_ref, _) = w1_train(batch, samples, rayon::current_num_threads())?;
             Ok((one_ref, all_ref, heap_ref))
         });
-        flotilla_models::kernels::set_fast(true);
+        flotilla_models::kernels::use_flotilla_kernels(true);
         let (one_ref, all_ref, heap_ref) = reference?;
         rows.push(row(
             format!("W1 train, batch {batch}, reference ops, 1 core"),

@@ -431,7 +431,7 @@ pub fn conv2d(
     let ad = [x.is_autodiff(), weight.is_autodiff()];
     let same = ad[0] == ad[1] && bias.as_ref().is_none_or(|b| b.is_autodiff() == ad[0]);
     match geom {
-        Some(g) if fast() && f32s && same && x.device() == weight.device() => {
+        Some(g) if flotilla_kernels() && f32s && same && x.device() == weight.device() => {
             if ad[0] {
                 conv_autodiff(x, weight, bias, g)
             } else {

@@ -108,7 +108,7 @@ pub fn conv_relu_pool2(
     let ad = [x.is_autodiff(), weight.is_autodiff(), bias.is_autodiff()];
     let g = match geom {
         Some(g)
-            if fast()
+            if flotilla_kernels()
                 && f32s
                 && ad[0] == ad[1]
                 && ad[1] == ad[2]

@@ -92,7 +92,13 @@ pub fn linear(x: Tensor<2>, w: Tensor<2>, bias: Tensor<1>) -> Tensor<2> {
         .iter()
         .all(|d| *d == DType::F32);
     let ad = [x.is_autodiff(), w.is_autodiff(), bias.is_autodiff()];
-    if !fast() || !f32s || wi != i || bias.dims() != [o] || ad[0] != ad[1] || ad[1] != ad[2] {
+    if !flotilla_kernels()
+        || !f32s
+        || wi != i
+        || bias.dims() != [o]
+        || ad[0] != ad[1]
+        || ad[1] != ad[2]
+    {
         return x.matmul(w) + bias.unsqueeze::<2>();
     }
     count_fast_call();

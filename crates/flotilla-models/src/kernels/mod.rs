@@ -17,7 +17,7 @@
 //! The batch is split across rayon's threads with single-threaded GEMMs; a batch smaller than
 //! the thread count runs sample by sample with multi-threaded GEMMs instead.
 //!
-//! [`set_fast`] switches back to burn's own ops process-wide (for comparisons and tests).
+//! [`use_flotilla_kernels`] switches back to burn's own ops process-wide (for comparisons and tests).
 //!
 //! One file per op: `conv` (im2col + GEMM convolution), `conv_pool` (the fused convolution +
 //! ReLU + pooling), `pool`, `linear`, `gemm_glue` (the GEMM call and the batch split); `tests`
@@ -51,12 +51,12 @@ pub use linear::linear;
 use pool::*;
 pub use pool::{max_pool2, relu_max_pool2};
 
-static FAST: AtomicBool = AtomicBool::new(true);
+static FLOTILLA_KERNELS: AtomicBool = AtomicBool::new(true);
 
-/// Chooses between these kernels (`true`, the default) and burn's reference ops (`false`)
+/// Chooses flotilla's kernels (`true`, the default) or burn's reference ops (`false`)
 /// for every convolution and 2×2 max pool built by this crate, process-wide.
-pub fn set_fast(on: bool) {
-    FAST.store(on, Ordering::Relaxed);
+pub fn use_flotilla_kernels(on: bool) {
+    FLOTILLA_KERNELS.store(on, Ordering::Relaxed);
 }
 
 thread_local! {
@@ -64,16 +64,17 @@ thread_local! {
     static SERIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Whether the fast kernels are in use on this thread (see [`set_fast`], [`with_fast`]).
-pub fn fast() -> bool {
+/// Whether flotilla's kernels (rather than burn's reference ops) are in use on this thread
+/// (see [`use_flotilla_kernels`], [`with_flotilla_kernels`]).
+pub fn flotilla_kernels() -> bool {
     OVERRIDE
         .with(|o| o.get())
-        .unwrap_or_else(|| FAST.load(Ordering::Relaxed))
+        .unwrap_or_else(|| FLOTILLA_KERNELS.load(Ordering::Relaxed))
 }
 
-/// Runs `f` with the fast kernels on or off for ops dispatched from this thread only (the
+/// Runs `f` with flotilla's kernels on or off for ops dispatched from this thread only (the
 /// backward pass follows the choice made in the forward pass), leaving other threads alone.
-pub fn with_fast<T>(on: bool, f: impl FnOnce() -> T) -> T {
+pub fn with_flotilla_kernels<T>(on: bool, f: impl FnOnce() -> T) -> T {
     struct Restore(Option<bool>);
     impl Drop for Restore {
         fn drop(&mut self) {

@@ -127,7 +127,7 @@ impl Backward<Flex, 1> for PoolOp {
 /// 2×2 max pooling with stride 2 and no padding (odd rows and columns are dropped), on the
 /// fast kernel when it is on and the tensor is f32 on flex; burn's op otherwise.
 pub fn max_pool2(x: Tensor<4>) -> Tensor<4> {
-    if !fast() || x.dtype() != DType::F32 {
+    if !flotilla_kernels() || x.dtype() != DType::F32 {
         return burn::tensor::module::max_pool2d(x, burn::tensor::ops::MaxPoolOptions::new([2, 2]));
     }
     pool(x, false)
@@ -137,7 +137,7 @@ pub fn max_pool2(x: Tensor<4>) -> Tensor<4> {
 /// through windows whose maximum is positive. No ReLU output is made or kept for the backward
 /// pass. burn's ReLU and pooling when the fast kernels are off.
 pub fn relu_max_pool2(x: Tensor<4>) -> Tensor<4> {
-    if !fast() || x.dtype() != DType::F32 {
+    if !flotilla_kernels() || x.dtype() != DType::F32 {
         return burn::tensor::module::max_pool2d(
             burn::tensor::activation::relu(x),
             burn::tensor::ops::MaxPoolOptions::new([2, 2]),

@@ -47,7 +47,7 @@ fn conv_run(
     let w = tensor(data.1.clone(), [g.cout, g.cin, g.k, g.k], &dev).require_grad();
     let b = bias.then(|| tensor(data.2.clone(), [g.cout], &dev).require_grad());
     let before = FAST_CALLS.load(Ordering::Relaxed);
-    let y = with_fast(fast_on, || {
+    let y = with_flotilla_kernels(fast_on, || {
         conv2d(x.clone(), w.clone(), b.clone(), g.s, g.p)
     });
     if fast_on {
@@ -120,7 +120,7 @@ fn conv_inference_matches_burn() {
         );
         let bias = tensor(rand_vec(&mut rng, cout), [cout], &dev);
         let run = |on| {
-            with_fast(on, || {
+            with_flotilla_kernels(on, || {
                 vals(conv2d(x.clone(), wt.clone(), Some(bias.clone()), s, p))
             })
         };
@@ -154,7 +154,7 @@ fn max_pool_matches_burn_values_and_gradients() {
         let run = |on| {
             let x = tensor(xv.clone(), [b, c, h, w], &dev).require_grad();
             let before = FAST_CALLS.load(Ordering::Relaxed);
-            let y = with_fast(on, || op(x.clone()));
+            let y = with_flotilla_kernels(on, || op(x.clone()));
             if on {
                 assert!(
                     FAST_CALLS.load(Ordering::Relaxed) > before,
@@ -171,7 +171,7 @@ fn max_pool_matches_burn_values_and_gradients() {
         assert_close(&format!("{name} out"), &fy, &ry);
         assert_close(&format!("{name} dx"), &fdx, &rdx);
         let plain = tensor(xv.clone(), [b, c, h, w], &Device::flex());
-        let py = with_fast(true, || vals(op(plain)));
+        let py = with_flotilla_kernels(true, || vals(op(plain)));
         assert_close(&format!("{name} inference"), &py, &ry);
     }
 }
@@ -208,7 +208,7 @@ fn conv_relu_pool_matches_burn_values_and_gradients() {
                 let wt = tensor(wv.clone(), [cout, cin, k, k], &dev).require_grad();
                 let bt = tensor(bv.clone(), [cout], &dev).require_grad();
                 let before = FAST_CALLS.load(Ordering::Relaxed);
-                let y = with_fast(on, || {
+                let y = with_flotilla_kernels(on, || {
                     conv_relu_pool2(x.clone(), wt.clone(), bt.clone(), s, p)
                 });
                 if on {
@@ -235,7 +235,7 @@ fn conv_relu_pool_matches_burn_values_and_gradients() {
         }
         let plain = |on: bool| {
             let d = Device::flex();
-            with_fast(on, || {
+            with_flotilla_kernels(on, || {
                 vals(conv_relu_pool2(
                     tensor(xv.clone(), [b, cin, h, w], &d),
                     tensor(wv.clone(), [cout, cin, k, k], &d),
@@ -271,7 +271,7 @@ fn linear_matches_burn_values_and_gradients() {
             let w = tensor(wv.clone(), [i, o], &dev).require_grad();
             let b = tensor(bv.clone(), [o], &dev).require_grad();
             let before = FAST_CALLS.load(Ordering::Relaxed);
-            let y = with_fast(on, || linear(x.clone(), w.clone(), b.clone()));
+            let y = with_flotilla_kernels(on, || linear(x.clone(), w.clone(), b.clone()));
             if on {
                 assert!(
                     FAST_CALLS.load(Ordering::Relaxed) > before,
@@ -296,7 +296,7 @@ fn linear_matches_burn_values_and_gradients() {
         }
         let plain = |on: bool| {
             let d = Device::flex();
-            with_fast(on, || {
+            with_flotilla_kernels(on, || {
                 vals(linear(
                     tensor(xv.clone(), [n, i], &d),
                     tensor(wv.clone(), [i, o], &d),
@@ -342,7 +342,7 @@ fn models_match_with_switch_on_and_off() {
         let pixels = rand_vec(&mut rng, batch * 784);
         let weights = rand_vec(&mut rng, batch * spec.classes);
         let run = |on: bool| {
-            with_fast(on, || {
+            with_flotilla_kernels(on, || {
                 let dev = training_device();
                 let net = Net::from_params(&spec, &params, &dev).expect("net");
                 let x = Net::input(pixels.clone(), batch, spec.input, &dev);
