@@ -2,6 +2,7 @@
 //! side by side), and the registry that builds them from a config.
 #![warn(missing_docs)]
 
+pub mod catalog;
 mod common;
 pub mod fedavg;
 pub mod fedlrt;
@@ -57,7 +58,7 @@ pub fn build(exp: &Experiment) -> Result<Halves, EngineError> {
             Ok((Box::new(server), Arc::new(fll::FllClient)))
         }
         other => Err(EngineError::Config(format!(
-            "`method.name`: unknown method `{other}`; available: {}",
+            "`method.name`: unknown method `{other}`; available: {} (`flotilla methods` lists them with their options)",
             METHODS.join(", ")
         ))),
     }

@@ -64,6 +64,8 @@ pub enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
     },
+    /// List the methods and their `[method]` options with defaults.
+    Methods,
     /// Evaluate a saved model on the test set.
     Evaluate {
         /// Experiment config naming the dataset.
@@ -166,6 +168,10 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Plan { config, overrides } => plan(&config, &overrides),
+        Command::Methods => {
+            print!("{}", flotilla_methods::catalog::table());
+            Ok(())
+        }
         Command::Evaluate {
             config,
             model,
