@@ -222,6 +222,14 @@ pub struct DashboardSink {
 }
 
 impl DashboardSink {
+    /// The members of a served run (client, session, tier, examples, seconds since last seen,
+    /// whether a task is outstanding), shown in their own table.
+    pub fn members(&self, members: Value) {
+        self.publish("members", json!({ "members": members }), |s| {
+            s["members"] = members.clone();
+        });
+    }
+
     /// Marks the run failed with `error` (the page says so).
     pub fn failed(&self, error: &str) {
         self.publish("failed", json!({ "error": error }), |s| {

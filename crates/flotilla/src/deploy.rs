@@ -224,10 +224,12 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         Some(d) => {
             eprintln!("dashboard: {}", d.url());
             let mut live = d.sink();
-            let summary = server::serve(
+            let members = d.sink();
+            let summary = server::serve_watched(
                 &mut driver,
                 opts,
                 &mut [&mut metrics, &mut progress, &mut live],
+                &mut |m| members.members(serde_json::to_value(m).unwrap_or_default()),
             );
             if let Err(e) = &summary {
                 live.failed(&e.to_string());

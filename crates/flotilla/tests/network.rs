@@ -758,6 +758,41 @@ fn the_served_run_has_a_live_dashboard() {
     assert!(page.contains("id=\"round\""), "{page}");
     let run = http_get(&url, "/api/run");
     assert!(run.contains("\"method\":\"fedavg\""), "{run}");
+    // The event stream, read from before any client joins until the run finishes.
+    let stream_url = url.clone();
+    let (subscribed, connected) = channel();
+    let reader = std::thread::spawn(move || {
+        use std::io::Write;
+        let host = stream_url
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string();
+        let mut stream = std::net::TcpStream::connect(&host).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(120)))
+            .unwrap();
+        write!(stream, "GET /api/events HTTP/1.1\r\nHost: {host}\r\n\r\n").unwrap();
+        let mut events: Vec<(String, String)> = Vec::new();
+        let mut kind = String::new();
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            if let Some(k) = line.strip_prefix("event: ") {
+                kind = k.to_string();
+            } else if let Some(d) = line.strip_prefix("data: ") {
+                events.push((kind.clone(), d.to_string()));
+                if kind == "snapshot" {
+                    let _ = subscribed.send(());
+                }
+                if kind == "finished" {
+                    break;
+                }
+            }
+        }
+        events
+    });
+    // The clients start only once the stream is subscribed, so it sees every round.
+    connected
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the event stream never sent its snapshot");
     let server_url = format!("http://{addr}");
     let mut clients: Vec<Proc> = (0..3)
         .map(|k| start_client(tmp.path(), &server_url, k, 3, &[]))
@@ -765,5 +800,25 @@ fn the_served_run_has_a_live_dashboard() {
     server.expect_success();
     for c in &mut clients {
         c.expect_success();
+    }
+    let events = reader.join().unwrap();
+    assert_eq!(events.last().map(|e| e.0.as_str()), Some("finished"));
+    // After each round the connected clients, with their sessions and tiers.
+    let members: Vec<serde_json::Value> = events
+        .iter()
+        .filter(|(k, _)| k == "members")
+        .map(|(_, d)| serde_json::from_str::<serde_json::Value>(d).unwrap()["members"].clone())
+        .collect();
+    let last = members.last().expect("no members event");
+    let ids: Vec<u64> = last
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["client"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, [0, 1, 2], "{last}");
+    for m in last.as_array().unwrap() {
+        assert!(m["session"].as_u64().unwrap() > 0, "{m}");
+        assert!(m["last_seen_s"].as_f64().unwrap() < 60.0, "{m}");
     }
 }

@@ -76,12 +76,70 @@ pub struct ServeOptions {
     pub address_file: Option<PathBuf>,
 }
 
+/// A member of a served run as the operator sees it (`serve --dashboard`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct MemberView {
+    /// Client id.
+    pub client: u64,
+    /// Its current session (a new one after each join).
+    pub session: u64,
+    /// Its device tier.
+    pub tier: String,
+    /// Training examples it declared.
+    pub num_examples: u64,
+    /// Seconds since its last call or heartbeat.
+    pub last_seen_s: f64,
+    /// Whether a task of the current round waits for it or for its reply.
+    pub task_outstanding: bool,
+}
+
+/// Hands the run's members to `watch` when the run starts and after every round.
+struct Watch<'a> {
+    shared: Arc<Shared>,
+    watch: &'a mut dyn FnMut(Vec<MemberView>),
+}
+
+impl Sink for Watch<'_> {
+    fn on_event(&mut self, e: &flotilla_engine::sink::Event<'_>) -> Result<(), EngineError> {
+        use flotilla_engine::sink::Event;
+        if matches!(e, Event::Started { .. } | Event::Round { .. }) {
+            let members = {
+                let st = self.shared.lock();
+                st.members
+                    .iter()
+                    .map(|(&client, m)| MemberView {
+                        client,
+                        session: m.session,
+                        tier: m.profile.tier.clone(),
+                        num_examples: m.num_examples,
+                        last_seen_s: m.last_seen.elapsed().as_secs_f64(),
+                        task_outstanding: st.outbox.contains_key(&client),
+                    })
+                    .collect()
+            };
+            (self.watch)(members);
+        }
+        Ok(())
+    }
+}
+
 /// Serves `driver`'s run until its last round, then lets the clients know and stops.
 /// Blocks the calling thread; returns the summary.
 pub fn serve(
     driver: &mut Driver,
     opts: ServeOptions,
     sinks: &mut [&mut dyn Sink],
+) -> Result<serde_json::Value, NetError> {
+    serve_watched(driver, opts, sinks, &mut |_| {})
+}
+
+/// [`serve`], handing the run's members to `watch` when the run starts and after every round
+/// (what `serve --dashboard` shows).
+pub fn serve_watched(
+    driver: &mut Driver,
+    opts: ServeOptions,
+    sinks: &mut [&mut dyn Sink],
+    watch: &mut dyn FnMut(Vec<MemberView>),
 ) -> Result<serde_json::Value, NetError> {
     let exp = driver.experiment().clone();
     let experiment_toml = toml::to_string(&exp)
@@ -202,8 +260,17 @@ pub fn serve(
         shared: shared.clone(),
         roster: BTreeMap::new(),
     };
+    let mut watcher = Watch {
+        shared: shared.clone(),
+        watch,
+    };
+    let mut all: Vec<&mut dyn Sink> = Vec::with_capacity(sinks.len() + 1);
+    for s in sinks.iter_mut() {
+        all.push(&mut **s);
+    }
+    all.push(&mut watcher);
     // Every round is checkpointed: a restarted server loses no completed round.
-    let result = driver.run(&mut fleet, sinks, 1);
+    let result = driver.run(&mut fleet, &mut all, 1);
 
     // Tell the clients the run is over (they pull `Done`), wait briefly for them to hear it.
     {
