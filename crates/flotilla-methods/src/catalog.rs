@@ -58,6 +58,26 @@ const ROBUST: [MethodOption; 4] = [
     ),
 ];
 
+/// The options FLL and FedSSL share: the objective and the augmentations of its two views.
+const SSL: [MethodOption; 4] = [
+    opt(
+        "objective",
+        Some("\"contrastive\""),
+        "contrastive (NT-Xent) or supervised",
+    ),
+    opt("temperature", Some("0.2"), "NT-Xent temperature τ"),
+    opt(
+        "projection_dim",
+        Some("128"),
+        "outputs of the projection head",
+    ),
+    opt(
+        "augment",
+        Some("{ crop_min_scale = 0.35, flip = 0.5, noise = 0.1, erase = 0.25 }"),
+        "the augmentations of each view",
+    ),
+];
+
 /// Every method, in the order the README lists them.
 pub const CATALOG: &[MethodInfo] = &[
     MethodInfo {
@@ -191,17 +211,9 @@ pub const CATALOG: &[MethodInfo] = &[
         names: &["fll"],
         summary: "FLL + depth dropout: layer-wise self-supervised training of a ViT",
         options: &[
-            opt(
-                "objective",
-                Some("\"contrastive\""),
-                "contrastive (NT-Xent) or supervised",
-            ),
-            opt("temperature", Some("0.2"), "NT-Xent temperature τ"),
-            opt(
-                "projection_dim",
-                Some("128"),
-                "outputs of the projection head",
-            ),
+            SSL[0],
+            SSL[1],
+            SSL[2],
             opt(
                 "stage_rounds",
                 None,
@@ -222,35 +234,14 @@ pub const CATALOG: &[MethodInfo] = &[
                 Some("true"),
                 "clients keep frozen blocks (sent once)",
             ),
-            opt(
-                "augment",
-                Some("{ crop_min_scale = 0.35, flip = 0.5, noise = 0.1, erase = 0.25 }"),
-                "the augmentations of each view",
-            ),
+            SSL[3],
         ],
         doc: "docs/methods/fll.md",
     },
     MethodInfo {
         names: &["fedssl"],
         summary: "FedSSL: the FLL encoder and objective trained end to end",
-        options: &[
-            opt(
-                "objective",
-                Some("\"contrastive\""),
-                "contrastive (NT-Xent) or supervised",
-            ),
-            opt("temperature", Some("0.2"), "NT-Xent temperature τ"),
-            opt(
-                "projection_dim",
-                Some("128"),
-                "outputs of the projection head",
-            ),
-            opt(
-                "augment",
-                Some("{ crop_min_scale = 0.35, flip = 0.5, noise = 0.1, erase = 0.25 }"),
-                "the augmentations of each view",
-            ),
-        ],
+        options: &SSL,
         doc: "docs/methods/fll.md",
     },
 ];

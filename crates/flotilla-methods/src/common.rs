@@ -1,4 +1,5 @@
-//! Pieces shared by methods that send every client the same full model.
+//! Pieces shared by the methods: the full-model plan and update check, contributions, option
+//! parsing, and the task a client trains when it was sent only part of its model.
 
 use flotilla_core::ParamSet;
 use flotilla_core::aggregate::Contribution;
@@ -6,7 +7,7 @@ use flotilla_engine::local::{Recipe, estimate_memory};
 use flotilla_engine::{
     Assignment, ClientInfo, EngineError, Experiment, MethodState, PhaseCtx, Reply, Task,
 };
-use flotilla_models::{ModelSpec, View};
+use flotilla_models::{ModelSpec, Net, View};
 
 /// One `train` task per client carrying `params`, or a skip with the reason when the
 /// training estimate exceeds the client's memory budget. `note` is appended to the reason.
@@ -142,4 +143,26 @@ pub fn checkpoint_global<'a>(
         .ok_or_else(|| EngineError::Method("checkpoint lacks the global model".into()))?;
     current.check_same_layout(global)?;
     Ok(global)
+}
+
+/// `task` with every tensor of its model: the ones it sends, and zeros for the ones it does
+/// not (blocks its view skips, so their values never reach the output or the reply). A task
+/// that sends a tensor its model lacks is refused.
+pub fn with_unsent_zeroed(task: &Task) -> Result<Task, EngineError> {
+    let mut full = Net::init_params(&task.model, 0)?;
+    if let Some(name) = task.params.names().find(|n| full.get(n).is_none()) {
+        return Err(EngineError::Task(format!(
+            "the task sends `{name}`, which is not part of its model"
+        )));
+    }
+    for t in full.iter_mut() {
+        match task.params.get(&t.name) {
+            Some(sent) => t.clone_from(sent),
+            None => t.data.iter_mut().for_each(|v| *v = 0.0),
+        }
+    }
+    Ok(Task {
+        params: full,
+        ..task.clone()
+    })
 }

@@ -40,6 +40,6 @@ pub use plot::{
 };
 pub use run::{
     CLIENTS_FILE, ClientRecord, ClientStatus, METRICS_FILE, RoundRecord, Run, SUMMARY_FILE,
-    read_jsonl, write_atomic,
+    read_jsonl, run_name, write_atomic,
 };
 pub use table::summary_table;

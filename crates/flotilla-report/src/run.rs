@@ -227,8 +227,9 @@ fn exists(path: &Path) -> Result<bool, ReportError> {
     }
 }
 
-/// The file name of `dir`, resolving `.`-like paths through the file system.
-fn run_name(dir: &Path) -> String {
+/// A run's name: the last component of its directory (of its canonical path for `.` or
+/// `..`), as reports and dashboards show it.
+pub fn run_name(dir: &Path) -> String {
     if let Some(name) = dir.file_name() {
         return name.to_string_lossy().into_owned();
     }

@@ -288,10 +288,7 @@ fn start_dashboard(
     let Some((addr, linger)) = live else {
         return Ok(None);
     };
-    let name = dir.file_name().map_or_else(
-        || dir.display().to_string(),
-        |n| n.to_string_lossy().into_owned(),
-    );
+    let name = flotilla_report::run_name(dir);
     let d = crate::dashboard::Dashboard::start(addr, &name, config)?;
     Ok(Some((d, linger)))
 }

@@ -181,10 +181,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     let resolved = toml::to_string(&exp).context("cannot serialise the config")?;
     let dashboard = match a.dashboard {
         Some(addr) => {
-            let name = dir.file_name().map_or_else(
-                || dir.display().to_string(),
-                |n| n.to_string_lossy().into_owned(),
-            );
+            let name = flotilla_report::run_name(&dir);
             Some(crate::dashboard::Dashboard::start(
                 addr,
                 &name,

@@ -31,7 +31,7 @@ use flotilla_engine::{
     Assignment, ClientCtx, ClientData, ClientHalf, ClientInfo, EngineError, EvalModel, Experiment,
     MethodState, PhaseCtx, PhaseEnd, Reply, ServerCtx, ServerHalf, Task,
 };
-use flotilla_models::{ModelSpec, Net, View, flops};
+use flotilla_models::{ModelSpec, View, flops};
 pub use objective::{DeviceDepth, DistillOn, SampledDepth};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -540,24 +540,9 @@ impl ClientHalf for FlexTrainClient {
                 opts.depth
             )));
         }
-        let mut full = Net::init_params(&task.model, 0)?;
-        if let Some(name) = task.params.names().find(|n| full.get(n).is_none()) {
-            return Err(EngineError::Task(format!(
-                "the task sends `{name}`, which is not part of its model"
-            )));
-        }
         // Zeros for the skipped blocks: they run as shortcuts and are frozen, so neither the
         // output nor the reply depends on them.
-        for t in full.iter_mut() {
-            match task.params.get(&t.name) {
-                Some(sent) => t.clone_from(sent),
-                None => t.data.iter_mut().for_each(|v| *v = 0.0),
-            }
-        }
-        let filled = Task {
-            params: full,
-            ..task.clone()
-        };
+        let filled = crate::common::with_unsent_zeroed(task)?;
         let objective = DeviceDepth {
             depth: opts.depth,
             student: opts.student,

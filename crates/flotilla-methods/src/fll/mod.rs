@@ -518,12 +518,7 @@ impl ClientHalf for FllClient {
         crate::common::require_train(task, "fll")?;
         let opts: SslTask = serde_json::from_value(task.options.clone())
             .map_err(|e| EngineError::Task(format!("fll task options: {e}")))?;
-        let mut full = Net::init_params(&task.model, 0)?;
-        if let Some(name) = task.params.names().find(|n| full.get(n).is_none()) {
-            return Err(EngineError::Task(format!(
-                "the task sends `{name}`, which is not part of its model"
-            )));
-        }
+        let filled = crate::common::with_unsent_zeroed(task)?;
         // A block the task sends must run: a sent block that is skipped would be traffic
         // for nothing, and an unsent block that runs would run on zeros.
         let sent_blocks: BTreeSet<usize> = task
@@ -559,16 +554,6 @@ impl ClientHalf for FllClient {
                 opts.dropped
             )));
         }
-        for t in full.iter_mut() {
-            match task.params.get(&t.name) {
-                Some(sent) => t.clone_from(sent),
-                None => t.data.iter_mut().for_each(|v| *v = 0.0),
-            }
-        }
-        let filled = Task {
-            params: full,
-            ..task.clone()
-        };
         let objective = SelfSupervised {
             loss: opts.objective,
             temperature: opts.temperature,
@@ -583,8 +568,9 @@ impl ClientHalf for FllClient {
 mod tests {
     use super::*;
 
-    fn server(method: &str) -> Fll {
-        let exp: Experiment = toml::from_str(&format!(
+    /// A depth-4 ViT experiment of 10 rounds with `method` as its `[method]` table.
+    fn experiment(method: &str) -> Experiment {
+        toml::from_str(&format!(
             r#"
             seed = 1
             rounds = 10
@@ -607,7 +593,11 @@ mod tests {
             {method}
             "#
         ))
-        .unwrap();
+        .unwrap()
+    }
+
+    fn server(method: &str) -> Fll {
+        let exp = experiment(method);
         Fll::from_config(&exp, exp.model_spec()).unwrap()
     }
 
@@ -659,31 +649,7 @@ mod tests {
 
     #[test]
     fn bad_options_name_the_key() {
-        let exp: Experiment = toml::from_str(
-            r#"
-            seed = 1
-            rounds = 10
-            [data]
-            dataset = "fashion-mnist"
-            num_clients = 4
-            partition = { kind = "iid" }
-            [model]
-            arch = "vit"
-            patch = 7
-            dim = 16
-            depth = 4
-            heads = 2
-            [training]
-            epochs = 1
-            batch_size = 16
-            optimizer = "adam"
-            lr = 0.001
-            [method]
-            name = "fll"
-            stage_rounds = [1, 2]
-            "#,
-        )
-        .unwrap();
+        let exp = experiment("name = \"fll\"\nstage_rounds = [1, 2]");
         let e = Fll::from_config(&exp, exp.model_spec()).err().unwrap();
         assert!(e.to_string().contains("stage_rounds"), "{e}");
         let mut cnn = exp.clone();
