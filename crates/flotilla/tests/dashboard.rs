@@ -10,8 +10,7 @@ mod common;
 
 use common::*;
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -57,117 +56,6 @@ fn start(tmp: &Path, rounds: u64, addr: &str, env: &[(&str, &str)]) -> (Child, S
     }
     let url = std::fs::read_to_string(&file).unwrap().trim().to_string();
     (child, url)
-}
-
-/// host:port of a base URL `http://host:port/`.
-fn host(url: &str) -> String {
-    url.trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_string()
-}
-
-/// A GET over plain HTTP/1.1; returns the status and a reader positioned at the body
-/// (de-chunked by [`Chunked`]).
-fn get(url: &str, path: &str) -> (u16, Chunked) {
-    let mut stream = TcpStream::connect(host(url)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(120)))
-        .unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: */*\r\n\r\n",
-        host(url)
-    )
-    .unwrap();
-    let mut reader = BufReader::new(stream);
-    let mut status = String::new();
-    reader.read_line(&mut status).unwrap();
-    let code: u16 = status.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let mut chunked = false;
-    let mut length = None;
-    loop {
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap();
-        let l = line.trim().to_ascii_lowercase();
-        if l.is_empty() {
-            break;
-        }
-        chunked |= l == "transfer-encoding: chunked";
-        if let Some(n) = l.strip_prefix("content-length: ") {
-            length = n.parse::<usize>().ok();
-        }
-    }
-    (
-        code,
-        Chunked {
-            reader,
-            chunked,
-            left: length.unwrap_or(usize::MAX),
-        },
-    )
-}
-
-/// The body of an HTTP/1.1 response, chunked or not.
-struct Chunked {
-    reader: BufReader<TcpStream>,
-    chunked: bool,
-    left: usize,
-}
-
-impl Read for Chunked {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if self.chunked && self.left == 0 {
-            let mut line = String::new();
-            self.reader.read_line(&mut line)?;
-            if line.trim().is_empty() {
-                line.clear();
-                self.reader.read_line(&mut line)?; // the CRLF after the previous chunk
-            }
-            let size = usize::from_str_radix(line.trim(), 16).unwrap_or(0);
-            if size == 0 {
-                return Ok(0);
-            }
-            self.left = size;
-        }
-        if self.left == 0 {
-            return Ok(0);
-        }
-        let n = buf.len().min(self.left);
-        let got = self.reader.read(&mut buf[..n])?;
-        if self.chunked || self.left != usize::MAX {
-            self.left -= got;
-        }
-        Ok(got)
-    }
-}
-
-fn get_json(url: &str, path: &str) -> (u16, Value) {
-    let (code, mut body) = get(url, path);
-    let mut text = String::new();
-    body.read_to_string(&mut text).unwrap();
-    (code, serde_json::from_str(&text).unwrap_or(Value::Null))
-}
-
-/// Reads server-sent events until `finished` (or the stream ends): (event, data) pairs.
-fn read_events(url: &str, path: &str) -> Vec<(String, Value)> {
-    let (code, body) = get(url, path);
-    assert_eq!(code, 200);
-    let mut events = Vec::new();
-    let mut kind = String::from("message");
-    for line in BufReader::new(body).lines() {
-        let Ok(line) = line else { break };
-        if let Some(k) = line.strip_prefix("event:") {
-            kind = k.trim().to_string();
-        } else if let Some(d) = line.strip_prefix("data:") {
-            let data: Value = serde_json::from_str(d.trim()).unwrap();
-            let done = kind == "finished";
-            events.push((kind.clone(), data));
-            if done {
-                break;
-            }
-        }
-    }
-    events
 }
 
 fn stop(mut child: Child) {

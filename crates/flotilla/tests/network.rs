@@ -711,24 +711,6 @@ fn tls_with_tokens_refuses_a_client_without_a_valid_token() {
     );
 }
 
-/// `GET path` over plain HTTP with `Connection: close`: the whole response as text.
-fn http_get(url: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let host = url.trim_start_matches("http://").trim_end_matches('/');
-    let mut stream = std::net::TcpStream::connect(host).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    stream.read_to_string(&mut out).unwrap();
-    out
-}
-
 #[test]
 fn the_served_run_has_a_live_dashboard() {
     if !have_data("the_served_run_has_a_live_dashboard") {
@@ -753,41 +735,23 @@ fn the_served_run_has_a_live_dashboard() {
         .unwrap()
         .to_string();
     // Before any client joins, the page and the run's JSON are there.
-    let page = http_get(&url, "/");
-    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    let (code, mut body) = get(&url, "/");
+    let mut page = String::new();
+    std::io::Read::read_to_string(&mut body, &mut page).unwrap();
+    assert_eq!(code, 200);
     assert!(page.contains("id=\"round\""), "{page}");
-    let run = http_get(&url, "/api/run");
-    assert!(run.contains("\"method\":\"fedavg\""), "{run}");
+    let (code, run) = get_json(&url, "/api/run");
+    assert_eq!(code, 200);
+    assert_eq!(run["method"], "fedavg", "{run}");
     // The event stream, read from before any client joins until the run finishes.
     let stream_url = url.clone();
     let (subscribed, connected) = channel();
     let reader = std::thread::spawn(move || {
-        use std::io::Write;
-        let host = stream_url
-            .trim_start_matches("http://")
-            .trim_end_matches('/')
-            .to_string();
-        let mut stream = std::net::TcpStream::connect(&host).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(120)))
-            .unwrap();
-        write!(stream, "GET /api/events HTTP/1.1\r\nHost: {host}\r\n\r\n").unwrap();
-        let mut events: Vec<(String, String)> = Vec::new();
-        let mut kind = String::new();
-        for line in BufReader::new(stream).lines().map_while(Result::ok) {
-            if let Some(k) = line.strip_prefix("event: ") {
-                kind = k.to_string();
-            } else if let Some(d) = line.strip_prefix("data: ") {
-                events.push((kind.clone(), d.to_string()));
-                if kind == "snapshot" {
-                    let _ = subscribed.send(());
-                }
-                if kind == "finished" {
-                    break;
-                }
+        read_events_with(&stream_url, "/api/events", |kind, _| {
+            if kind == "snapshot" {
+                let _ = subscribed.send(());
             }
-        }
-        events
+        })
     });
     // The clients start only once the stream is subscribed, so it sees every round.
     connected
@@ -807,7 +771,7 @@ fn the_served_run_has_a_live_dashboard() {
     let members: Vec<serde_json::Value> = events
         .iter()
         .filter(|(k, _)| k == "members")
-        .map(|(_, d)| serde_json::from_str::<serde_json::Value>(d).unwrap()["members"].clone())
+        .map(|(_, d)| d["members"].clone())
         .collect();
     let last = members.last().expect("no members event");
     let ids: Vec<u64> = last
