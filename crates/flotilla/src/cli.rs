@@ -289,7 +289,7 @@ fn start_dashboard(
         return Ok(None);
     };
     let name = flotilla_report::run_name(dir);
-    let d = crate::dashboard::Dashboard::start(addr, &name, config)?;
+    let d = crate::dashboard::Dashboard::start(addr, &name, config, None)?;
     Ok(Some((d, linger)))
 }
 

@@ -14,7 +14,9 @@
 //!
 //! The dashboard is read-only. It binds to loopback unless told otherwise, and beyond loopback
 //! it refuses to start without a token (`FLOTILLA_DASHBOARD_TOKEN`), which every request must
-//! then carry as `Authorization: Bearer <token>` or `?token=<token>`.
+//! then carry as `Authorization: Bearer <token>` or `?token=<token>`. On a `serve` with TLS
+//! it speaks HTTPS with the server's own certificate (a token sent in the clear would be no
+//! secret).
 
 use anyhow::{Context, Result, bail};
 use axum::Router;
@@ -29,6 +31,7 @@ use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use tokio::sync::broadcast;
 
@@ -69,6 +72,8 @@ pub struct Dashboard {
     run: Arc<RunShared>,
     token: Option<Arc<str>>,
     addr: SocketAddr,
+    /// "http" or "https".
+    scheme: &'static str,
 }
 
 /// The token a dashboard on `addr` requires: `FLOTILLA_DASHBOARD_TOKEN`, which must be set
@@ -93,8 +98,12 @@ fn run_routes(prefix: &str, ctx: Ctx) -> Router {
 }
 
 /// Binds `addr` now (so that errors and the chosen port are known before anything runs) and
-/// serves `app` on a thread and runtime of its own.
-fn spawn(addr: SocketAddr, app: Router) -> Result<SocketAddr> {
+/// serves `app` on a thread and runtime of its own, over TLS when `tls` is given.
+fn spawn(
+    addr: SocketAddr,
+    app: Router,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> Result<SocketAddr> {
     let listener = std::net::TcpListener::bind(addr)
         .with_context(|| format!("cannot listen on {addr} for the dashboard"))?;
     listener.set_nonblocking(true)?;
@@ -114,7 +123,10 @@ fn spawn(addr: SocketAddr, app: Router) -> Result<SocketAddr> {
             };
             rt.block_on(async move {
                 let served = match tokio::net::TcpListener::from_std(listener) {
-                    Ok(l) => axum::serve(l, app).await,
+                    Ok(l) => match tls {
+                        Some(tls) => serve_tls(l, app, tls).await,
+                        None => axum::serve(l, app).await,
+                    },
                     Err(e) => Err(e),
                 };
                 if let Err(e) = served {
@@ -125,11 +137,100 @@ fn spawn(addr: SocketAddr, app: Router) -> Result<SocketAddr> {
     Ok(addr)
 }
 
+/// Most seconds a peer may take over its TLS handshake before the dashboard drops it, so that
+/// idle connections cannot hold the server's resources.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Most dashboard connections served at once (pages, API calls and event streams together).
+const MAX_CONNECTIONS: usize = 64;
+
+/// Serves `app` over TLS: each accepted connection does its handshake (bounded in time) and
+/// is then served as HTTP/1.1 on a task of its own.
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    tls: Arc<rustls::ServerConfig>,
+) -> std::io::Result<()> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        // Wait for a free slot before accepting, so excess peers queue in the kernel's
+        // backlog instead of holding descriptors here.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return Ok(());
+        };
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "the dashboard cannot accept a connection");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let stream =
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "dashboard TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "dashboard TLS handshake timed out");
+                        return;
+                    }
+                };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let served = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+            if let Err(e) = served {
+                tracing::debug!(%peer, error = %e, "dashboard connection ended");
+            }
+        });
+    }
+}
+
+/// The TLS configuration of a dashboard that shares the gRPC server's certificate and key
+/// (PEM files). Browsers carry no client certificates, so none is asked for: the dashboard's
+/// token is what authorises a viewer.
+pub fn tls_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| {
+            anyhow::anyhow!("cannot read the certificate chain {}: {e}", cert.display())
+        })?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| anyhow::anyhow!("cannot read the private key {}: {e}", key.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS setup for the dashboard")?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .context("the dashboard's certificate and key do not make a TLS identity")?;
+    Ok(Arc::new(config))
+}
+
 impl Dashboard {
     /// Starts the server on `addr` (port 0: any free port) for the run named `name` with the
     /// resolved config `config`. Beyond loopback the token comes from
     /// `FLOTILLA_DASHBOARD_TOKEN`, and its absence is an error.
-    pub fn start(addr: SocketAddr, name: &str, config: Value) -> Result<Self> {
+    ///
+    /// With `tls` (see [`tls_config`]) the dashboard speaks HTTPS only.
+    pub fn start(
+        addr: SocketAddr,
+        name: &str,
+        config: Value,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Result<Self> {
         let token = token_for(addr, "--dashboard")?;
         let run = RunShared::new(json!({
             "name": name,
@@ -145,8 +246,14 @@ impl Dashboard {
             run: run.clone(),
             token: token.clone(),
         };
-        let addr = spawn(addr, run_routes("", ctx))?;
-        Ok(Self { run, token, addr })
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let addr = spawn(addr, run_routes("", ctx), tls)?;
+        Ok(Self {
+            run,
+            token,
+            addr,
+            scheme,
+        })
     }
 
     /// Serves finished runs (each as the JSON of `/api/run`) on `addr`: run `i` at
@@ -191,7 +298,7 @@ impl Dashboard {
                 },
             ),
         );
-        let addr = spawn(addr, app)?;
+        let addr = spawn(addr, app, None)?;
         Ok((addr, format!("http://{addr}/{query}")))
     }
 
@@ -203,8 +310,8 @@ impl Dashboard {
     /// The page's URL (with the token, when one is needed).
     pub fn url(&self) -> String {
         match &self.token {
-            Some(t) => format!("http://{}/?token={t}", self.addr),
-            None => format!("http://{}/", self.addr),
+            Some(t) => format!("{}://{}/?token={t}", self.scheme, self.addr),
+            None => format!("{}://{}/", self.scheme, self.addr),
         }
     }
 

@@ -47,8 +47,9 @@ pub struct ServeArgs {
     /// Serve plaintext and accept callers without a token (trusted networks and tests only).
     #[arg(long, conflicts_with_all = ["cert", "key", "client_ca"])]
     pub insecure: bool,
-    /// Serve a live dashboard of the run at this address (plain HTTP, read-only), e.g.
-    /// 127.0.0.1:8080. Beyond loopback it needs FLOTILLA_DASHBOARD_TOKEN.
+    /// Serve a live dashboard of the run at this address (read-only), e.g. 127.0.0.1:8080:
+    /// HTTPS with --cert/--key, plain HTTP with --insecure. Beyond loopback it needs
+    /// FLOTILLA_DASHBOARD_TOKEN.
     #[arg(long, value_name = "ADDR")]
     pub dashboard: Option<SocketAddr>,
 }
@@ -182,10 +183,16 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     let dashboard = match a.dashboard {
         Some(addr) => {
             let name = flotilla_report::run_name(&dir);
+            // With TLS the dashboard shares the server's certificate and speaks HTTPS only.
+            let dashboard_tls = match &tls {
+                Some(t) => Some(crate::dashboard::tls_config(&t.cert, &t.key)?),
+                None => None,
+            };
             Some(crate::dashboard::Dashboard::start(
                 addr,
                 &name,
                 serde_json::to_value(&exp)?,
+                dashboard_tls,
             )?)
         }
         None => None,

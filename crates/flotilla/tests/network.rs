@@ -645,10 +645,44 @@ fn tls_with_tokens_refuses_a_client_without_a_valid_token() {
         &config,
         &state,
         "127.0.0.1:0",
-        &["--cert", s(&cert), "--key", s(&key), "--tokens", s(&tokens)],
+        &[
+            "--cert",
+            s(&cert),
+            "--key",
+            s(&key),
+            "--tokens",
+            s(&tokens),
+            "--dashboard",
+            "127.0.0.1:0",
+        ],
     );
     let port = addr.rsplit(':').next().unwrap();
     let url = format!("https://127.0.0.1:{port}");
+
+    // The dashboard shares the server's certificate: HTTPS, verified against the run's CA...
+    let dashboard = server
+        .log()
+        .split("dashboard: ")
+        .nth(1)
+        .and_then(|u| u.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    assert!(dashboard.starts_with("https://"), "{dashboard}");
+    let (code, run) = get_json_with_ca(&dashboard, "/api/run", Some(&ca));
+    assert_eq!(code, 200);
+    assert_eq!(run["method"], "fedavg", "{run}");
+    // ...and nothing in plaintext.
+    let mut plain = std::net::TcpStream::connect(host(&dashboard)).unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    std::io::Write::write_all(&mut plain, b"GET /api/run HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut answer = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut plain, &mut answer);
+    assert!(
+        !String::from_utf8_lossy(&answer).contains("fedavg"),
+        "the dashboard answered in plaintext"
+    );
 
     // A wrong token: refused at once with a clear error, nothing trained.
     let mut intruder = start_client(

@@ -302,20 +302,59 @@ pub fn assert_no_diffs(what: &str, diffs: &[String]) {
 // Plain HTTP/1.1 for the dashboard tests.
 // ---------------------------------------------------------------------------------------------
 
-/// host:port of a base URL `http://host:port/`.
+/// host:port of a base URL `http://host:port/` or `https://host:port/`.
 pub fn host(url: &str) -> String {
     url.trim_start_matches("http://")
-        .trim_end_matches('/')
+        .trim_start_matches("https://")
+        .split('/')
+        .next()
+        .unwrap()
         .to_string()
+}
+
+/// A byte stream to a dashboard: plain TCP or TLS.
+pub trait Stream: Read + Write + Send {}
+impl<T: Read + Write + Send> Stream for T {}
+
+/// Connects to the server of `url`: over TLS for `https://`, trusting only the CA in `ca`.
+fn connect(url: &str, ca: Option<&Path>) -> Box<dyn Stream> {
+    let tcp = TcpStream::connect(host(url)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    if !url.starts_with("https://") {
+        return Box::new(tcp);
+    }
+    use rustls::pki_types::pem::PemObject;
+    let ca = ca.expect("an https URL needs the CA that signed the server's certificate");
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = host(url).rsplit_once(':').unwrap().0.to_string();
+    let conn = rustls::ClientConnection::new(
+        std::sync::Arc::new(config),
+        rustls::pki_types::ServerName::try_from(name).unwrap(),
+    )
+    .unwrap();
+    Box::new(rustls::StreamOwned::new(conn, tcp))
 }
 
 /// A GET over plain HTTP/1.1; returns the status and a reader positioned at the body
 /// (de-chunked by [`Chunked`]).
 pub fn get(url: &str, path: &str) -> (u16, Chunked) {
-    let mut stream = TcpStream::connect(host(url)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(120)))
-        .unwrap();
+    get_with_ca(url, path, None)
+}
+
+/// [`get`], over TLS for an `https://` URL, trusting the CA in `ca`.
+pub fn get_with_ca(url: &str, path: &str, ca: Option<&Path>) -> (u16, Chunked) {
+    let mut stream = connect(url, ca);
     write!(
         stream,
         "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: */*\r\n\r\n",
@@ -352,7 +391,7 @@ pub fn get(url: &str, path: &str) -> (u16, Chunked) {
 
 /// The body of an HTTP/1.1 response, chunked or not.
 pub struct Chunked {
-    reader: BufReader<TcpStream>,
+    reader: BufReader<Box<dyn Stream>>,
     chunked: bool,
     left: usize,
 }
@@ -385,7 +424,12 @@ impl Read for Chunked {
 }
 
 pub fn get_json(url: &str, path: &str) -> (u16, Value) {
-    let (code, mut body) = get(url, path);
+    get_json_with_ca(url, path, None)
+}
+
+/// [`get_json`], over TLS for an `https://` URL, trusting the CA in `ca`.
+pub fn get_json_with_ca(url: &str, path: &str, ca: Option<&Path>) -> (u16, Value) {
+    let (code, mut body) = get_with_ca(url, path, ca);
     let mut text = String::new();
     body.read_to_string(&mut text).unwrap();
     (code, serde_json::from_str(&text).unwrap_or(Value::Null))
