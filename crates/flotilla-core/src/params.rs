@@ -6,6 +6,7 @@
 
 use crate::CoreError;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// One named tensor: a shape and its values in row-major order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -61,9 +62,12 @@ impl Tensor {
 
 /// An ordered collection of named tensors. Order is part of the value: it is the canonical
 /// order used by codecs, aggregation and files.
+///
+/// Tensors are shared between clones until one is written (copy on write), so the tasks of a
+/// round that all send the global model hold one copy of it, however many clients there are.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ParamSet {
-    tensors: Vec<Tensor>,
+    tensors: Vec<Arc<Tensor>>,
 }
 
 impl ParamSet {
@@ -89,7 +93,7 @@ impl ParamSet {
                 tensor.name
             )));
         }
-        self.tensors.push(tensor);
+        self.tensors.push(Arc::new(tensor));
         Ok(())
     }
 
@@ -105,22 +109,23 @@ impl ParamSet {
 
     /// Total number of values over all tensors.
     pub fn numel(&self) -> usize {
-        self.tensors.iter().map(Tensor::numel).sum()
+        self.tensors.iter().map(|t| t.numel()).sum()
     }
 
     /// Tensors in canonical order.
     pub fn iter(&self) -> impl Iterator<Item = &Tensor> {
-        self.tensors.iter()
+        self.tensors.iter().map(|t| &**t)
     }
 
     /// Mutable tensors in canonical order.
+    /// Each tensor shared with another collection is copied first.
     pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Tensor> {
-        self.tensors.iter_mut()
+        self.tensors.iter_mut().map(Arc::make_mut)
     }
 
-    /// The tensors, consuming the collection.
+    /// The tensors, consuming the collection (copying those shared with another).
     pub fn into_tensors(self) -> Vec<Tensor> {
-        self.tensors
+        self.tensors.into_iter().map(Arc::unwrap_or_clone).collect()
     }
 
     /// Names in canonical order.
@@ -134,12 +139,13 @@ impl ParamSet {
 
     /// The tensor with this name.
     pub fn get(&self, name: &str) -> Option<&Tensor> {
-        self.position(name).map(|i| &self.tensors[i])
+        self.position(name).map(|i| &*self.tensors[i])
     }
 
-    /// The tensor with this name, mutable.
+    /// The tensor with this name, mutable (copied first if shared with another collection).
     pub fn get_mut(&mut self, name: &str) -> Option<&mut Tensor> {
-        self.position(name).map(move |i| &mut self.tensors[i])
+        self.position(name)
+            .map(move |i| Arc::make_mut(&mut self.tensors[i]))
     }
 
     /// The tensor with this name, or an error naming it.
@@ -229,6 +235,27 @@ mod tests {
     fn t(name: &str, shape: Vec<usize>, v: f32) -> Tensor {
         let n = shape.iter().product();
         Tensor::new(name, shape, vec![v; n]).unwrap()
+    }
+
+    #[test]
+    fn clones_share_tensors_until_one_is_written() {
+        let a = ParamSet::from_tensors(vec![t("w", vec![4], 1.0), t("b", vec![2], 2.0)]).unwrap();
+        let mut b = a.clone();
+        let ptr = |p: &ParamSet, n: &str| p.get(n).unwrap().data.as_ptr();
+        // A round's tasks clone the global model: one copy of the values between them.
+        assert_eq!(ptr(&a, "w"), ptr(&b, "w"));
+        assert_eq!(ptr(&a.filter(|n| n == "w"), "w"), ptr(&a, "w"));
+        // Writing one tensor copies that tensor only, and leaves the original as it was.
+        b.get_mut("w").unwrap().data[0] = 9.0;
+        assert_ne!(ptr(&a, "w"), ptr(&b, "w"));
+        assert_eq!(ptr(&a, "b"), ptr(&b, "b"));
+        assert_eq!(a.get("w").unwrap().data, vec![1.0; 4]);
+        assert_eq!(b.get("w").unwrap().data[0], 9.0);
+        for t in b.iter_mut() {
+            t.data[1] = -1.0;
+        }
+        assert_eq!(a.get("b").unwrap().data, vec![2.0; 2]);
+        assert_eq!(a.clone().into_tensors()[0].data, vec![1.0; 4]);
     }
 
     #[test]
