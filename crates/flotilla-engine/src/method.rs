@@ -417,6 +417,8 @@ pub struct ServerCtx<'a> {
     pub server_data_labelled: bool,
     /// FLOPs reported through [`ServerCtx::add_flops`].
     flops: f64,
+    /// The replies' mean, folded as they arrived ([`ServerHalf::mean_fold`]).
+    mean: Option<ParamSet>,
 }
 
 impl<'a> ServerCtx<'a> {
@@ -426,7 +428,21 @@ impl<'a> ServerCtx<'a> {
             server_data,
             server_data_labelled: labelled && server_data.is_some(),
             flops: 0.0,
+            mean: None,
         }
+    }
+
+    /// The same context holding `mean`, the phase's replies folded as they arrived.
+    pub fn with_mean(mut self, mean: Option<ParamSet>) -> Self {
+        self.mean = mean;
+        self
+    }
+
+    /// The example-weighted mean of this phase's replies when the server folded them as they
+    /// arrived ([`ServerHalf::mean_fold`]); the replies passed to `aggregate` then carry no
+    /// tensors. `None`: the replies are whole.
+    pub fn take_mean(&mut self) -> Option<ParamSet> {
+        self.mean.take()
     }
 
     /// Reports FLOPs of server-side work (training, distillation, generation) in this call,
@@ -465,6 +481,17 @@ pub trait ServerHalf: Send + Sync {
     /// Plans one phase: one assignment per client, in the order given. Must not change
     /// state, so the engine can also dry-run it (to refuse an impossible fleet at start).
     fn plan(&self, ctx: &PhaseCtx, clients: &[ClientInfo]) -> Result<Vec<Assignment>, EngineError>;
+
+    /// A fold for this phase's replies when the phase's aggregation is exactly the
+    /// example-weighted mean of the replies' tensors over `template`'s layout: the network
+    /// server then folds each accepted reply in as it arrives and keeps none, so its memory
+    /// does not grow with the clients. [`ServerHalf::aggregate`] then gets the replies without
+    /// their tensors and the mean from [`ServerCtx::take_mean`]. `None` (the default): the
+    /// replies arrive whole. Rules that need every reply at once (median, trimmed mean,
+    /// Krum) and partial-support means return `None`.
+    fn mean_fold(&self, _ctx: &PhaseCtx) -> Option<flotilla_core::aggregate::MeanFold> {
+        None
+    }
 
     /// Folds the replies of one phase (sorted by client id) into new state.
     fn aggregate(

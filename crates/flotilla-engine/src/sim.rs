@@ -289,6 +289,8 @@ impl Fleet for LocalFleet {
         tasks: Vec<Prepared>,
         server_masks: &KnownMasks,
         check: &ReplyCheck<'_>,
+        // Never given: the simulated clock may still turn replies away after the fact.
+        _fold: Option<&mut flotilla_core::aggregate::MeanFold>,
     ) -> Result<(Vec<ClientRun>, f64), EngineError> {
         let workers = self.workers;
         let this = &*self;

@@ -163,12 +163,23 @@ impl ServerHalf for FedAvg {
         check_full_model_reply(&self.global, reply)
     }
 
+    /// The mean rule is a plain example-weighted mean: a network server folds it as replies
+    /// arrive. The robust rules need every reply at once.
+    fn mean_fold(&self, _ctx: &PhaseCtx) -> Option<aggregate::MeanFold> {
+        (self.aggregator == Aggregator::Mean).then(|| aggregate::MeanFold::new(&self.global))
+    }
+
     fn aggregate(
         &mut self,
         ctx: &PhaseCtx,
         replies: &[Reply],
-        _server: &mut ServerCtx<'_>,
+        server: &mut ServerCtx<'_>,
     ) -> Result<PhaseEnd, EngineError> {
+        if let Some(mean) = server.take_mean() {
+            // Folded as the replies arrived, after the same checks `valid_updates` makes.
+            self.global = mean;
+            return Ok(PhaseEnd::RoundComplete);
+        }
         let valid = valid_updates(ctx, &self.global, replies)?;
         let contribs = crate::common::contributions(&valid[..]);
         self.global = match self.aggregator {

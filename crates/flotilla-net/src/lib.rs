@@ -12,6 +12,7 @@
 
 pub mod certs;
 pub mod client;
+mod delivery;
 pub mod listener;
 pub mod proto;
 pub mod push_gate;

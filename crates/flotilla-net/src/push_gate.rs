@@ -173,6 +173,11 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
+        if req.uri().path().ends_with("/Pull") {
+            // A task's reservation of the delivery budget lasts until its bytes are sent.
+            let sent = self.inner.call(req);
+            return Box::pin(async move { sent.await.map(crate::delivery::hold_until_sent) });
+        }
         if !req.uri().path().ends_with("/Push") {
             return Box::pin(self.inner.call(req));
         }

@@ -71,10 +71,13 @@ wait_s = 120.0
 deadline_s = 120.0
 heartbeat_s = 2.0
 liveness_s = 30.0
+# Every load client holds one connection; the default cap (512) protects real servers.
+max_connections = {max_connections}
 
 [method]
 name = "fedavg"
-"#
+"#,
+        max_connections = n + 16
     )
 }
 

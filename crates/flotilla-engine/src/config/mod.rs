@@ -176,9 +176,11 @@ impl Experiment {
             || sv.max_message_mib == 0
             || sv.max_connections == 0
             || sv.max_push_mib_in_flight == 0
+            || sv.max_task_mib_in_flight == 0
+            || sv.flow_window_kib == 0
         {
             return bad(
-                "server.min_clients / max_message_mib / max_connections / max_push_mib_in_flight",
+                "server.min_clients / max_message_mib / max_connections / max_push_mib_in_flight / max_task_mib_in_flight / flow_window_kib",
                 "must be at least 1".into(),
             );
         }

@@ -225,10 +225,21 @@ pub struct ServerConfig {
     /// more. Unset: the size of the configured training set (what `serve` loads).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_examples: Option<u64>,
-    /// Bytes of updates the server buffers at once, MiB; further pushes wait for room (a
-    /// single larger push is admitted alone).
+    /// Bytes of updates the server buffers at once, MiB, from admission until their verdict;
+    /// further pushes wait for room (a single larger push is admitted alone).
     #[serde(default = "max_push_mib_in_flight")]
     pub max_push_mib_in_flight: usize,
+    /// Bytes of tasks the server holds encoded at once, MiB: a task is encoded when its
+    /// client pulls it, and further pulls wait for room until it has been sent (a single
+    /// larger task is sent alone).
+    #[serde(default = "max_task_mib_in_flight")]
+    pub max_task_mib_in_flight: usize,
+    /// HTTP/2 flow-control window per connection and stream, KiB: how much of an update a
+    /// client may send before the server reads it, so the most a client waiting for
+    /// admission makes the server buffer. Upload speed per client is at most about this
+    /// window per round-trip time: raise it for fast clients on long links.
+    #[serde(default = "flow_window_kib")]
+    pub flow_window_kib: usize,
     /// Most connections open at once; further peers wait until one closes.
     #[serde(default = "max_connections")]
     pub max_connections: usize,
@@ -239,7 +250,15 @@ pub struct ServerConfig {
 }
 
 pub(super) fn max_push_mib_in_flight() -> usize {
-    512
+    64
+}
+
+pub(super) fn flow_window_kib() -> usize {
+    64
+}
+
+pub(super) fn max_task_mib_in_flight() -> usize {
+    64
 }
 
 pub(super) fn max_connections() -> usize {
@@ -277,6 +296,8 @@ impl Default for ServerConfig {
             max_message_mib: max_message_mib(),
             max_examples: None,
             max_push_mib_in_flight: max_push_mib_in_flight(),
+            max_task_mib_in_flight: max_task_mib_in_flight(),
+            flow_window_kib: flow_window_kib(),
             max_connections: max_connections(),
             idle_timeout_s: idle_timeout_s(),
         }

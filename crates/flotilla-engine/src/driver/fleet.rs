@@ -6,6 +6,7 @@ use crate::EngineError;
 use crate::held::{self, Inventory};
 use crate::method::{ClientData, ClientInfo, HeldTensors, KnownMasks, Reply, Task};
 use crate::sink::ClientRecord;
+use flotilla_core::aggregate::MeanFold;
 use std::collections::BTreeMap;
 
 /// A task ready to send: the task and what its client already holds.
@@ -93,11 +94,17 @@ pub trait Fleet {
     /// Runs the tasks and returns one [`ClientRun`] per task, in task order, plus the wall
     /// time of the critical path (the longest any one worker or client was busy). Every reply
     /// must be judged with [`judge_reply`] (decoded, then passed through `check`) before it counts.
+    ///
+    /// With `fold` (only ever given to a fleet on a wall clock, see
+    /// [`ServerHalf::mean_fold`](crate::ServerHalf::mean_fold)), each accepted reply is
+    /// folded in as it arrives by [`fold_reply`](super::fold_reply), which drops its tensors,
+    /// so the fleet never holds every reply at once.
     fn execute(
         &mut self,
         tasks: Vec<Prepared>,
         server_masks: &KnownMasks,
         check: &ReplyCheck<'_>,
+        fold: Option<&mut MeanFold>,
     ) -> Result<(Vec<ClientRun>, f64), EngineError>;
 
     /// Whether the fleet's clock is simulated: then the configured deadline applies to the

@@ -15,6 +15,7 @@ use crate::method::{
 };
 use crate::server_data::ServerData;
 use crate::sink::{ClientRecord, ClientStatus, Event, RoundRecord, Sink};
+use flotilla_core::ParamSet;
 use flotilla_core::seed::{self, Purpose};
 use flotilla_data::Dataset;
 use rand::Rng;
@@ -33,7 +34,7 @@ mod replies;
 pub use checkpoint::{CHECKPOINT_DIR, CheckpointStep};
 pub use fleet::{ClientRun, Fleet, Prepared, ReplyCheck};
 use record::{ProbeFloor, RoundCost, RoundEval, Totals};
-pub use replies::{blank_record, judge_reply};
+pub use replies::{blank_record, fold_reply, judge_reply};
 use replies::{check_reply, merge_record};
 
 /// The server side of a run, independent of where the clients live.
@@ -258,8 +259,8 @@ impl Driver {
             };
             let infos: Vec<ClientInfo> = active.iter().map(|&c| fleet.info(c)).collect();
             let tasks = self.plan_phase(&ctx, &infos, &mut records, &mut cost)?;
-            let replies =
-                self.deliver_and_collect(tasks, &infos, fleet, &mut records, &mut cost)?;
+            let (replies, mean) =
+                self.deliver_and_collect(&ctx, tasks, &infos, fleet, &mut records, &mut cost)?;
             if replies.len() < self.exp.sampling.min_clients {
                 tracing::warn!(
                     round,
@@ -270,7 +271,7 @@ impl Driver {
                 );
                 break;
             }
-            let end = self.aggregate_phase(&ctx, &replies, &mut cost)?;
+            let end = self.aggregate_phase(&ctx, &replies, mean, &mut cost)?;
             active = replies.iter().map(|r| r.client).collect();
             match end {
                 PhaseEnd::RoundComplete => break,
@@ -362,15 +363,28 @@ impl Driver {
     /// accepted replies in client-id order. Every reply is checked (addressing, example count,
     /// the method's own check); on a simulated clock a reply past the deadline is a straggler's
     /// and does not count.
+    ///
+    /// On a wall clock, when the method's aggregation is a plain weighted mean
+    /// ([`ServerHalf::mean_fold`]), the fleet folds replies in as they arrive: the replies
+    /// come back without tensors, and their mean with them.
+    #[allow(clippy::too_many_arguments)]
     fn deliver_and_collect(
         &mut self,
+        ctx: &PhaseCtx,
         tasks: Vec<Task>,
         infos: &[ClientInfo],
         fleet: &mut dyn Fleet,
         records: &mut BTreeMap<u64, ClientRecord>,
         cost: &mut RoundCost,
-    ) -> Result<Vec<Reply>, EngineError> {
+    ) -> Result<(Vec<Reply>, Option<ParamSet>), EngineError> {
         let server_masks = self.server.masks();
+        // A simulated clock may still turn a reply away after the fact (the deadline below),
+        // so only a wall-clock fleet folds as replies arrive.
+        let mut fold = if fleet.simulated_clock() {
+            None
+        } else {
+            self.server.mean_fold(ctx)
+        };
         let prepared = self.prepare(tasks, &server_masks);
         let declared: HashMap<u64, u64> = infos
             .iter()
@@ -381,7 +395,8 @@ impl Driver {
             check_reply(task, reply, declared.get(&task.client).copied())?;
             server.check_reply(task, reply)
         };
-        let (runs, critical_path) = fleet.execute(prepared, &server_masks, &check)?;
+        let (runs, critical_path) =
+            fleet.execute(prepared, &server_masks, &check, fold.as_mut())?;
         cost.train_wall_s += critical_path;
         let simulated = fleet.simulated_clock();
         let mut replies = Vec::new();
@@ -415,7 +430,11 @@ impl Driver {
         {
             cost.sim_s = cost.sim_s.max(deadline);
         }
-        Ok(replies)
+        let mean = match fold {
+            Some(f) if !f.is_empty() => Some(f.finish()?),
+            _ => None,
+        };
+        Ok((replies, mean))
     }
 
     /// Folds the phase's replies into the server half, timing it and taking the server-side
@@ -424,12 +443,14 @@ impl Driver {
         &mut self,
         ctx: &PhaseCtx,
         replies: &[Reply],
+        mean: Option<ParamSet>,
         cost: &mut RoundCost,
     ) -> Result<PhaseEnd, EngineError> {
         let mut server_ctx = ServerCtx::new(
             self.server_data.as_ref().map(|d| &d.data),
             self.server_data.as_ref().is_some_and(|d| d.labelled),
-        );
+        )
+        .with_mean(mean);
         let aggregate_started = Instant::now();
         let end = self.server.aggregate(ctx, replies, &mut server_ctx)?;
         cost.server_wall_s += aggregate_started.elapsed().as_secs_f64();

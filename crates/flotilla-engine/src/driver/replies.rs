@@ -5,6 +5,7 @@ use super::{ClientRun, ReplyCheck};
 use crate::method::{KnownMasks, Reply, Task};
 use crate::sink::ClientRecord;
 use crate::sink::ClientStatus;
+use flotilla_core::aggregate::{Contribution, MeanFold};
 use flotilla_core::device::DeviceProfile;
 
 /// The checks every reply passes before it counts, whatever the method: addressed to the
@@ -72,6 +73,35 @@ pub fn judge_reply(
                 reply: None,
             };
             (run, Err(reason))
+        }
+    }
+}
+
+/// Folds an accepted reply into the phase's running mean (weight: its example count) and
+/// drops its tensors, keeping the rest of the reply for the method. A reply the fold cannot
+/// take (values too large to average) is refused: the client's round fails with the reason,
+/// which is returned so a network client can be told.
+pub fn fold_reply(run: &mut ClientRun, fold: &mut MeanFold) -> Result<(), String> {
+    let Some(reply) = &mut run.reply else {
+        return Ok(());
+    };
+    let added = fold.add(&Contribution {
+        params: &reply.params,
+        weight: reply.num_examples as f64,
+    });
+    match added {
+        Ok(()) => {
+            reply.params = flotilla_core::ParamSet::new();
+            Ok(())
+        }
+        Err(e) => {
+            let reason = e.to_string();
+            let rec = &mut run.record;
+            tracing::warn!(round = rec.round, client = rec.client, %reason, "update refused");
+            rec.status = ClientStatus::Failed;
+            rec.reason = Some(format!("update refused: {reason}"));
+            run.reply = None;
+            Err(reason)
         }
     }
 }

@@ -77,6 +77,7 @@ impl Fleet for NetFleet {
         tasks: Vec<Prepared>,
         server_masks: &KnownMasks,
         check: &ReplyCheck<'_>,
+        mut fold: Option<&mut MeanFold>,
     ) -> Result<(Vec<ClientRun>, f64), EngineError> {
         let started = Instant::now();
         let cfg = self.shared.cfg.clone();
@@ -87,19 +88,11 @@ impl Fleet for NetFleet {
         type Pending = (Arc<Prepared>, u64, flotilla_engine::sink::ClientRecord);
         let mut pending: BTreeMap<u64, Pending> = BTreeMap::new();
         {
-            // Encode before taking the lock: encoding a large model is the slow part.
-            let encoded = tasks
-                .into_iter()
-                .map(|p| {
-                    let b = p.encode();
-                    (Arc::new(p), b)
-                })
-                .collect::<Vec<_>>();
+            // Tasks are encoded when their clients pull them (the service), not here.
             let mut st = self.shared.lock();
-            for (p, bytes) in encoded {
+            for p in tasks {
                 let c = p.client;
                 let mut rec = blank_record(p.task.round, c, &self.roster[&c].profile);
-                let bytes = bytes?;
                 let Some(member) = st.members.get(&c) else {
                     rec.status = ClientStatus::Failed;
                     rec.reason = Some("left the run before its task was sent".into());
@@ -113,20 +106,14 @@ impl Fleet for NetFleet {
                     continue;
                 };
                 let session = member.session;
-                let pull_reply = PullReply {
-                    status: PullStatus::Task as i32,
-                    task: bytes,
-                    reason: String::new(),
-                };
-                let delivered_bytes = pull_reply.encoded_len() as u64 + GRPC_FRAME_BYTES;
-                rec.bytes_down = delivered_bytes;
+                let p = Arc::new(p);
                 st.outbox.insert(
                     c,
                     Outgoing {
                         session,
-                        pull_reply: Some(pull_reply),
+                        delivered: false,
                         prepared: p.clone(),
-                        delivered_bytes,
+                        delivered_bytes: 0,
                     },
                 );
                 pending.insert(c, (p, session, rec));
@@ -156,12 +143,19 @@ impl Fleet for NetFleet {
                         None => lost.push((*c, "left the run".into())),
                     }
                 }
-                for (c, _) in &lost {
-                    st.outbox.remove(c);
-                }
+                let lost: Vec<(u64, String, u64)> = lost
+                    .into_iter()
+                    .map(|(c, reason)| {
+                        let sent = st.outbox.remove(&c).map_or(0, |o| o.delivered_bytes);
+                        (c, reason, sent)
+                    })
+                    .collect();
                 (incoming, lost)
             };
-            for (c, reason) in lost {
+            for (c, reason, sent) in lost {
+                if let Some((_, _, rec)) = pending.get_mut(&c) {
+                    rec.bytes_down = sent;
+                }
                 // A reply already queued from this client still counts.
                 if incoming.iter().any(|i| i.client == c) {
                     continue;
@@ -187,8 +181,12 @@ impl Fleet for NetFleet {
                         }
                         rec.bytes_up = inc.wire_bytes;
                         let profile = &self.roster[&inc.client].profile;
-                        let (run, verdict) =
+                        let (mut run, mut verdict) =
                             judge_reply(rec, &inc.reply, server_masks, &p.task, check, profile);
+                        // Folded now, the reply's tensors are not kept until the round ends.
+                        if let (Ok(()), Some(f)) = (&verdict, fold.as_deref_mut()) {
+                            verdict = fold_reply(&mut run, f);
+                        }
                         done.insert(inc.client, run);
                         verdict
                     }
@@ -203,7 +201,7 @@ impl Fleet for NetFleet {
             if now >= deadline {
                 let mut st = self.shared.lock();
                 for (c, (_, _, mut rec)) in std::mem::take(&mut pending) {
-                    st.outbox.remove(&c);
+                    rec.bytes_down = st.outbox.remove(&c).map_or(0, |o| o.delivered_bytes);
                     tracing::warn!(
                         round = rec.round,
                         client = c,

@@ -10,10 +10,13 @@
 use crate::NetError;
 use crate::proto::service::coordinator_server::{Coordinator, CoordinatorServer};
 use crate::proto::*;
+use flotilla_core::aggregate::MeanFold;
 use flotilla_core::device::DeviceProfile;
 use flotilla_core::wire::PROTOCOL_VERSION;
 use flotilla_engine::config::ServerConfig;
-use flotilla_engine::driver::{ClientRun, Fleet, Prepared, ReplyCheck, blank_record, judge_reply};
+use flotilla_engine::driver::{
+    ClientRun, Fleet, Prepared, ReplyCheck, blank_record, fold_reply, judge_reply,
+};
 use flotilla_engine::method::KnownMasks;
 use flotilla_engine::sink::ClientStatus;
 use flotilla_engine::sink::Sink;
@@ -155,6 +158,9 @@ pub fn serve_watched(
             .max_examples
             .or(exp.server.max_examples)
             .unwrap_or(DEFAULT_MAX_EXAMPLES),
+        delivery: crate::delivery::DeliveryBudget::new(
+            exp.server.max_task_mib_in_flight as u64 * 1024 * 1024,
+        ),
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -217,9 +223,14 @@ pub fn serve_watched(
     };
     let idle = Duration::from_secs_f64(exp.server.idle_timeout_s);
     // Pings keep a healthy but quiet connection above the idle timeout (its peer answers).
+    let window = (exp.server.flow_window_kib * 1024).min(i32::MAX as usize) as u32;
     let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(idle / 3))
-        .http2_keepalive_timeout(Some(idle / 3));
+        .http2_keepalive_timeout(Some(idle / 3))
+        // A push's body flows up to the HTTP/2 window before the push gate has admitted it,
+        // so the window bounds what each waiting client can make the server buffer.
+        .initial_stream_window_size(Some(window))
+        .initial_connection_window_size(Some(window));
     if let Some(tls) = &opts.tls {
         let read = |p: &PathBuf| {
             std::fs::read(p).map_err(|e| NetError::Setup(format!("{}: {e}", p.display())))

@@ -107,37 +107,22 @@ impl Coordinator for Service {
             let notified = shared.posted.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            {
-                let mut st = shared.lock();
-                if let Some(out) = st.outbox.get_mut(&r.client)
-                    && out.session == r.session
-                    && let Some(mut task) = out.pull_reply.take()
-                {
-                    // A client that lacks a mask or tensor the task names by fingerprint (a
-                    // restarted process, a restored server, an evicted entry) gets it in full.
-                    if let Some(fixed) = out.prepared.reconcile(&r.inventory()) {
-                        tracing::info!(
-                            client = r.client,
-                            "the client lacks what it was thought to hold; sending it in full"
-                        );
-                        task.task = fixed
-                            .encode()
-                            .map_err(|e| Status::internal(e.to_string()))?;
-                    }
-                    out.delivered_bytes = task.encoded_len() as u64 + GRPC_FRAME_BYTES;
-                    // Liveness counts from the delivery: training starts now.
-                    if let Some(m) = st.members.get_mut(&r.client) {
-                        m.last_seen = Instant::now();
-                    }
-                    return Ok(Response::new(task));
-                }
-                if st.done {
-                    st.released.insert(r.client);
-                    let (status, reason) = match &st.failure {
-                        Some(r) => (PullStatus::Failed, r.clone()),
-                        None => (PullStatus::Done, String::new()),
+            match shared.look_for_task(r.client, r.session) {
+                Look::Task { size } => {
+                    // Room for the encoded task first (see `delivery`), then take it, unless
+                    // it went elsewhere meanwhile (a deadline, a rejoin).
+                    let Some(permit) = shared.delivery.reserve(size).await else {
+                        return Err(Status::unavailable("the server is shutting down"));
                     };
-                    drop(st);
+                    let Some(prepared) = shared.take_task(r.client, r.session) else {
+                        continue;
+                    };
+                    let task = deliver(shared, &r, &prepared)?;
+                    let mut response = Response::new(task);
+                    response.extensions_mut().insert(permit);
+                    return Ok(response);
+                }
+                Look::Over { status, reason } => {
                     shared.changed.notify_all();
                     return Ok(Response::new(PullReply {
                         status: status as i32,
@@ -145,6 +130,7 @@ impl Coordinator for Service {
                         reason,
                     }));
                 }
+                Look::Nothing => {}
             }
             if tokio::time::timeout_at(give_up, notified).await.is_err() {
                 shared.touch(r.client, r.session)?;
@@ -159,11 +145,14 @@ impl Coordinator for Service {
 
     async fn push(&self, req: Request<PushRequest>) -> Result<Response<PushReply>, Status> {
         let auth = Authorised::of(&req);
-        // The gate admitted this push from its headers before its body was read.
-        let declared = req
+        // The gate admitted this push from its headers before its body was read. Its
+        // reservation is held until the verdict: a reply waiting for the round loop still
+        // occupies memory (its bytes and the decode buffer), so it must count against the budget.
+        let admitted = req
             .extensions()
             .get::<crate::push_gate::Admitted>()
-            .map(|a| a.declared);
+            .cloned();
+        let declared = admitted.as_ref().map(|a| a.declared);
         let r = req.into_inner();
         auth.check(r.client)?;
         let shared = &self.0;
@@ -184,7 +173,7 @@ impl Coordinator for Service {
         {
             let mut st = shared.lock();
             match st.outbox.get(&r.client) {
-                Some(out) if out.session == r.session && out.pull_reply.is_none() => {}
+                Some(out) if out.session == r.session && out.delivered => {}
                 _ => {
                     tracing::warn!(client = r.client, "update refused: no task outstanding");
                     return Err(Status::failed_precondition(format!(
@@ -202,7 +191,9 @@ impl Coordinator for Service {
             });
         }
         shared.changed.notify_all();
-        match rx.await {
+        let verdict = rx.await;
+        drop(admitted);
+        match verdict {
             Ok(Ok(())) => Ok(Response::new(PushReply {
                 accepted: true,
                 reason: String::new(),
@@ -225,4 +216,82 @@ impl Coordinator for Service {
         self.0.changed.notify_all();
         Ok(Response::new(HeartbeatReply {}))
     }
+}
+
+/// What a pull finds.
+enum Look {
+    /// A task waits for this client: about `size` bytes once encoded.
+    Task { size: u64 },
+    /// The run is over (and the client is released).
+    Over { status: PullStatus, reason: String },
+    /// Nothing yet.
+    Nothing,
+}
+
+impl Shared {
+    /// Whether a task waits for (client, session), or the run is over.
+    fn look_for_task(&self, client: u64, session: u64) -> Look {
+        let mut st = self.lock();
+        if let Some(out) = st.outbox.get(&client)
+            && out.session == session
+            && !out.delivered
+        {
+            return Look::Task {
+                size: 4 * out.prepared.task.params.numel() as u64 + 64 * 1024,
+            };
+        }
+        if st.done {
+            st.released.insert(client);
+            let (status, reason) = match &st.failure {
+                Some(r) => (PullStatus::Failed, r.clone()),
+                None => (PullStatus::Done, String::new()),
+            };
+            return Look::Over { status, reason };
+        }
+        Look::Nothing
+    }
+
+    /// Marks the task of (client, session) delivered and returns it, if it is still waiting.
+    fn take_task(&self, client: u64, session: u64) -> Option<Arc<Prepared>> {
+        let mut st = self.lock();
+        let out = st
+            .outbox
+            .get_mut(&client)
+            .filter(|o| o.session == session && !o.delivered)?;
+        out.delivered = true;
+        let prepared = out.prepared.clone();
+        // Liveness counts from the delivery: training starts now.
+        if let Some(m) = st.members.get_mut(&client) {
+            m.last_seen = Instant::now();
+        }
+        Some(prepared)
+    }
+}
+
+/// Encodes a task for the puller `r` (outside the lock: the slow part for a large model) and
+/// records the bytes delivered. A client that lacks a mask or tensor the task names by
+/// fingerprint (a restarted process, a restored server, an evicted entry) gets it in full.
+fn deliver(shared: &Shared, r: &PullRequest, prepared: &Prepared) -> Result<PullReply, Status> {
+    let encoded = match prepared.reconcile(&r.inventory()) {
+        Some(fixed) => {
+            tracing::info!(
+                client = r.client,
+                "the client lacks what it was thought to hold; sending it in full"
+            );
+            fixed.encode()
+        }
+        None => prepared.encode(),
+    };
+    let task = PullReply {
+        status: PullStatus::Task as i32,
+        task: encoded.map_err(|e| Status::internal(e.to_string()))?,
+        reason: String::new(),
+    };
+    let delivered_bytes = task.encoded_len() as u64 + GRPC_FRAME_BYTES;
+    if let Some(out) = shared.lock().outbox.get_mut(&r.client)
+        && out.session == r.session
+    {
+        out.delivered_bytes = delivered_bytes;
+    }
+    Ok(task)
 }

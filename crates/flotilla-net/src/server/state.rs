@@ -43,12 +43,14 @@ pub(super) struct Member {
     pub(super) last_seen: Instant,
 }
 
-/// A task for a client: waiting to be pulled (`pull_reply` holds it), then outstanding until
-/// its reply (`pull_reply` is `None`: the bytes went to the client and are not kept).
+/// A task for a client: waiting to be pulled, then outstanding until its reply. Its bytes are
+/// encoded only when the client pulls and are not kept, so tasks waiting for their clients
+/// hold no encoded copies.
 pub(super) struct Outgoing {
     pub(super) session: u64,
-    pub(super) pull_reply: Option<PullReply>,
-    /// The task, to send again in full what the puller's inventory lacks.
+    /// Whether the client has pulled it.
+    pub(super) delivered: bool,
+    /// The task.
     pub(super) prepared: Arc<Prepared>,
     /// Bytes of the pull reply that carried the task, frame included, once delivered.
     pub(super) delivered_bytes: u64,
@@ -85,6 +87,8 @@ pub(super) struct Shared {
     pub(super) experiment_toml: String,
     pub(super) num_clients: u64,
     pub(super) max_examples: u64,
+    /// Room for encoded tasks on their way out (`server.max_task_mib_in_flight`).
+    pub(super) delivery: crate::delivery::DeliveryBudget,
 }
 
 impl Shared {
@@ -118,7 +122,7 @@ impl crate::push_gate::PushPolicy for Shared {
             )));
         }
         match st.outbox.get(&client) {
-            Some(out) if out.session == session && out.pull_reply.is_none() => Ok(()),
+            Some(out) if out.session == session && out.delivered => Ok(()),
             _ => Err(Status::failed_precondition(format!(
                 "no task outstanding for client {client}: a late, duplicate or replayed update"
             ))),
