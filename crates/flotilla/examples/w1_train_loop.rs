@@ -6,9 +6,9 @@
 //! ```
 //! (defaults 32, 3200 and all cores; prints the samples/s of three runs.)
 
-use flotilla::bench::{client_data, w1_recipe};
 use flotilla::engine::local::{CrossEntropy, TrainJob};
 use flotilla::models::{ModelSpec, Net, View};
+use flotilla::workloads::{client_data, w1_recipe};
 use std::time::Instant;
 
 fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {

@@ -307,6 +307,11 @@ impl Dashboard {
         self.addr
     }
 
+    /// "https" when the dashboard speaks TLS, else "http".
+    pub fn scheme(&self) -> &'static str {
+        self.scheme
+    }
+
     /// The page's URL (with the token, when one is needed).
     pub fn url(&self) -> String {
         match &self.token {

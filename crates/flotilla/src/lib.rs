@@ -27,8 +27,8 @@ pub use flotilla_models as models;
 pub use flotilla_net as net;
 pub use flotilla_report as report;
 
-pub mod bench;
-pub mod bench_net;
+mod bench;
 pub mod cli;
 pub mod dashboard;
-pub mod deploy;
+pub mod run_dir;
+pub mod workloads;

@@ -8,7 +8,7 @@
 //! wire against the raw f32 tensor bytes, and the server's peak RSS (VmHWM, sampled while it
 //! runs).
 
-use crate::cli::load_config;
+use crate::cli::setup::load_config;
 use anyhow::{Context, Result, bail};
 use flotilla_core::device::DeviceProfile;
 use flotilla_data::Dataset;

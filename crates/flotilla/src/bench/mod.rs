@@ -3,11 +3,12 @@
 //! burn's own ops in place of flotilla's kernels, and PyTorch when
 //! `FLOTILLA_TORCH_PYTHON` names a Python with torch installed).
 
+pub mod net;
+
+use crate::workloads::{client_data, synthetic_images, w1_recipe};
 use anyhow::{Context, Result};
-use flotilla_data::Dataset;
 use flotilla_engine::alloc::ThreadPeak;
-use flotilla_engine::local::{CrossEntropy, OptimizerKind, Recipe, TrainJob, evaluate};
-use flotilla_engine::method::ClientData;
+use flotilla_engine::local::{CrossEntropy, TrainJob, evaluate};
 use flotilla_models::{ModelSpec, Net, View, flops};
 use std::path::Path;
 use std::time::Instant;
@@ -63,41 +64,6 @@ pub fn sgemm_peak(n: usize, reps: usize) -> f64 {
     }
     std::hint::black_box(&c);
     2.0 * (n * n * n) as f64 / best
-}
-
-fn synthetic(n: usize, seed: u64) -> Dataset {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let images: Vec<u8> = (0..n * 784).map(|_| rng.random()).collect();
-    let labels: Vec<u8> = (0..n).map(|_| rng.random_range(0..10)).collect();
-    Dataset {
-        images,
-        labels,
-        shape: [1, 28, 28],
-        num_classes: 10,
-    }
-}
-
-/// `n` random W1 images (uniform bytes, labels 0..10) as one client's data, from `seed`.
-pub fn client_data(n: usize, seed: u64) -> ClientData {
-    ClientData {
-        train: synthetic(n, seed),
-        holdout: synthetic(0, seed),
-        mean: vec![0.2860],
-        std: vec![0.3530],
-    }
-}
-
-/// W1's local training recipe (one epoch, SGD 0.01 with momentum 0.9) at `batch`.
-pub fn w1_recipe(batch: usize) -> Recipe {
-    Recipe {
-        epochs: 1,
-        batch_size: batch,
-        optimizer: OptimizerKind::Sgd,
-        lr: 0.01,
-        momentum: 0.9,
-        weight_decay: 0.0,
-    }
 }
 
 /// Timed runs per throughput figure; the best is reported, so that a moment of contention on
@@ -169,7 +135,7 @@ fn w1_inference(samples: usize) -> Result<f64> {
     let params = Net::init_params(&spec, 0)?;
     let device = flotilla_models::compute_device();
     let net = Net::from_params(&spec, &params, &device)?;
-    let data = synthetic(samples, 3);
+    let data = synthetic_images(samples, 3);
     let batch = 1000.min(samples);
     let input = |i: usize| -> Result<_> {
         let mut pixels = Vec::new();
@@ -194,12 +160,12 @@ fn w1_inference(samples: usize) -> Result<f64> {
 fn w1_eval(samples: usize) -> Result<f64> {
     let spec = ModelSpec::fedavg_cnn();
     let params = Net::init_params(&spec, 0)?;
-    let data = synthetic(samples, 3);
+    let data = synthetic_images(samples, 3);
     evaluate(
         &spec,
         &View::full(),
         &params,
-        &synthetic(100, 4),
+        &synthetic_images(100, 4),
         &[0.2860],
         &[0.3530],
     )?;
@@ -325,7 +291,7 @@ fn w2_overhead(data_dir: Option<&Path>, rounds: u64) -> Result<f64> {
         "{ kind = \"dirichlet\", alpha = 0.5 }",
         rounds,
     ))?;
-    let data = crate::cli::load_data(&exp, data_dir)?;
+    let data = crate::cli::setup::load_data(&exp, data_dir)?;
     let dir = tempfile::tempdir()?;
     let (server, client) = flotilla_methods::build(&exp)?;
     let mut sim = flotilla_engine::Simulation::new(exp, data, server, client, dir.path())?;

@@ -1,11 +1,12 @@
 //! `flotilla serve`, `flotilla join` and `flotilla certs`: the network deployment.
 
-use crate::cli::{Progress, fresh_run_dir, load_config, load_data, write_outputs};
+use super::progress::Progress;
+use super::setup::{load_config, load_data};
+use crate::run_dir::RunDir;
 use anyhow::{Context, Result, bail};
 use flotilla_core::device::{DeviceProfile, TierSpec};
-use flotilla_core::safetensors_io;
 use flotilla_engine::server_data::ServerData;
-use flotilla_engine::sim::{CHECKPOINT_DIR, LocalFleet};
+use flotilla_engine::sim::LocalFleet;
 use flotilla_engine::sink::MetricsFiles;
 use flotilla_engine::{ClientData, Driver};
 use flotilla_net::client::{self, ClientTls, JoinOptions};
@@ -140,10 +141,10 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     let resuming = a
         .state
         .as_ref()
-        .is_some_and(|d| d.join(CHECKPOINT_DIR).join("state.json").exists());
+        .is_some_and(|d| RunDir::new(d).has_checkpoint());
     let (exp, dir) = if resuming {
-        let dir = a.state.clone().expect("checked");
-        let exp = load_config(&dir.join("config.toml"), &a.overrides)?;
+        let dir = RunDir::new(a.state.clone().expect("checked"));
+        let exp = load_config(&dir.config_file(), &a.overrides)?;
         (exp, dir)
     } else {
         let config = a
@@ -151,11 +152,14 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             .as_deref()
             .context("--config is required (or --state with a checkpoint to resume)")?;
         let exp = load_config(config, &a.overrides)?;
-        let dir = a.state.clone().unwrap_or_else(|| fresh_run_dir(config));
-        if dir.join(flotilla_report::METRICS_FILE).exists() {
+        let dir = a
+            .state
+            .clone()
+            .map_or_else(|| RunDir::fresh_for(config), RunDir::new);
+        if dir.holds_run() {
             bail!(
                 "{} already holds a run without a checkpoint to resume; choose another --state",
-                dir.display()
+                dir.path().display()
             );
         }
         (exp, dir)
@@ -179,10 +183,10 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     );
     let (server_half, _) = flotilla_methods::build(&exp)?;
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let resolved = toml::to_string(&exp).context("cannot serialise the config")?;
+    let resolved = exp.clone();
     let dashboard = match a.dashboard {
         Some(addr) => {
-            let name = flotilla_report::run_name(&dir);
+            let name = flotilla_report::run_name(dir.path());
             // With TLS the dashboard shares the server's certificate and speaks HTTPS only.
             let dashboard_tls = match &tls {
                 Some(t) => Some(crate::dashboard::tls_config(&t.cert, &t.key)?),
@@ -197,7 +201,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         }
         None => None,
     };
-    let mut driver = Driver::new(exp, test, server_half, &dir, workers)?;
+    let mut driver = Driver::new(exp, test, server_half, dir.path(), workers)?;
     if let Some(d) = server_data {
         driver.set_server_data(d);
     }
@@ -205,24 +209,26 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     // server holds for evaluation; a sample of `probe_examples` is kept, the rest dropped.
     driver.set_probe_data(&data.train)?;
     drop(data.train);
-    std::fs::create_dir_all(&dir)
-        .with_context(|| format!("cannot create the run directory {}", dir.display()))?;
+    dir.create()?;
     let keep = if resuming {
         let round = driver.restore_checkpoint()?;
         tracing::info!(round, "resuming after the last completed round");
         round
     } else {
-        safetensors_io::write_atomic(&dir.join("config.toml"), resolved.as_bytes())?;
+        dir.write_config(&resolved)?;
         0
     };
-    let mut metrics = MetricsFiles::open(&dir, keep)?;
+    if let Some(d) = &dashboard {
+        dir.write_dashboard_url(d.addr(), d.scheme())?;
+    }
+    let mut metrics = MetricsFiles::open(dir.path(), keep)?;
     let mut progress = Progress::new();
     let opts = ServeOptions {
         listen: a.listen,
         tls,
         tokens,
         max_examples: Some(max_examples),
-        address_file: Some(dir.join("address")),
+        address_file: Some(dir.path().join("address")),
     };
     let summary = match &dashboard {
         Some(d) => {
@@ -243,7 +249,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         None => server::serve(&mut driver, opts, &mut [&mut metrics, &mut progress])?,
     };
     progress.done();
-    write_outputs(driver.server(), &summary, &dir)
+    dir.write_outputs(driver.server(), &summary)
 }
 
 fn parse_partition(s: &str) -> Result<(u64, u64)> {

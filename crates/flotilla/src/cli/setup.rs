@@ -1,0 +1,22 @@
+//! What every command does first: read the config and load the data it names.
+
+use anyhow::{Context, Result};
+use flotilla_data::{DatasetKind, Split};
+use flotilla_engine::Experiment;
+use std::path::Path;
+
+/// Reads and checks a config file, applying overrides.
+pub fn load_config(path: &Path, overrides: &[String]) -> Result<Experiment> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the config file {}", path.display()))?;
+    let exp = Experiment::with_overrides(&text, overrides)
+        .with_context(|| format!("in {}", path.display()))?;
+    Ok(exp)
+}
+
+/// Loads the dataset the config names, from the resolved folder.
+pub fn load_data(exp: &Experiment, cli_dir: Option<&Path>) -> Result<Split> {
+    let kind: DatasetKind = exp.data.dataset;
+    let dir = flotilla_data::resolve_data_dir(cli_dir, exp.data.dir.as_deref(), kind);
+    Ok(flotilla_data::load(kind, &dir)?)
+}
