@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 pub mod deploy;
 mod inspect;
-pub mod progress;
+mod progress;
 mod report;
 pub mod setup;
 mod simulate;

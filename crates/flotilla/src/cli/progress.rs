@@ -5,6 +5,7 @@ use flotilla_engine::sink::{ClientStatus, Event, Sink};
 use std::io::IsTerminal;
 
 /// Progress: a bar on a terminal, plain log lines otherwise.
+#[derive(Default)]
 pub struct Progress {
     bar: Option<indicatif::ProgressBar>,
 }
@@ -12,7 +13,7 @@ pub struct Progress {
 impl Progress {
     /// A display that starts with the run.
     pub fn new() -> Self {
-        Self { bar: None }
+        Self::default()
     }
 
     /// Finishes the bar, if there is one.
