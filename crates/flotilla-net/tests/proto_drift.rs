@@ -196,7 +196,7 @@ fn the_prost_types_match_the_proto_file() {
     let (proto_messages, proto_enums) = proto_defs();
     let (mut messages, mut enums) = (BTreeMap::new(), BTreeMap::new());
     rust_defs(
-        "crates/flotilla-core/src/wire.rs",
+        "crates/flotilla-core/src/wire/mod.rs",
         &mut messages,
         &mut enums,
     );

@@ -56,6 +56,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 
 mod client;
+mod correction;
 mod linalg;
 mod server;
 #[cfg(test)]
@@ -63,6 +64,7 @@ mod tests;
 
 pub use client::FedLrtClient;
 use client::*;
+use correction::*;
 use linalg::*;
 pub use server::FedLrt;
 

@@ -25,23 +25,28 @@
 //! `fedssl` trains the same encoder, head and objective end to end: every tensor is sent,
 //! trained and uploaded every round.
 
+mod client;
 pub mod contrastive;
+mod options;
+
+pub use client::FllClient;
+use options::Options;
 
 use contrastive::{Augment, Loss, SelfSupervised};
 use flotilla_core::ParamSet;
 use flotilla_core::aggregate::{self, Support};
 use flotilla_core::seed::{self, Purpose};
 use flotilla_engine::local::Objective;
-use flotilla_engine::local::{Recipe, estimate_memory, inputs_of, train_task};
+use flotilla_engine::local::{Recipe, estimate_memory, inputs_of};
 use flotilla_engine::{
-    Assignment, ClientCtx, ClientData, ClientHalf, ClientInfo, EngineError, EvalModel, Experiment,
-    MethodState, PhaseCtx, PhaseEnd, Readout, Reply, ServerCtx, ServerHalf, Task, TaskCost,
+    Assignment, ClientInfo, EngineError, EvalModel, Experiment, MethodState, PhaseCtx, PhaseEnd,
+    Readout, Reply, ServerCtx, ServerHalf, Task, TaskCost,
 };
 use flotilla_models::Architecture;
 use flotilla_models::{ModelSpec, Net, View, flops};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 /// Layer-wise (FLL) or end to end (FedSSL).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,71 +59,6 @@ pub enum Mode {
 
 /// The ViT's tensors outside the blocks that come before them (trained in stage 0 only).
 const STEM: [&str; 3] = ["patch_embed", "cls_token", "pos_embed"];
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Options {
-    name: String,
-    /// `contrastive` (NT-Xent, no labels) or `supervised`.
-    #[serde(default)]
-    objective: Loss,
-    /// NT-Xent temperature τ.
-    #[serde(default = "default_temperature")]
-    temperature: f64,
-    /// Outputs of the projection head.
-    #[serde(default = "default_projection_dim")]
-    projection_dim: usize,
-    /// Augmentations of each view.
-    #[serde(default)]
-    augment: AugmentTable,
-    /// Rounds of each stage, one entry per block; default equal stages (rounds / depth, the
-    /// remainder to the last stage).
-    #[serde(default)]
-    stage_rounds: Option<Vec<u64>>,
-    /// Depth-dropout probability of each frozen block.
-    #[serde(default)]
-    dd_rate: f64,
-    /// Always keep the frozen block just below the trained one.
-    #[serde(default)]
-    dd_keep_last: bool,
-    /// Clients keep frozen tensors between the rounds of a stage.
-    #[serde(default = "yes")]
-    cache_frozen: bool,
-}
-
-/// `[method.augment]`: any subset of [`Augment`]'s fields.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AugmentTable {
-    crop_min_scale: Option<f64>,
-    flip: Option<f64>,
-    noise: Option<f64>,
-    erase: Option<f64>,
-}
-
-impl AugmentTable {
-    fn resolve(&self) -> Augment {
-        let d = Augment::default();
-        Augment {
-            crop_min_scale: self.crop_min_scale.unwrap_or(d.crop_min_scale),
-            flip: self.flip.unwrap_or(d.flip),
-            noise: self.noise.unwrap_or(d.noise),
-            erase: self.erase.unwrap_or(d.erase),
-        }
-    }
-}
-
-fn default_temperature() -> f64 {
-    0.2
-}
-
-fn default_projection_dim() -> usize {
-    128
-}
-
-fn yes() -> bool {
-    true
-}
 
 /// What an FLL or FedSSL task tells the client, in `Task::options`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -500,67 +440,6 @@ impl ServerHalf for Fll {
             ),
         };
         Ok(())
-    }
-}
-
-/// The client half: fills the blocks it was not sent (deeper or dropped: they do not run, so
-/// their values never reach the output) with zeros, trains what the view leaves trainable
-/// with the self-supervised objective and replies with it.
-pub struct FllClient;
-
-impl ClientHalf for FllClient {
-    fn execute(
-        &self,
-        task: &Task,
-        data: &ClientData,
-        ctx: &ClientCtx,
-    ) -> Result<Reply, EngineError> {
-        crate::common::require_train(task, "fll")?;
-        let opts: SslTask = serde_json::from_value(task.options.clone())
-            .map_err(|e| EngineError::Task(format!("fll task options: {e}")))?;
-        let filled = crate::common::with_unsent_zeroed(task)?;
-        // A block the task sends must run: a sent block that is skipped would be traffic
-        // for nothing, and an unsent block that runs would run on zeros.
-        let sent_blocks: BTreeSet<usize> = task
-            .params
-            .names()
-            .filter_map(ModelSpec::block_of)
-            .collect();
-        for b in 0..task.model.num_blocks() {
-            if sent_blocks.contains(&b) != task.view.block_active(b) {
-                return Err(EngineError::Task(format!(
-                    "block {b} is {} but {}",
-                    if sent_blocks.contains(&b) {
-                        "sent"
-                    } else {
-                        "not sent"
-                    },
-                    if task.view.block_active(b) {
-                        "runs"
-                    } else {
-                        "does not run"
-                    }
-                )));
-            }
-        }
-        if let Some(stage) = opts.stage
-            && opts
-                .dropped
-                .iter()
-                .any(|&d| d >= stage || sent_blocks.contains(&d))
-        {
-            return Err(EngineError::Task(format!(
-                "dropped blocks {:?} must be frozen blocks below {stage} that are not sent",
-                opts.dropped
-            )));
-        }
-        let objective = SelfSupervised {
-            loss: opts.objective,
-            temperature: opts.temperature,
-            augment: opts.augment,
-            view: task.view.clone(),
-        };
-        train_task(&filled, data, ctx, || Ok(objective))
     }
 }
 
