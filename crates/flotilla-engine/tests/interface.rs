@@ -22,7 +22,7 @@
 use burn::tensor::Tensor as BurnTensor;
 use flotilla_core::wire::Mask;
 use flotilla_core::{ParamSet, Tensor};
-use flotilla_data::{Dataset, Split};
+use flotilla_data::Split;
 use flotilla_engine::local::{
     self, Batch, CrossEntropy, Objective, Recipe, TrainJob, TrainOutcome, cross_entropy,
 };
@@ -55,31 +55,7 @@ fn fit(
         .train()
 }
 
-/// Images whose class is a bright 7×7 patch at one of ten positions, plus noise.
-fn synthetic(n: usize, seed: u64) -> Dataset {
-    let mut images = vec![0u8; n * 784];
-    let mut labels = vec![0u8; n];
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-    for i in 0..n {
-        let label = (i % 10) as u8;
-        labels[i] = label;
-        let (r0, c0) = (2 + (label as usize / 5) * 12, 2 + (label as usize % 5) * 5);
-        for p in 0..784 {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let (r, c) = (p / 28, p % 28);
-            let bright = r >= r0 && r < r0 + 7 && c >= c0 && c < c0 + 4;
-            images[i * 784 + p] = if bright { 200 } else { (x >> 59) as u8 * 4 };
-        }
-    }
-    Dataset {
-        images,
-        labels,
-        shape: [1, 28, 28],
-        num_classes: 10,
-    }
-}
+use flotilla_testkit::images::patches as synthetic;
 
 fn resnet(width: f64) -> ModelSpec {
     ModelSpec {

@@ -2,7 +2,6 @@
 //! allocator during real local training.
 
 use flotilla_core::ParamSet;
-use flotilla_data::Dataset;
 use flotilla_engine::alloc::{self, CountingAlloc, ThreadPeak};
 use flotilla_engine::local::{CrossEntropy, OptimizerKind, Recipe, TrainJob, estimate_memory};
 use flotilla_engine::method::ClientData;
@@ -12,25 +11,7 @@ use flotilla_models::{Architecture, ModelSpec, Net, View};
 static ALLOC: CountingAlloc = CountingAlloc;
 
 fn data(n: usize) -> ClientData {
-    let images = (0..n * 784).map(|i| (i * 37 % 251) as u8).collect();
-    let labels = (0..n).map(|i| (i % 10) as u8).collect();
-    let train = Dataset {
-        images,
-        labels,
-        shape: [1, 28, 28],
-        num_classes: 10,
-    };
-    ClientData {
-        train,
-        holdout: Dataset {
-            images: vec![],
-            labels: vec![],
-            shape: [1, 28, 28],
-            num_classes: 10,
-        },
-        mean: vec![0.286],
-        std: vec![0.353],
-    }
+    flotilla_testkit::client_data(flotilla_testkit::images::pattern(n))
 }
 
 fn measure(spec: &ModelSpec, view: &View, recipe: &Recipe) -> (u64, u64) {

@@ -16,20 +16,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-/// `n` images of 28×28 whose pixels encode their index, labels cycling over ten classes.
-fn dataset(n: usize) -> Dataset {
-    let mut images = Vec::with_capacity(n * 784);
-    for i in 0..n {
-        images.extend((0..784).map(|p| ((i * 7 + p) % 251) as u8));
-    }
-    Dataset::new(
-        images,
-        (0..n).map(|i| (i % 10) as u8).collect(),
-        [1, 28, 28],
-        10,
-    )
-    .unwrap()
-}
+use flotilla_testkit::images::pattern as dataset;
 
 fn config(server_data: &str, extra: &str) -> Experiment {
     Experiment::from_toml(&format!(

@@ -3,7 +3,6 @@
 
 use burn::tensor::Tensor;
 use flotilla_core::ParamSet;
-use flotilla_data::Dataset;
 use flotilla_engine::EngineError;
 use flotilla_engine::local::{
     Batch, CrossEntropy, Objective, OptimizerKind, Recipe, TrainJob, TrainOutcome, cross_entropy,
@@ -11,23 +10,7 @@ use flotilla_engine::local::{
 use flotilla_engine::method::ClientData;
 use flotilla_models::{Architecture, ModelSpec, Net, View};
 
-fn synthetic(n: usize, seed: u64) -> Dataset {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-    let mut next = || {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (x >> 56) as u8
-    };
-    let images = (0..n * 784).map(|_| next()).collect();
-    let labels = (0..n).map(|i| (i % 10) as u8).collect();
-    Dataset {
-        images,
-        labels,
-        shape: [1, 28, 28],
-        num_classes: 10,
-    }
-}
+use flotilla_testkit::images::noise as synthetic;
 
 fn run<O: Objective>(
     threads: usize,

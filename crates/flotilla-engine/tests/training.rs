@@ -12,21 +12,7 @@ use flotilla_engine::local::{
 use flotilla_engine::method::ClientData;
 use flotilla_models::{ModelSpec, Net, View};
 
-fn synthetic(n: usize, seed: u64) -> Dataset {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(7);
-    let mut next = || {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (x >> 56) as u8
-    };
-    Dataset {
-        images: (0..n * 784).map(|_| next()).collect(),
-        labels: (0..n).map(|i| (i * 7 % 10) as u8).collect(),
-        shape: [1, 28, 28],
-        num_classes: 10,
-    }
-}
+use flotilla_testkit::images::noise as synthetic;
 
 fn data(n: usize) -> ClientData {
     ClientData {

@@ -43,20 +43,7 @@ impl Sink for Rounds {
 }
 
 fn synthetic(n: usize) -> Dataset {
-    Dataset {
-        images: (0..n * 784)
-            .map(|p| {
-                if (p % 784) / 78 == (p / 784) % 10 {
-                    220
-                } else {
-                    10
-                }
-            })
-            .collect(),
-        labels: (0..n).map(|i| (i % 10) as u8).collect(),
-        shape: [1, 28, 28],
-        num_classes: 10,
-    }
+    flotilla_testkit::images::bands(n, 0)
 }
 
 #[test]

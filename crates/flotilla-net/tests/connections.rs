@@ -48,7 +48,7 @@ name = "fedavg"
 "#;
 
 fn test_set() -> Dataset {
-    Dataset::new(vec![0; 20 * 784], vec![0; 20], [1, 28, 28], 10).unwrap()
+    flotilla_testkit::images::pattern(20)
 }
 
 fn start(

@@ -122,14 +122,7 @@ impl ServerHalf for Keeper {
 }
 
 fn test_set() -> Dataset {
-    let n = 20;
-    Dataset::new(
-        (0..n * 784).map(|p| (p % 251) as u8).collect(),
-        (0..n).map(|i| (i % 10) as u8).collect(),
-        [1, 28, 28],
-        10,
-    )
-    .unwrap()
+    flotilla_testkit::images::pattern(20)
 }
 
 async fn connect(addr: &str) -> Api {

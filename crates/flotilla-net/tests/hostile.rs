@@ -59,14 +59,7 @@ name = "fedavg"
 
 /// A tiny test set of the right shape: the server only evaluates on it.
 fn test_set() -> Dataset {
-    let n = 20;
-    Dataset::new(
-        (0..n * 784).map(|p| (p % 251) as u8).collect(),
-        (0..n).map(|i| (i % 10) as u8).collect(),
-        [1, 28, 28],
-        10,
-    )
-    .unwrap()
+    flotilla_testkit::images::pattern(20)
 }
 
 async fn connect(addr: &str, token: Option<&str>) -> Api {

@@ -8,8 +8,8 @@ use flotilla_core::device::DeviceProfile;
 use flotilla_data::Dataset;
 use flotilla_engine::sink::MetricsFiles;
 use flotilla_engine::{
-    Assignment, ClientData, ClientInfo, Driver, EngineError, EvalModel, Experiment, MethodState,
-    PhaseCtx, PhaseEnd, Reply, ServerCtx, ServerHalf,
+    Assignment, ClientInfo, Driver, EngineError, EvalModel, Experiment, MethodState, PhaseCtx,
+    PhaseEnd, Reply, ServerCtx, ServerHalf,
 };
 use flotilla_net::client::{self, JoinOptions};
 use flotilla_net::server::{self, ServeOptions};
@@ -111,11 +111,7 @@ impl ServerHalf for Watched {
 
 /// Ten distinct images per client, so that the updates differ.
 fn data(k: u64) -> Dataset {
-    let pixels: Vec<u8> = (0..10 * 784)
-        .map(|i| ((i as u64 * 31 + k * 97) % 251) as u8)
-        .collect();
-    let labels: Vec<u8> = (0..10).map(|i| ((i + k) % 10) as u8).collect();
-    Dataset::new(pixels, labels, [1, 28, 28], 10).unwrap()
+    flotilla_testkit::images::noise(10, k)
 }
 
 #[test]
@@ -159,15 +155,7 @@ fn the_mean_is_folded_as_replies_arrive_and_the_tasks_share_one_model() {
             std::thread::spawn(move || {
                 let setup = Box::new(move |exp: &Experiment| {
                     let (_, half) = flotilla_methods::build(exp)?;
-                    let (mean, std) = exp.data.dataset.normalization();
-                    let train = data(k);
-                    let data = ClientData {
-                        holdout: train.take_first(0),
-                        train,
-                        mean,
-                        std,
-                    };
-                    Ok((half, data))
+                    Ok((half, flotilla_testkit::client_data(data(k))))
                 });
                 client::run(
                     JoinOptions {
