@@ -21,7 +21,7 @@ pub use driver::{Driver, Fleet};
 pub use error::EngineError;
 pub use method::{
     Assignment, ClientCtx, ClientData, ClientHalf, ClientInfo, EvalModel, MethodState, PhaseCtx,
-    PhaseEnd, Readout, Reply, ServerCtx, ServerHalf, Task, TaskCost,
+    PhaseEnd, Readout, Reply, ServerCtx, ServerHalf, Task, TaskCost, TaskKind,
 };
 pub use recipe::{OptimizerKind, Recipe};
 pub use sim::Simulation;

@@ -3,6 +3,7 @@
 
 use flotilla_core::ParamSet;
 use flotilla_core::aggregate::Contribution;
+use flotilla_engine::TaskKind;
 use flotilla_engine::local::{Recipe, estimate_memory};
 use flotilla_engine::{
     Assignment, ClientInfo, EngineError, Experiment, MethodState, PhaseCtx, Reply, Task,
@@ -36,7 +37,7 @@ pub fn plan_full_model(
                     round: ctx.round,
                     phase: ctx.phase,
                     client: c.id,
-                    kind: "train".into(),
+                    kind: TaskKind::TRAIN,
                     model: spec.clone(),
                     view: view.clone(),
                     recipe: recipe.clone(),
@@ -106,12 +107,12 @@ pub fn valid_updates<'a>(
 
 /// Refuses a task whose kind is not `train`, naming the method whose client received it.
 pub fn require_train(task: &Task, method: &str) -> Result<(), EngineError> {
-    require_kind(task, &["train"], method)
+    require_kind(task, &[TaskKind::TRAIN], method)
 }
 
 /// Refuses a task whose kind is not one of `kinds`, naming the method whose client received it.
-pub fn require_kind(task: &Task, kinds: &[&str], method: &str) -> Result<(), EngineError> {
-    if !kinds.contains(&task.kind.as_str()) {
+pub fn require_kind(task: &Task, kinds: &[TaskKind], method: &str) -> Result<(), EngineError> {
+    if !kinds.contains(&task.kind) {
         return Err(EngineError::Task(format!(
             "{method} clients do {} tasks, not `{}`",
             kinds

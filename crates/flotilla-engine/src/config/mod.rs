@@ -36,7 +36,7 @@ fn toml_error(text: &str, e: &toml::de::Error) -> EngineError {
 /// run. Returns whether anything was removed.
 ///
 /// `training.prox_mu`: FedProx's μ is `method.mu` (with `method.name = "fedprox"`). A
-/// non-zero value here used to turn any method into FedProx without saying so.
+/// non-zero value here would silently turn any method into FedProx, so it is refused.
 fn drop_legacy_keys(doc: &mut toml::Table) -> Result<bool, EngineError> {
     let Some(training) = doc.get_mut("training").and_then(|t| t.as_table_mut()) else {
         return Ok(false);

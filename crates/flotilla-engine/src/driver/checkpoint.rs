@@ -142,7 +142,8 @@ impl Driver {
         if last == CheckpointStep::Committed {
             return Ok(());
         }
-        // Older parameter files (and the unversioned one of older runs) are no longer named.
+        // Parameter files state.json does not name (earlier rounds', and the unversioned file
+        // of runs written before names carried the round) are removed.
         if let Ok(entries) = std::fs::read_dir(&dir) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();

@@ -24,16 +24,19 @@ pub(super) fn expected_reply(task: &Task) -> Result<Vec<(String, Vec<usize>)>, E
     let shape = |n: &str| -> Result<(String, Vec<usize>), EngineError> {
         Ok((n.to_string(), params.require(n)?.shape.clone()))
     };
-    match task.kind.as_str() {
-        BASIS | CORE_GRADIENTS => opts.upload.iter().map(|n| shape(n)).collect(),
-        TRAIN_CORE => params
+    if task.kind == BASIS || task.kind == CORE_GRADIENTS {
+        opts.upload.iter().map(|n| shape(n)).collect()
+    } else if task.kind == TRAIN_CORE {
+        params
             .iter()
             .filter(|t| !task.view.is_frozen(&t.name))
             .map(|t| shape(&t.name))
-            .collect(),
-        other => Err(EngineError::Task(format!(
-            "unknown fedlrt task kind `{other}`"
-        ))),
+            .collect()
+    } else {
+        Err(EngineError::Task(format!(
+            "unknown fedlrt task kind `{}`",
+            task.kind
+        )))
     }
 }
 

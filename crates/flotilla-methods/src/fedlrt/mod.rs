@@ -43,6 +43,7 @@
 use crate::common::{method_options, require_kind};
 use flotilla_core::aggregate;
 use flotilla_core::{ParamSet, Tensor};
+use flotilla_engine::TaskKind;
 use flotilla_engine::local::{
     CrossEntropy, Recipe, estimate_memory, gradient_task, train_task_with,
 };
@@ -81,9 +82,9 @@ pub enum Correction {
 }
 
 /// Task kinds of this module.
-pub(super) const BASIS: &str = "basis-gradients";
-pub(super) const CORE_GRADIENTS: &str = "core-gradients";
-pub(super) const TRAIN_CORE: &str = "train-core";
+pub(super) const BASIS: TaskKind = TaskKind::named("basis-gradients");
+pub(super) const CORE_GRADIENTS: TaskKind = TaskKind::named("core-gradients");
+pub(super) const TRAIN_CORE: TaskKind = TaskKind::named("train-core");
 
 /// Names of the new basis directions and of the per-client corrections in a task.
 pub(super) const NEW_U: &str = "U_new";
@@ -164,7 +165,7 @@ pub(super) struct LrtTask {
 
 /// What the tasks of one phase share.
 pub(super) struct TaskShape<'a> {
-    pub(super) kind: &'static str,
+    pub(super) kind: TaskKind,
     /// The model the client assembles.
     pub(super) spec: &'a ModelSpec,
     pub(super) view: View,

@@ -243,7 +243,7 @@ impl FedLrt {
             round: ctx.round,
             phase: ctx.phase,
             client,
-            kind: shape.kind.into(),
+            kind: shape.kind.clone(),
             model: shape.spec.clone(),
             view: shape.view.clone(),
             recipe: self.recipe.clone(),

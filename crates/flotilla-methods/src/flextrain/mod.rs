@@ -27,6 +27,7 @@ use flotilla_core::aggregate::{self, Support};
 use flotilla_engine::local::{Recipe, estimate_memory, train_task};
 
 mod objective;
+use flotilla_engine::TaskKind;
 use flotilla_engine::{
     Assignment, ClientCtx, ClientData, ClientHalf, ClientInfo, EngineError, EvalModel, Experiment,
     MethodState, PhaseCtx, PhaseEnd, Reply, ServerCtx, ServerHalf, Task,
@@ -361,7 +362,7 @@ impl ServerHalf for FlexTrain {
                     round: ctx.round,
                     phase: ctx.phase,
                     client: c.id,
-                    kind: "train".into(),
+                    kind: TaskKind::TRAIN,
                     model: self.spec.clone(),
                     view: View::trainable_prefix(depth, self.blocks),
                     recipe: self.recipe.clone(),

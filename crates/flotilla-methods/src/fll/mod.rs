@@ -36,6 +36,7 @@ use contrastive::{Augment, Loss, SelfSupervised};
 use flotilla_core::ParamSet;
 use flotilla_core::aggregate::{self, Support};
 use flotilla_core::seed::{self, Purpose};
+use flotilla_engine::TaskKind;
 use flotilla_engine::local::Objective;
 use flotilla_engine::local::{Recipe, estimate_memory, inputs_of};
 use flotilla_engine::{
@@ -347,7 +348,7 @@ impl ServerHalf for Fll {
                     round: ctx.round,
                     phase: ctx.phase,
                     client: c.id,
-                    kind: "train".into(),
+                    kind: TaskKind::TRAIN,
                     model: self.spec.clone(),
                     view,
                     recipe: self.recipe.clone(),
