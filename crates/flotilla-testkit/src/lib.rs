@@ -3,9 +3,11 @@
 //! every round's records. Only tests depend on this crate.
 #![warn(missing_docs)]
 
+use flotilla_core::ParamSet;
 use flotilla_data::Dataset;
 use flotilla_engine::sink::{ClientRecord, Event, RoundRecord, Sink};
-use flotilla_engine::{ClientData, EngineError};
+use flotilla_engine::{ClientData, EngineError, PhaseCtx, Recipe, Task};
+use flotilla_models::{ModelSpec, View};
 
 /// Synthetic image sets, 28×28 with one channel and ten classes, image `i` labelled `i % 10`.
 pub mod images {
@@ -92,6 +94,32 @@ pub fn client_data(train: Dataset) -> ClientData {
         train,
         mean,
         std,
+    }
+}
+
+/// A task of `kind` for client `c` in `ctx`'s round and phase: no masks, nothing held, no
+/// options.
+pub fn task(
+    ctx: &PhaseCtx,
+    c: u64,
+    kind: &str,
+    model: ModelSpec,
+    view: View,
+    params: ParamSet,
+    recipe: &Recipe,
+) -> Task {
+    Task {
+        round: ctx.round,
+        phase: ctx.phase,
+        client: c,
+        kind: kind.into(),
+        model,
+        view,
+        recipe: recipe.clone(),
+        params,
+        masks: Vec::new(),
+        hold: Vec::new(),
+        options: serde_json::Value::Null,
     }
 }
 

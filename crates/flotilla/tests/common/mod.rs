@@ -2,6 +2,8 @@
 //! directories, comparing runs.
 #![allow(dead_code)]
 
+pub mod served;
+
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
