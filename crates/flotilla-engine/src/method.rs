@@ -22,6 +22,12 @@ use flotilla_models::{ModelSpec, View};
 use prost::Message;
 use std::collections::{BTreeMap, HashMap};
 
+mod kind;
+mod server_ctx;
+
+pub use kind::TaskKind;
+pub use server_ctx::ServerCtx;
+
 /// What the server knows about a client when planning.
 #[derive(Debug, Clone)]
 pub struct ClientInfo {
@@ -42,52 +48,6 @@ pub struct PhaseCtx {
     pub phase: u32,
     /// The run seed (method randomness derives from it with `flotilla_core::seed`).
     pub seed: u64,
-}
-
-/// What a task asks of its client. [`TaskKind::TRAIN`] is the kind every method's client
-/// half understands; a method with several kinds of task (FeDLRT's basis gradients, core
-/// gradients and core training) names its own with [`TaskKind::named`]. It travels, and is
-/// compared with plain strings, as its name.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct TaskKind(std::borrow::Cow<'static, str>);
-
-impl TaskKind {
-    /// Local training of the tensors the view leaves trainable.
-    pub const TRAIN: TaskKind = TaskKind::named("train");
-
-    /// A method's own kind of task.
-    pub const fn named(name: &'static str) -> Self {
-        Self(std::borrow::Cow::Borrowed(name))
-    }
-
-    /// The name, as it travels.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl From<&str> for TaskKind {
-    fn from(name: &str) -> Self {
-        Self(std::borrow::Cow::Owned(name.to_string()))
-    }
-}
-
-impl From<String> for TaskKind {
-    fn from(name: String) -> Self {
-        Self(std::borrow::Cow::Owned(name))
-    }
-}
-
-impl PartialEq<&str> for TaskKind {
-    fn eq(&self, other: &&str) -> bool {
-        self.as_str() == *other
-    }
-}
-
-impl std::fmt::Display for TaskKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 /// One unit of client work.
@@ -449,59 +409,6 @@ pub struct MethodState {
     pub params: BTreeMap<String, ParamSet>,
     /// Other state (masks, ranks, stage counters…).
     pub json: serde_json::Value,
-}
-
-/// Server-side context for aggregation: lets a method train on server data and report what
-/// that costs.
-#[derive(Default)]
-pub struct ServerCtx<'a> {
-    /// Server-side data (a proxy or synthetic set), if the run configures one (`[server_data]`
-    /// or `Driver::set_server_data`). Normalise it with its own `mean` and `std`.
-    pub server_data: Option<&'a ClientData>,
-    /// Whether the method may use `server_data`'s labels. When false they are withheld: every
-    /// label reads 0, so only the images carry information.
-    pub server_data_labelled: bool,
-    /// FLOPs reported through [`ServerCtx::add_flops`].
-    flops: f64,
-    /// The replies' mean, folded as they arrived ([`ServerHalf::mean_fold`]).
-    mean: Option<ParamSet>,
-}
-
-impl<'a> ServerCtx<'a> {
-    /// A context with `server_data`, labelled or not, and no FLOPs reported yet.
-    pub fn new(server_data: Option<&'a ClientData>, labelled: bool) -> Self {
-        Self {
-            server_data,
-            server_data_labelled: labelled && server_data.is_some(),
-            flops: 0.0,
-            mean: None,
-        }
-    }
-
-    /// The same context holding `mean`, the phase's replies folded as they arrived.
-    pub fn with_mean(mut self, mean: Option<ParamSet>) -> Self {
-        self.mean = mean;
-        self
-    }
-
-    /// The example-weighted mean of this phase's replies when the server folded them as they
-    /// arrived ([`ServerHalf::mean_fold`]); the replies passed to `aggregate` then carry no
-    /// tensors. `None`: the replies are whole.
-    pub fn take_mean(&mut self) -> Option<ParamSet> {
-        self.mean.take()
-    }
-
-    /// Reports FLOPs of server-side work (training, distillation, generation) in this call,
-    /// e.g. `flotilla_models::flops::training(..)`. They appear as `server_flops` in
-    /// metrics.jsonl and add FLOPs / `simulation.server_gflops` to the round's simulated time.
-    pub fn add_flops(&mut self, flops: f64) {
-        self.flops += flops;
-    }
-
-    /// FLOPs reported so far.
-    pub fn flops(&self) -> f64 {
-        self.flops
-    }
 }
 
 /// What a task is expected to cost its client ([`ServerHalf::task_cost`]).
