@@ -182,6 +182,20 @@ impl LocalFleet {
         self.parts.is_empty()
     }
 
+    /// The tasks' indices, most expected work first (training FLOPs of the client's
+    /// examples over the recipe's epochs); ties keep task order.
+    fn longest_first(&self, tasks: &[Prepared]) -> Vec<usize> {
+        let cost = |p: &Prepared| {
+            let examples = self.parts.get(p.client as usize).map_or(0, Vec::len);
+            let per_sample = flotilla_models::flops::training(&p.task.model, &p.task.view, 1);
+            per_sample * (examples * p.task.recipe.epochs) as f64
+        };
+        let costs: Vec<f64> = tasks.iter().map(cost).collect();
+        let mut order: Vec<usize> = (0..tasks.len()).collect();
+        order.sort_by(|&a, &b| costs[b].total_cmp(&costs[a]));
+        order
+    }
+
     /// One client: decode the task bytes, execute, encode the reply, decode and check it
     /// server-side, exactly as over the network.
     fn run_client(
@@ -282,8 +296,9 @@ impl Fleet for LocalFleet {
         self.client_data(c).map(Some)
     }
 
-    /// Each client on one worker thread; the critical path is the largest total time one
-    /// worker spent inside the clients' `execute`.
+    /// Each client on one worker thread, longest first, a free worker taking the next client;
+    /// the critical path is the largest total time one worker spent inside the clients'
+    /// `execute`.
     fn execute(
         &mut self,
         tasks: Vec<Prepared>,
@@ -297,14 +312,22 @@ impl Fleet for LocalFleet {
         let mut results: Vec<Option<Result<ClientRun, EngineError>>> =
             (0..tasks.len()).map(|_| None).collect();
         let mut critical_path = 0.0f64;
+        // Longest first, each worker taking the next client when it is free: a round of
+        // clients of very different sizes (Dirichlet splits) then ends with the workers nearly
+        // together instead of one finishing a long list while the others idle. Each client's
+        // result depends only on its own task, so the order does not change any number.
+        let order = self.longest_first(&tasks);
+        let next = std::sync::atomic::AtomicUsize::new(0);
         std::thread::scope(|s| {
             let handles: Vec<_> = (0..workers)
-                .map(|w| {
-                    let tasks = &tasks;
+                .map(|_| {
+                    let (tasks, order, next) = (&tasks, &order, &next);
                     s.spawn(move || {
                         let mut out = Vec::new();
                         let mut busy = 0.0;
-                        for i in (w..tasks.len()).step_by(workers) {
+                        while let Some(&i) =
+                            order.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+                        {
                             // A fresh single-thread pool per client: burn's internal parallelism
                             // stays on that thread, and every client's heap peak counts the same
                             // one-off buffers whatever ran before it, so figures do not depend on
