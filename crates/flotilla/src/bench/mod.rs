@@ -129,6 +129,72 @@ fn w1_parallel_once(batch: usize, samples: usize) -> Result<f64> {
     Ok((workers * (samples + batch)) as f64 / t.elapsed().as_secs_f64())
 }
 
+/// Samples/s of W1 training through `flotilla simulate`'s own path: a `Simulation` of one
+/// round with one client per core, `per_client` images each (Fashion-MNIST when installed,
+/// else synthetic images), W1's model and recipe; training examples over the round's
+/// `train_wall_s`, best of [`RUNS`]. What users run, so the bench cannot be fast while they
+/// are slow.
+fn w1_simulate(batch: usize, per_client: usize, data_dir: Option<&Path>) -> Result<f64> {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let config = format!(
+        r#"
+seed = 0
+rounds = 1
+[data]
+dataset = "fashion-mnist"
+num_clients = {workers}
+partition = {{ kind = "iid" }}
+train_limit = {train}
+test_limit = 100
+[model]
+arch = "cnn"
+[training]
+epochs = 1
+batch_size = {batch}
+optimizer = "sgd"
+lr = 0.01
+momentum = 0.9
+[sampling]
+clients_per_round = {workers}
+[simulation]
+workers = {workers}
+checkpoint_every = 0
+[method]
+name = "fedavg"
+"#,
+        train = workers * per_client
+    );
+    let exp = flotilla_engine::Experiment::from_toml(&config)?;
+    let data = match crate::cli::setup::load_data(&exp, data_dir) {
+        Ok(d) => d,
+        Err(_) => flotilla_data::Split {
+            train: synthetic_images(workers * per_client, 5),
+            test: synthetic_images(100, 6),
+        },
+    };
+    (0..RUNS).try_fold(0f64, |best, _| {
+        let dir = tempfile::tempdir()?;
+        let (server, client) = flotilla_methods::build(&exp)?;
+        let mut sim = flotilla_engine::Simulation::new(
+            exp.clone(),
+            data.clone(),
+            server,
+            client,
+            dir.path(),
+        )?;
+        let mut metrics = flotilla_engine::sink::MetricsFiles::open(dir.path(), 0)?;
+        sim.run(&mut [&mut metrics])?;
+        let rounds: Vec<flotilla_report::RoundRecord> =
+            flotilla_report::read_jsonl(&dir.path().join(flotilla_report::METRICS_FILE))?;
+        let train_s = rounds
+            .first()
+            .and_then(|r| r.extra.get("train_wall_s"))
+            .and_then(|v| v.as_f64())
+            .context("no train_wall_s in the round's metrics")?;
+        Ok(best.max((workers * per_client) as f64 / train_s))
+    })
+}
+
 /// Samples/s of W1 inference on batches of 1,000 (the forward pass alone, all cores).
 fn w1_inference(samples: usize) -> Result<f64> {
     let spec = ModelSpec::fedavg_cnn();
@@ -394,6 +460,12 @@ pub fn run(quick: bool, data_dir: Option<&Path>) -> Result<()> {
             format!("W1 train, batch {batch}, simulator (1 client per core)"),
             format!("{par:.0} samples/s"),
             format!("{:.2} of ceiling", par / ceiling),
+        ));
+        let real = w1_simulate(batch, if quick { 640 } else { 5000 }, data_dir)?;
+        rows.push(row(
+            format!("W1 train, batch {batch}, `simulate` path (1 client per core)"),
+            format!("{real:.0} samples/s"),
+            format!("simulate path/simulator row = {:.2}", real / par),
         ));
         rows.push(row(
             format!("W1 train heap peak, batch {batch}"),
