@@ -111,7 +111,18 @@ impl Coordinator for Service {
                 Look::Task { size } => {
                     // Room for the encoded task first (see `delivery`), then take it, unless
                     // it went elsewhere meanwhile (a deadline, a rejoin).
-                    let Some(permit) = shared.delivery.reserve(size).await else {
+                    // The client is waiting on an open call, so it stays live meanwhile.
+                    let reserve = shared.delivery.reserve(size);
+                    tokio::pin!(reserve);
+                    let permit = loop {
+                        tokio::select! {
+                            p = &mut reserve => break p,
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                                shared.touch(r.client, r.session)?;
+                            }
+                        }
+                    };
+                    let Some(permit) = permit else {
                         return Err(Status::unavailable("the server is shutting down"));
                     };
                     let Some(prepared) = shared.take_task(r.client, r.session) else {
