@@ -13,6 +13,7 @@
 #![warn(missing_docs)]
 
 pub mod aggregate;
+pub mod cluster;
 pub mod device;
 pub mod error;
 pub mod params;

@@ -506,6 +506,12 @@ pub trait ServerHalf: Send + Sync {
         serde_json::Map::new()
     }
 
+    /// What the method reports once for the whole run (e.g. the clustering it found),
+    /// written to summary.json as `method_details`. `Null` (the default): nothing.
+    fn summary(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+
     /// Masks the server knows (tensors with a mask travel masked in both directions).
     fn masks(&self) -> KnownMasks {
         KnownMasks::new()

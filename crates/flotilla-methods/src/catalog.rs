@@ -244,6 +244,45 @@ pub const CATALOG: &[MethodInfo] = &[
         options: &SSL,
         doc: "docs/methods/fll.md",
     },
+    MethodInfo {
+        names: &["fedtsa", "fedtsa-stage1", "feddf", "fedavg-smallest"],
+        summary: "FedTSA: capability clusters, a width per cluster, mutual learning on server data; and its baselines",
+        options: &[
+            opt(
+                "widths",
+                Some("[1.0, 0.5, 0.25]"),
+                "the model ladder, relative to [model] width",
+            ),
+            opt("max_clusters", Some("4"), "most capability clusters"),
+            opt(
+                "temperature",
+                Some("3.0"),
+                "softening temperature T of stage 2",
+            ),
+            opt(
+                "server_samples",
+                Some("2000"),
+                "server images per round in stage 2 (0: all)",
+            ),
+            opt("server_epochs", Some("1"), "stage-2 passes over them"),
+            opt(
+                "server_lr",
+                None,
+                "stage-2 learning rate (default: training.lr)",
+            ),
+            opt(
+                "server_batch",
+                None,
+                "stage-2 batch size (default: training.batch_size)",
+            ),
+            opt(
+                "refresh",
+                Some("256"),
+                "server images between recomputed mutual targets",
+            ),
+        ],
+        doc: "docs/methods/fedtsa.md",
+    },
 ];
 
 /// The catalog as a plain-text table: each method, then its options with their defaults.

@@ -7,6 +7,7 @@ mod common;
 pub mod fedavg;
 pub mod fedlrt;
 pub mod fedmap;
+pub mod fedtsa;
 pub mod flextrain;
 pub mod fll;
 
@@ -26,6 +27,10 @@ pub const METHODS: &[&str] = &[
     "fedlin",
     "fll",
     "fedssl",
+    "fedtsa",
+    "fedtsa-stage1",
+    "feddf",
+    "fedavg-smallest",
 ];
 
 /// The two halves of a method, as the engine drives them.
@@ -56,6 +61,10 @@ pub fn build(exp: &Experiment) -> Result<Halves, EngineError> {
         "fll" | "fedssl" => {
             let server = fll::Fll::from_config(exp, spec)?;
             Ok((Box::new(server), Arc::new(fll::FllClient)))
+        }
+        "fedtsa" | "fedtsa-stage1" | "feddf" | "fedavg-smallest" => {
+            let server = fedtsa::FedTsa::from_config(exp, spec)?;
+            Ok((Box::new(server), Arc::new(fedtsa::FedTsaClient)))
         }
         other => Err(EngineError::Config(format!(
             "`method.name`: unknown method `{other}`; available: {} (`flotilla methods` lists them with their options)",

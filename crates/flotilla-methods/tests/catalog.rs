@@ -13,6 +13,14 @@ fn model(name: &str) -> &'static str {
     }
 }
 
+/// The server data a method distils on, if it needs any.
+fn server_data(name: &str) -> &'static str {
+    match name {
+        "fedtsa" | "feddf" => "[server_data]\nsource = \"holdout\"\nsize = 100",
+        _ => "",
+    }
+}
+
 fn experiment(name: &str, method: &str) -> Result<Experiment, String> {
     let toml = format!(
         r#"
@@ -29,11 +37,13 @@ epochs = 1
 batch_size = 16
 optimizer = "sgd"
 lr = 0.1
+{}
 [method]
 name = "{name}"
 {method}
 "#,
-        model(name)
+        model(name),
+        server_data(name)
     );
     Experiment::from_toml(&toml).map_err(|e| e.to_string())
 }

@@ -167,7 +167,7 @@ impl Driver {
             .first()
             .map(|m| m.params.numel())
             .unwrap_or(0);
-        serde_json::json!({
+        let mut summary = serde_json::json!({
             "method": self.server.name(),
             "rounds": self.exp.rounds,
             "seed": self.exp.seed,
@@ -187,6 +187,11 @@ impl Driver {
             "sim_time_s": t.sim_time_s,
             "wall_time_s": t.wall_time_s,
             "peak_rss_bytes": peak_rss_bytes(),
-        })
+        });
+        let details = self.server.summary();
+        if !details.is_null() {
+            summary["method_details"] = details;
+        }
+        summary
     }
 }

@@ -96,3 +96,31 @@ pub fn evaluate_views(
         .map(|(c, l)| (*c as f64 / n, l / n))
         .collect())
 }
+
+/// Logits `[n, classes]` (row-major) of a model under `view` on every sample of `data`, in
+/// fixed chunks of [`EVAL_CHUNK`] samples: what a server distils between models with.
+pub fn logits(
+    spec: &ModelSpec,
+    view: &View,
+    params: &ParamSet,
+    data: &Dataset,
+    mean: &[f32],
+    std: &[f32],
+) -> Result<Vec<f32>, EngineError> {
+    check_shape(spec, data)?;
+    let device = compute_device();
+    let model = Net::from_params(spec, params, &device)?;
+    let mut out = Vec::with_capacity(data.len() * spec.classes);
+    let mut pixels = Vec::new();
+    let idx: Vec<usize> = (0..data.len()).collect();
+    for chunk in idx.chunks(EVAL_CHUNK) {
+        let (x, _) = batch_input(data, chunk, mean, std, &mut pixels, &device)?;
+        let z = model
+            .forward(x, view)
+            .into_data()
+            .try_into_vec::<f32>()
+            .map_err(|e| EngineError::Task(format!("logits: {e:?}")))?;
+        out.extend(z);
+    }
+    Ok(out)
+}

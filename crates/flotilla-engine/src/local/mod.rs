@@ -20,11 +20,11 @@ pub(crate) mod sgd;
 pub mod task;
 
 pub use crate::recipe::{OptimizerKind, Recipe};
-pub use eval::{EVAL_CHUNK, evaluate, evaluate_views};
+pub use eval::{EVAL_CHUNK, evaluate, evaluate_views, logits};
 pub use job::{GradientOutcome, TrainJob, TrainOutcome};
 pub use objective::{
-    Batch, CrossEntropy, Objective, SoftTargets, cross_entropy, distillation_kl, one_hot,
-    soft_cross_entropy,
+    Batch, CrossEntropy, Objective, SoftTargets, cross_entropy, distillation_kl, kl_to_probs,
+    one_hot, soft_cross_entropy,
 };
 pub use optim::TrainMasks;
 pub use probe::{ProbeConfig, fit_and_score, probe_accuracy};

@@ -140,9 +140,17 @@ pub fn soft_cross_entropy(logits: Tensor<2>, targets: Tensor<2>) -> Tensor<1> {
 /// ‖ softmax(student/t)), averaged over the batch. The t² keeps the gradient's scale
 /// independent of t; the teacher is detached.
 pub fn distillation_kl(student: Tensor<2>, teacher: Tensor<2>, t: f64) -> Tensor<1> {
+    let p = softmax(teacher / t as f32, 1);
+    kl_to_probs(student, p, t)
+}
+
+/// t² · KL(p ‖ softmax(student/t)), averaged over the batch, for targets `p` `[n, classes]`
+/// already given as probabilities (e.g. the mean of several models' softened outputs, as in
+/// deep mutual learning). The targets are constants: no gradient flows into them.
+pub fn kl_to_probs(student: Tensor<2>, targets: Tensor<2>, t: f64) -> Tensor<1> {
     let n = student.dims()[0] as f32;
     let t32 = t as f32;
-    let p = softmax(teacher.detach() / t32, 1);
+    let p = targets.detach();
     let log_p = p.clone().clamp_min(1e-12).log();
     let log_q = log_softmax(student / t32, 1);
     (p * (log_p - log_q)).sum() * (t32 * t32 / n)

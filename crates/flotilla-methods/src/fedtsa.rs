@@ -1,0 +1,841 @@
+//! FedTSA (Fan et al., ECCV 2024): capability clusters, a width-reduced model per cluster,
+//! stage 1 weight averaging inside each cluster, stage 2 deep mutual learning between the
+//! cluster models on the server's own data (methods.md §2), and the baselines that share its
+//! machinery.
+//!
+//! **Capability.** The model ladder is the configured model at each width of `widths`
+//! (default {1, 1/2, 1/4} of `[model] width`). A device can afford a rung when the rung's
+//! training-memory estimate fits its memory budget and, with a `[fleet] deadline_s`, when its
+//! simulated round (download, `training.epochs` passes over its data, upload) fits the
+//! deadline: computed here, as FlexTrain computes its depth. The KDE needs one continuous
+//! number per device, so the capability is the device's headroom on the widest rung,
+//! log₂ min(memory / memory needed, deadline / round time): a device that affords the widest
+//! model twice over scores 1, one that has half of what it needs scores −1. (The discrete
+//! affordable rung would put every device of a tier on one value; the paper clusters the
+//! devices' resources, so the headroom keeps their spread.)
+//!
+//! **Clusters.** A Gaussian KDE with Scott's bandwidth over the capabilities, cut at the
+//! density minima, at most `max_clusters` ([`flotilla_core::cluster`]). Each cluster's model
+//! is the widest rung that every member affords (its weakest member decides, §2.2 step 5).
+//! Clusters are recomputed whenever the server observes new devices; a cluster keeps the model
+//! of the earlier cluster with the same width, a new width starts from its initial weights.
+//!
+//! **Round.** Every sampled device trains its cluster's model with cross-entropy (no extra
+//! client cost: a device's task is FedAvg's at that width). Stage 1: the example-weighted mean
+//! of the replies of each cluster; a cluster without replies keeps its model. Stage 2 (with
+//! two or more clusters): for `server_epochs` passes over `server_samples` images drawn from
+//! `[server_data]` each round, each cluster model m minimises
+//! T² · KL(p̄₋ₘ ‖ softmax(zₘ/T)), where p̄₋ₘ is the mean of the *other* models' softened outputs
+//! softmax(z_r/T), held constant (stop-gradient). Mutual learning updates the models
+//! together; here the targets are recomputed from the current models every `refresh` images
+//! (256 by default, every 4 batches of 64), and every model then takes its steps on those
+//! images: with `refresh` equal to the batch size this is the lockstep update of deep mutual
+//! learning, larger values trade that for fewer forward passes. Labels of the server data are
+//! never read.
+//!
+//! **Baselines** (same clusters, same client tasks):
+//! - `fedtsa-stage1`: FedTSA without stage 2 (clusters only).
+//! - `feddf`: ensemble distillation (Lin et al. 2020) in place of mutual learning: every
+//!   cluster model is distilled toward the fixed ensemble of this round's client models
+//!   (the mean of their logits, softened at T) on the same server images.
+//! - `fedavg-smallest`: one model at the width the weakest device affords, FedAvg over every
+//!   device.
+
+use flotilla_core::ParamSet;
+use flotilla_core::aggregate;
+use flotilla_core::cluster::{Clustering, kde_clusters};
+use flotilla_core::seed::{self, Purpose};
+use flotilla_engine::TaskKind;
+use flotilla_engine::local::{
+    Batch, CrossEntropy, Objective, Recipe, TrainJob, estimate_memory, kl_to_probs, logits,
+    train_task,
+};
+use flotilla_engine::{
+    Assignment, ClientCtx, ClientData, ClientHalf, ClientInfo, EngineError, EvalModel, Experiment,
+    MethodState, PhaseCtx, PhaseEnd, Readout, Reply, ServerCtx, ServerHalf, Task,
+};
+use flotilla_models::{ModelSpec, Net, View, flops};
+use rand::seq::SliceRandom;
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap};
+
+/// Which method of the comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// FedTSA: clusters, stage 1, stage 2 mutual learning.
+    FedTsa,
+    /// FedTSA without stage 2.
+    Stage1Only,
+    /// Clusters and stage 1, then ensemble distillation from the round's client models.
+    FedDf,
+    /// FedAvg on the model the weakest device affords.
+    Smallest,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Options {
+    name: String,
+    #[serde(default = "default_widths")]
+    widths: Vec<f64>,
+    #[serde(default = "default_max_clusters")]
+    max_clusters: usize,
+    #[serde(default = "default_temperature")]
+    temperature: f64,
+    #[serde(default = "default_server_samples")]
+    server_samples: usize,
+    #[serde(default = "default_server_epochs")]
+    server_epochs: usize,
+    #[serde(default)]
+    server_lr: Option<f64>,
+    #[serde(default)]
+    server_batch: Option<usize>,
+    #[serde(default = "default_refresh")]
+    refresh: usize,
+}
+
+fn default_widths() -> Vec<f64> {
+    vec![1.0, 0.5, 0.25]
+}
+fn default_max_clusters() -> usize {
+    4
+}
+fn default_temperature() -> f64 {
+    3.0
+}
+fn default_server_samples() -> usize {
+    2000
+}
+fn default_server_epochs() -> usize {
+    1
+}
+fn default_refresh() -> usize {
+    256
+}
+
+/// One model of the ladder.
+#[derive(Debug, Clone)]
+pub struct Rung {
+    /// Width relative to the configured model.
+    pub width: f64,
+    /// The model at this width.
+    pub spec: ModelSpec,
+    /// Its initial weights (from the run seed).
+    pub init: ParamSet,
+    /// Training memory estimate, bytes.
+    pub memory_bytes: u64,
+    /// Training FLOPs per sample.
+    pub train_flops: f64,
+    /// Forward FLOPs per sample.
+    pub forward_flops: f64,
+    /// Bytes of the model's tensors (f32), each way.
+    pub model_bytes: u64,
+}
+
+/// What the server concluded about one device.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Capability {
+    /// Headroom on the widest rung, log₂.
+    score: f64,
+    /// Index of the widest affordable rung (0 = widest).
+    rung: usize,
+}
+
+/// One capability cluster and its model.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    /// Index into the ladder of the cluster's model.
+    pub rung: usize,
+    /// Devices in the cluster.
+    pub devices: u64,
+    /// Lowest and highest capability of its members.
+    pub capability: (f64, f64),
+    /// The cluster's model.
+    pub params: ParamSet,
+}
+
+/// The server half of FedTSA and its baselines.
+pub struct FedTsa {
+    mode: Mode,
+    name: String,
+    seed: u64,
+    recipe: Recipe,
+    stage2_recipe: Recipe,
+    deadline_s: Option<f64>,
+    ladder: Vec<Rung>,
+    max_clusters: usize,
+    temperature: f64,
+    server_samples: usize,
+    server_epochs: usize,
+    refresh: usize,
+    devices: BTreeMap<u64, Capability>,
+    clustering: Option<Clustering>,
+    clusters: Vec<Cluster>,
+    device_cluster: HashMap<u64, usize>,
+    /// Models restored from a checkpoint before the fleet was observed, by rung.
+    restored: Vec<Cluster>,
+    /// Mean stage-2 loss of the last round (None: no stage 2 ran).
+    stage2_loss: Option<f64>,
+}
+
+impl FedTsa {
+    /// Builds the server half from the `[method]` table; `spec` is the widest model.
+    pub fn from_config(exp: &Experiment, spec: ModelSpec) -> Result<Self, EngineError> {
+        let opts: Options = crate::common::method_options(exp)?;
+        let mode = match opts.name.as_str() {
+            "fedtsa" => Mode::FedTsa,
+            "fedtsa-stage1" => Mode::Stage1Only,
+            "feddf" => Mode::FedDf,
+            "fedavg-smallest" => Mode::Smallest,
+            other => {
+                return Err(EngineError::Config(format!(
+                    "`method.name` `{other}` is not fedtsa, fedtsa-stage1, feddf or fedavg-smallest"
+                )));
+            }
+        };
+        let bad =
+            |key: &str, why: String| Err(EngineError::Config(format!("`method.{key}` {why}")));
+        if opts.widths.is_empty()
+            || opts
+                .widths
+                .iter()
+                .any(|w| !(w.is_finite() && *w > 0.0 && *w <= 1.0))
+        {
+            return bad(
+                "widths",
+                format!(
+                    "must list widths in (0, 1] relative to [model] width, got {:?}",
+                    opts.widths
+                ),
+            );
+        }
+        let mut widths = opts.widths.clone();
+        widths.sort_by(|a, b| b.total_cmp(a));
+        widths.dedup();
+        if opts.max_clusters == 0 {
+            return bad("max_clusters", "must be at least 1".into());
+        }
+        if !(opts.temperature.is_finite() && opts.temperature > 0.0) {
+            return bad(
+                "temperature",
+                format!("must be a positive number, got {}", opts.temperature),
+            );
+        }
+        if opts.server_epochs == 0 || opts.refresh == 0 {
+            return bad(
+                "server_epochs and refresh",
+                "must be at least 1".to_string(),
+            );
+        }
+        let distils = matches!(mode, Mode::FedTsa | Mode::FedDf);
+        if distils && exp.server_data.is_none() {
+            return Err(EngineError::Config(format!(
+                "{} trains on the server's data in stage 2: add a [server_data] section (source = \"holdout\" or \"idx\"), or use fedtsa-stage1",
+                opts.name
+            )));
+        }
+        let recipe = exp.training.clone();
+        let mut stage2_recipe = recipe.clone();
+        stage2_recipe.epochs = 1;
+        if let Some(lr) = opts.server_lr {
+            if !(lr.is_finite() && lr > 0.0) {
+                return bad("server_lr", format!("must be a positive number, got {lr}"));
+            }
+            stage2_recipe.lr = lr;
+        }
+        if let Some(b) = opts.server_batch {
+            if b == 0 {
+                return bad("server_batch", "must be at least 1".into());
+            }
+            stage2_recipe.batch_size = b;
+        }
+        let ladder = widths
+            .iter()
+            .map(|&w| Self::rung(&spec, w, exp.seed, &recipe))
+            .collect::<Result<Vec<_>, _>>()?;
+        for r in &ladder {
+            tracing::debug!(
+                width = r.width,
+                mib = r.memory_bytes as f64 / 1048576.0,
+                mflop_per_sample = r.train_flops / 1e6,
+                "fedtsa ladder rung"
+            );
+        }
+        Ok(Self {
+            mode,
+            name: opts.name,
+            seed: exp.seed,
+            recipe,
+            stage2_recipe,
+            deadline_s: exp.fleet.deadline_s,
+            ladder,
+            max_clusters: opts.max_clusters,
+            temperature: opts.temperature,
+            server_samples: opts.server_samples,
+            server_epochs: opts.server_epochs,
+            refresh: opts.refresh,
+            devices: BTreeMap::new(),
+            clustering: None,
+            clusters: Vec::new(),
+            device_cluster: HashMap::new(),
+            restored: Vec::new(),
+            stage2_loss: None,
+        })
+    }
+
+    fn rung(spec: &ModelSpec, width: f64, seed: u64, recipe: &Recipe) -> Result<Rung, EngineError> {
+        let mut s = spec.clone();
+        s.width = spec.width * width;
+        s.validate()?;
+        let init = Net::init_params(&s, seed)?;
+        let view = View::full();
+        Ok(Rung {
+            width,
+            memory_bytes: estimate_memory(&s, &view, &init, recipe).total(),
+            train_flops: flops::training(&s, &view, 1),
+            forward_flops: flops::forward_per_sample(&s, &view),
+            model_bytes: 4 * init.numel() as u64,
+            init,
+            spec: s,
+        })
+    }
+
+    /// The model ladder, widest first.
+    pub fn ladder(&self) -> &[Rung] {
+        &self.ladder
+    }
+
+    /// The current clusters, weakest first.
+    pub fn clusters(&self) -> &[Cluster] {
+        &self.clusters
+    }
+
+    /// The cluster of an observed device.
+    pub fn cluster_of(&self, client: u64) -> Option<usize> {
+        self.device_cluster.get(&client).copied()
+    }
+
+    /// Simulated seconds of one round of `rung` on `c`'s device.
+    fn round_time_s(&self, c: &ClientInfo, rung: &Rung) -> f64 {
+        let samples = (c.num_examples * self.recipe.epochs) as f64;
+        c.profile.download_time_s(rung.model_bytes)
+            + c.profile.compute_time_s(rung.train_flops * samples)
+            + c.profile.upload_time_s(rung.model_bytes)
+    }
+
+    /// Headroom of a device on one rung: min(memory / need, deadline / round time).
+    fn headroom(&self, c: &ClientInfo, rung: &Rung) -> f64 {
+        let memory = c.profile.memory_bytes as f64 / rung.memory_bytes.max(1) as f64;
+        match self.deadline_s {
+            Some(d) => memory.min(d / self.round_time_s(c, rung).max(f64::MIN_POSITIVE)),
+            None => memory,
+        }
+    }
+
+    fn capability(&self, c: &ClientInfo) -> Option<Capability> {
+        let rung = self
+            .ladder
+            .iter()
+            .position(|r| self.headroom(c, r) >= 1.0)?;
+        Some(Capability {
+            score: self.headroom(c, &self.ladder[0]).log2(),
+            rung,
+        })
+    }
+
+    /// Why a device gets no model.
+    fn unaffordable(&self, c: &ClientInfo) -> String {
+        let narrowest = self.ladder.last().expect("a ladder has a rung");
+        let mut why = format!(
+            "the narrowest model (width {}) needs about {:.1} MiB, the {} device has {:.1} MiB",
+            narrowest.width,
+            narrowest.memory_bytes as f64 / 1048576.0,
+            c.profile.tier,
+            c.profile.memory_bytes as f64 / 1048576.0
+        );
+        if let Some(d) = self.deadline_s {
+            why += &format!(
+                ", and its round would take {:.1} s of the {d} s deadline",
+                self.round_time_s(c, narrowest)
+            );
+        }
+        why
+    }
+
+    /// Clusters every observed device and gives each cluster a model: the earlier model of
+    /// the same width where there is one, else the rung's initial weights.
+    fn recluster(&mut self) {
+        let ids: Vec<u64> = self.devices.keys().copied().collect();
+        let scores: Vec<f64> = self.devices.values().map(|d| d.score).collect();
+        let clustering = match self.mode {
+            Mode::Smallest => kde_clusters(&scores, 1),
+            _ => kde_clusters(&scores, self.max_clusters),
+        };
+        // Restored models first: after a restart they are the ones to continue.
+        let mut pool: Vec<Cluster> = std::mem::take(&mut self.restored);
+        pool.append(&mut self.clusters);
+        let mut clusters = Vec::with_capacity(clustering.len());
+        self.device_cluster.clear();
+        for k in 0..clustering.len() {
+            let members: Vec<usize> = (0..ids.len())
+                .filter(|&i| clustering.labels[i] == k)
+                .collect();
+            if members.is_empty() {
+                continue;
+            }
+            let idx = clusters.len();
+            let rung = members
+                .iter()
+                .map(|&i| self.devices[&ids[i]].rung)
+                .max()
+                .expect("members");
+            let lo = members
+                .iter()
+                .map(|&i| scores[i])
+                .fold(f64::INFINITY, f64::min);
+            let hi = members
+                .iter()
+                .map(|&i| scores[i])
+                .fold(f64::NEG_INFINITY, f64::max);
+            for &i in &members {
+                self.device_cluster.insert(ids[i], idx);
+            }
+            let params = match pool.iter().position(|c| c.rung == rung) {
+                Some(p) => pool.remove(p).params,
+                None => self.ladder[rung].init.clone(),
+            };
+            clusters.push(Cluster {
+                rung,
+                devices: members.len() as u64,
+                capability: (lo, hi),
+                params,
+            });
+        }
+        for (k, c) in clusters.iter().enumerate() {
+            tracing::info!(
+                cluster = k,
+                devices = c.devices,
+                width = self.ladder[c.rung].width,
+                capability_lo = c.capability.0,
+                capability_hi = c.capability.1,
+                "fedtsa capability cluster"
+            );
+        }
+        self.clusters = clusters;
+        self.clustering = Some(clustering);
+    }
+
+    /// Stage 2: mutual learning between the cluster models (FedTSA), or distillation toward
+    /// the fixed ensemble of `teachers` (FedDF), on `server_samples` server images.
+    fn distil(
+        &mut self,
+        ctx: &PhaseCtx,
+        server: &mut ServerCtx<'_>,
+        teachers: &[(usize, &ParamSet)],
+    ) -> Result<Option<f64>, EngineError> {
+        let Some(data) = server.server_data else {
+            return Err(EngineError::Method(format!(
+                "{} has no server data in stage 2: the run configures no [server_data]",
+                self.name
+            )));
+        };
+        let n = data.train.len();
+        if n == 0 {
+            return Ok(None);
+        }
+        let take = if self.server_samples == 0 {
+            n
+        } else {
+            self.server_samples.min(n)
+        };
+        let mut rng = seed::rng(self.seed, ctx.round, 0, Purpose::Server);
+        let mut order: Vec<usize> = (0..n).collect();
+        order.shuffle(&mut rng);
+        order.truncate(take);
+        let t = self.temperature;
+        let classes = self.ladder[0].spec.classes;
+        let view = View::full();
+        let (mut loss_sum, mut loss_count) = (0.0, 0usize);
+        for epoch in 0..self.server_epochs {
+            if epoch > 0 {
+                order.shuffle(&mut rng);
+            }
+            for (chunk_no, chunk) in order.chunks(self.refresh).enumerate() {
+                let sub = ClientData {
+                    train: data.train.subset(chunk)?,
+                    holdout: data.train.take_first(0),
+                    mean: data.mean.clone(),
+                    std: data.std.clone(),
+                };
+                let softened = |spec: &ModelSpec, params: &ParamSet| {
+                    logits(spec, &view, params, &sub.train, &sub.mean, &sub.std)
+                        .map(|z| softmax_rows(&z, classes, t))
+                };
+                // Targets: the others' mean (mutual learning) or the teachers' (FedDF).
+                let targets: Vec<Vec<f32>> = if teachers.is_empty() {
+                    let probs = self
+                        .clusters
+                        .iter()
+                        .map(|c| softened(&self.ladder[c.rung].spec, &c.params))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    for c in &self.clusters {
+                        server.add_flops(self.ladder[c.rung].forward_flops * chunk.len() as f64);
+                    }
+                    (0..probs.len())
+                        .map(|m| mean_of_others(&probs, m))
+                        .collect()
+                } else {
+                    let mut sum = vec![0f32; chunk.len() * classes];
+                    for (rung, params) in teachers {
+                        let z = logits(
+                            &self.ladder[*rung].spec,
+                            &view,
+                            params,
+                            &sub.train,
+                            &sub.mean,
+                            &sub.std,
+                        )?;
+                        server.add_flops(self.ladder[*rung].forward_flops * chunk.len() as f64);
+                        for (s, v) in sum.iter_mut().zip(&z) {
+                            *s += v / teachers.len() as f32;
+                        }
+                    }
+                    let p = softmax_rows(&sum, classes, t);
+                    vec![p; self.clusters.len()]
+                };
+                for (m, target) in targets.into_iter().enumerate() {
+                    let rung = &self.ladder[self.clusters[m].rung];
+                    let objective = TargetKl {
+                        probs: target,
+                        classes,
+                        t,
+                    };
+                    let shuffle = seed::derive(
+                        self.seed,
+                        ctx.round,
+                        ((epoch * 1_000_000 + chunk_no) * 64 + m) as u64,
+                        Purpose::Server,
+                    );
+                    let out = TrainJob::new(
+                        &rung.spec,
+                        &view,
+                        &self.clusters[m].params,
+                        &sub,
+                        &self.stage2_recipe,
+                        &objective,
+                    )
+                    .seed(shuffle)
+                    .train()?;
+                    server.add_flops(rung.train_flops * out.samples as f64);
+                    loss_sum += out.mean_loss * out.steps as f64;
+                    loss_count += out.steps;
+                    self.clusters[m].params = out.params;
+                }
+            }
+        }
+        Ok((loss_count > 0).then(|| loss_sum / loss_count as f64))
+    }
+}
+
+/// Row-wise softmax of `z / t`.
+fn softmax_rows(z: &[f32], classes: usize, t: f64) -> Vec<f32> {
+    let mut out = Vec::with_capacity(z.len());
+    for row in z.chunks(classes) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, x| m.max(*x));
+        let e: Vec<f64> = row.iter().map(|v| (f64::from(v - max) / t).exp()).collect();
+        let s: f64 = e.iter().sum();
+        out.extend(e.iter().map(|x| (x / s) as f32));
+    }
+    out
+}
+
+/// The mean of every row set but the `m`-th (the target of model m in mutual learning).
+fn mean_of_others(probs: &[Vec<f32>], m: usize) -> Vec<f32> {
+    let others = (probs.len() - 1) as f32;
+    let mut out = vec![0f32; probs[m].len()];
+    for (r, p) in probs.iter().enumerate() {
+        if r != m {
+            for (o, v) in out.iter_mut().zip(p) {
+                *o += v / others;
+            }
+        }
+    }
+    out
+}
+
+/// t² · KL(target ‖ softmax(z/t)) toward fixed per-sample probability targets.
+struct TargetKl {
+    /// Row-major `[samples, classes]`, row i the target of sample i of the chunk.
+    probs: Vec<f32>,
+    classes: usize,
+    t: f64,
+}
+
+impl Objective for TargetKl {
+    type Step = ();
+
+    fn begin_step(&self, _rng: &mut rand_chacha::ChaCha8Rng) {}
+
+    fn loss(
+        &self,
+        model: &Net,
+        batch: Batch<'_>,
+        _step: &(),
+    ) -> Result<burn::tensor::Tensor<1>, EngineError> {
+        let c = self.classes;
+        let mut rows = Vec::with_capacity(batch.indices.len() * c);
+        for &i in batch.indices {
+            let row = self
+                .probs
+                .get(i * c..(i + 1) * c)
+                .ok_or_else(|| EngineError::Task(format!("server sample {i} has no target")))?;
+            rows.extend_from_slice(row);
+        }
+        let targets = burn::tensor::Tensor::from_data(
+            burn::tensor::TensorData::new(rows, [batch.indices.len(), c]),
+            batch.device,
+        );
+        Ok(kl_to_probs(
+            model.forward(batch.x, &View::full()),
+            targets,
+            self.t,
+        ))
+    }
+}
+
+impl ServerHalf for FedTsa {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn observe(&mut self, clients: &[ClientInfo]) {
+        let mut changed = false;
+        for c in clients {
+            match self.capability(c) {
+                Some(cap) => changed |= self.devices.insert(c.id, cap) != Some(cap),
+                None => changed |= self.devices.remove(&c.id).is_some(),
+            }
+        }
+        if changed {
+            self.recluster();
+        }
+    }
+
+    fn plan(&self, ctx: &PhaseCtx, clients: &[ClientInfo]) -> Result<Vec<Assignment>, EngineError> {
+        Ok(clients
+            .iter()
+            .map(|c| {
+                let Some(k) = self.cluster_of(c.id) else {
+                    return Assignment::Skip(match self.capability(c) {
+                        None => self.unaffordable(c),
+                        Some(_) => "the device has not been clustered yet".into(),
+                    });
+                };
+                let cluster = &self.clusters[k];
+                Assignment::Run(Box::new(Task {
+                    round: ctx.round,
+                    phase: ctx.phase,
+                    client: c.id,
+                    kind: TaskKind::TRAIN,
+                    model: self.ladder[cluster.rung].spec.clone(),
+                    view: View::full(),
+                    recipe: self.recipe.clone(),
+                    params: cluster.params.clone(),
+                    masks: Vec::new(),
+                    hold: Vec::new(),
+                    options: serde_json::Value::Null,
+                }))
+            })
+            .collect())
+    }
+
+    /// A reply holds the whole model it was sent, at its width.
+    fn check_reply(&self, task: &Task, reply: &Reply) -> Result<(), String> {
+        task.params
+            .check_same_layout(&reply.params)
+            .map_err(|e| format!("update does not match the cluster's model: {e}"))
+    }
+
+    fn aggregate(
+        &mut self,
+        ctx: &PhaseCtx,
+        replies: &[Reply],
+        server: &mut ServerCtx<'_>,
+    ) -> Result<PhaseEnd, EngineError> {
+        self.stage2_loss = None;
+        // Stage 1: FedAvg inside each cluster.
+        let mut by_cluster: BTreeMap<usize, Vec<&Reply>> = BTreeMap::new();
+        for r in replies {
+            match self.cluster_of(r.client) {
+                Some(k) if self.clusters[k].params.check_same_layout(&r.params).is_ok() => {
+                    by_cluster.entry(k).or_default().push(r);
+                }
+                _ => tracing::warn!(
+                    client = r.client,
+                    round = ctx.round,
+                    "reply left out: the device's cluster changed since its task was planned"
+                ),
+            }
+        }
+        for (&k, group) in &by_cluster {
+            let contribs = crate::common::contributions(group);
+            self.clusters[k].params = aggregate::weighted_mean(&contribs)?;
+        }
+        // Stage 2.
+        if self.clusters.len() >= 2 {
+            match self.mode {
+                Mode::FedTsa => self.stage2_loss = self.distil(ctx, server, &[])?,
+                Mode::FedDf if !by_cluster.is_empty() => {
+                    // The ensemble is every client model of this round, at its width.
+                    let teachers: Vec<(usize, &ParamSet)> = by_cluster
+                        .iter()
+                        .flat_map(|(&k, group)| {
+                            let rung = self.clusters[k].rung;
+                            group.iter().map(move |r| (rung, &r.params))
+                        })
+                        .collect();
+                    self.stage2_loss = self.distil(ctx, server, &teachers)?;
+                }
+                _ => {}
+            }
+        }
+        Ok(PhaseEnd::RoundComplete)
+    }
+
+    fn eval_models(&self) -> Vec<EvalModel> {
+        if self.clusters.is_empty() {
+            let widest = &self.ladder[0];
+            return vec![EvalModel {
+                label: "global".into(),
+                spec: widest.spec.clone(),
+                view: View::full(),
+                params: widest.init.clone(),
+                devices: None,
+                readout: Readout::Classifier,
+            }];
+        }
+        self.clusters
+            .iter()
+            .enumerate()
+            .map(|(k, c)| EvalModel {
+                label: if self.mode == Mode::Smallest {
+                    "smallest".into()
+                } else {
+                    format!("cluster-{k}")
+                },
+                spec: self.ladder[c.rung].spec.clone(),
+                view: View::full(),
+                params: c.params.clone(),
+                devices: Some(c.devices),
+                readout: Readout::Classifier,
+            })
+            .collect()
+    }
+
+    fn round_metrics(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut m = serde_json::Map::new();
+        m.insert("clusters".into(), self.clusters.len().into());
+        if let Some(l) = self.stage2_loss {
+            m.insert("stage2_loss".into(), l.into());
+        }
+        m
+    }
+
+    fn summary(&self) -> serde_json::Value {
+        let Some(clustering) = &self.clustering else {
+            return serde_json::Value::Null;
+        };
+        serde_json::json!({
+            "capability": "log2 headroom on the widest model: min(memory / need, deadline / round time)",
+            "bandwidth": clustering.bandwidth,
+            "cuts": clustering.cuts,
+            "ladder": self.ladder.iter().map(|r| serde_json::json!({
+                "width": r.width,
+                "parameters": r.init.numel(),
+                "memory_bytes": r.memory_bytes,
+                "train_flops_per_sample": r.train_flops,
+            })).collect::<Vec<_>>(),
+            "clusters": self.clusters.iter().enumerate().map(|(k, c)| serde_json::json!({
+                "cluster": k,
+                "devices": c.devices,
+                "width": self.ladder[c.rung].width,
+                "capability_min": c.capability.0,
+                "capability_max": c.capability.1,
+            })).collect::<Vec<_>>(),
+        })
+    }
+
+    fn snapshot(&self) -> MethodState {
+        MethodState {
+            params: self
+                .clusters
+                .iter()
+                .enumerate()
+                .map(|(k, c)| (format!("cluster-{k}"), c.params.clone()))
+                .collect(),
+            json: serde_json::json!({
+                "widths": self.clusters.iter().map(|c| self.ladder[c.rung].width).collect::<Vec<_>>(),
+            }),
+        }
+    }
+
+    /// Models come back by width: each restored model goes to the cluster of its width
+    /// (now, or when the fleet is observed after the restart).
+    fn restore(&mut self, state: MethodState) -> Result<(), EngineError> {
+        let widths: Vec<f64> = serde_json::from_value(state.json["widths"].clone())
+            .map_err(|e| EngineError::Method(format!("fedtsa checkpoint: `widths`: {e}")))?;
+        let mut pool = Vec::new();
+        for (name, params) in state.params {
+            let k = name
+                .strip_prefix("cluster-")
+                .and_then(|k| k.parse::<usize>().ok())
+                .filter(|k| *k < widths.len())
+                .ok_or_else(|| {
+                    EngineError::Method(format!(
+                        "fedtsa checkpoint holds an unknown model `{name}`"
+                    ))
+                })?;
+            let rung = self
+                .ladder
+                .iter()
+                .position(|r| r.width == widths[k])
+                .ok_or_else(|| {
+                    EngineError::Method(format!(
+                        "fedtsa checkpoint: model `{name}` has width {}, which `method.widths` no longer lists",
+                        widths[k]
+                    ))
+                })?;
+            self.ladder[rung].init.check_same_layout(&params)?;
+            pool.push(Cluster {
+                rung,
+                devices: 0,
+                capability: (0.0, 0.0),
+                params,
+            });
+        }
+        self.restored = pool;
+        if !self.devices.is_empty() {
+            self.recluster();
+        }
+        Ok(())
+    }
+}
+
+/// The client half: cross-entropy on the cluster's model, as FedAvg at that width.
+pub struct FedTsaClient;
+
+impl ClientHalf for FedTsaClient {
+    fn execute(
+        &self,
+        task: &Task,
+        data: &ClientData,
+        ctx: &ClientCtx,
+    ) -> Result<Reply, EngineError> {
+        crate::common::require_train(task, "fedtsa")?;
+        train_task(task, data, ctx, || Ok(CrossEntropy::under(&task.view)))
+    }
+}
+
+#[cfg(test)]
+#[path = "fedtsa_tests.rs"]
+mod tests;

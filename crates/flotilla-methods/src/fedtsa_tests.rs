@@ -1,0 +1,415 @@
+use super::*;
+use flotilla_core::device::DeviceProfile;
+use flotilla_testkit::{client_data, images};
+
+fn config(method: &str, extra: &str) -> Experiment {
+    Experiment::from_toml(&toml(method, extra)).unwrap()
+}
+
+fn toml(method: &str, extra: &str) -> String {
+    format!(
+        r#"
+rounds = 1
+[data]
+dataset = "fashion-mnist"
+num_clients = 30
+partition = {{ kind = "iid" }}
+[model]
+arch = "mlp"
+hidden = [1024, 512]
+[training]
+epochs = 1
+batch_size = 20
+optimizer = "sgd"
+lr = 0.1
+[sampling]
+clients_per_round = 30
+[server_data]
+source = "holdout"
+size = 1000
+labelled = false
+[method]
+name = "{method}"
+{extra}
+"#
+    )
+}
+
+fn server(method: &str, extra: &str) -> FedTsa {
+    let exp = config(method, extra);
+    FedTsa::from_config(&exp, exp.model_spec()).unwrap()
+}
+
+fn ctx() -> PhaseCtx {
+    PhaseCtx {
+        round: 1,
+        phase: 0,
+        seed: 0,
+    }
+}
+
+fn device(id: u64, memory_bytes: u64) -> ClientInfo {
+    ClientInfo {
+        id,
+        profile: DeviceProfile {
+            tier: format!("d{id}"),
+            memory_bytes,
+            ..DeviceProfile::unlimited()
+        },
+        num_examples: 100,
+    }
+}
+
+/// Three memory tiers of ten devices, at 0.33, 0.66 and 1.32 of the widest model's training
+/// estimate ±10%: each tier affords one rung of the default ladder.
+fn three_tier_fleet(s: &FedTsa) -> Vec<ClientInfo> {
+    let widest = s.ladder()[0].memory_bytes as f64;
+    let mut fleet = Vec::new();
+    for (tier, share) in [0.33, 0.66, 1.32].into_iter().enumerate() {
+        for i in 0..10u64 {
+            let spread = 0.9 + 0.2 * i as f64 / 9.0;
+            fleet.push(device(
+                tier as u64 * 10 + i,
+                (widest * share * spread) as u64,
+            ));
+        }
+    }
+    fleet
+}
+
+fn run(a: &Assignment) -> &Task {
+    match a {
+        Assignment::Run(t) => t,
+        Assignment::Skip(r) => panic!("skipped: {r}"),
+    }
+}
+
+fn reply(task: &Task, params: ParamSet, n: u64) -> Reply {
+    Reply {
+        round: task.round,
+        phase: task.phase,
+        client: task.client,
+        num_examples: n,
+        params,
+        metrics: Default::default(),
+        resources: Default::default(),
+    }
+}
+
+/// Mean over the server set of KL(softmax(z_a/t) ‖ softmax(z_b/t)) between two clusters.
+fn disagreement(s: &FedTsa, data: &ClientData, a: usize, b: usize) -> f64 {
+    let p = |k: usize| {
+        let c = &s.clusters()[k];
+        let z = logits(
+            &s.ladder()[c.rung].spec,
+            &View::full(),
+            &c.params,
+            &data.train,
+            &data.mean,
+            &data.std,
+        )
+        .unwrap();
+        softmax_rows(&z, 10, s.temperature)
+    };
+    let (pa, pb) = (p(a), p(b));
+    let kl: f64 = pa
+        .iter()
+        .zip(&pb)
+        .map(|(x, y)| f64::from(*x) * (f64::from(x.max(1e-12)) / f64::from(y.max(1e-12))).ln())
+        .sum();
+    kl / data.train.len() as f64
+}
+
+#[test]
+fn the_kde_finds_three_memory_tiers_and_each_gets_the_width_it_affords() {
+    let mut s = server("fedtsa", "");
+    let fleet = three_tier_fleet(&s);
+    s.observe(&fleet);
+    let clusters = s.clusters();
+    assert_eq!(clusters.len(), 3, "{:?}", s.summary());
+    // Weakest first: the narrowest rung, then the middle, then the widest.
+    let rungs: Vec<usize> = clusters.iter().map(|c| c.rung).collect();
+    assert_eq!(rungs, vec![2, 1, 0]);
+    assert!(clusters.iter().all(|c| c.devices == 10));
+    for c in &fleet {
+        let tier = (c.id / 10) as usize;
+        assert_eq!(s.cluster_of(c.id), Some(tier), "device {}", c.id);
+    }
+    // Each device is sent its cluster's model at its width: FedAvg's task at that width.
+    let plan = s.plan(&ctx(), &fleet).unwrap();
+    for (c, a) in fleet.iter().zip(&plan) {
+        let t = run(a);
+        let rung = &s.ladder()[2 - (c.id / 10) as usize];
+        assert!(rung.memory_bytes <= c.profile.memory_bytes);
+        assert_eq!(t.model, rung.spec);
+        assert_eq!(t.params.numel(), rung.init.numel());
+        assert!(s.task_cost(t).memory_bytes <= c.profile.memory_bytes);
+    }
+    let summary = s.summary();
+    assert_eq!(summary["clusters"].as_array().unwrap().len(), 3);
+    assert_eq!(summary["cuts"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn a_device_that_fits_no_rung_is_skipped_with_the_reason() {
+    let mut s = server("fedtsa", "");
+    let narrowest = s.ladder()[2].memory_bytes;
+    let weak = device(99, narrowest / 2);
+    s.observe(std::slice::from_ref(&weak));
+    assert!(s.clusters().is_empty());
+    match &s.plan(&ctx(), &[weak]).unwrap()[0] {
+        Assignment::Skip(why) => assert!(why.contains("narrowest model"), "{why}"),
+        Assignment::Run(_) => panic!("a device below the narrowest model was given a task"),
+    }
+}
+
+#[test]
+fn the_deadline_narrows_a_slow_device() {
+    let mut s = server("fedtsa", "");
+    let mut slow = device(0, u64::MAX);
+    slow.profile.flops_per_s = 1e6;
+    // The deadline lets the slow device finish the narrowest model but not the widest.
+    let t_wide = s.round_time_s(&slow, &s.ladder()[0]);
+    let t_narrow = s.round_time_s(&slow, &s.ladder()[2]);
+    assert!(t_narrow < t_wide);
+    s.deadline_s = Some((t_narrow * 1.01).min(t_wide * 0.99));
+    assert_eq!(s.capability(&slow).unwrap().rung, 2);
+    s.deadline_s = None;
+    assert_eq!(s.capability(&slow).unwrap().rung, 0);
+}
+
+#[test]
+fn stage1_of_identical_models_is_that_model_and_one_cluster_has_no_stage2() {
+    let mut s = server("fedtsa", "");
+    let fleet: Vec<ClientInfo> = (0..4).map(|i| device(i, u64::MAX)).collect();
+    s.observe(&fleet);
+    assert_eq!(s.clusters().len(), 1);
+    let before = s.clusters()[0].params.clone();
+    let plan = s.plan(&ctx(), &fleet).unwrap();
+    let replies: Vec<Reply> = plan
+        .iter()
+        .enumerate()
+        .map(|(i, a)| reply(run(a), before.clone(), 10 + i as u64))
+        .collect();
+    let data = client_data(images::bands(50, 1));
+    let mut sctx = ServerCtx::new(Some(&data), false);
+    s.aggregate(&ctx(), &replies, &mut sctx).unwrap();
+    assert_eq!(s.clusters()[0].params, before);
+    assert_eq!(sctx.flops(), 0.0, "one cluster: no stage 2");
+    assert!(!s.round_metrics().contains_key("stage2_loss"));
+}
+
+#[test]
+fn kl_toward_a_models_own_outputs_is_zero_and_moves_nothing() {
+    let s = server("fedtsa", "");
+    let rung = &s.ladder()[1];
+    let data = client_data(images::bands(40, 2));
+    let z = logits(
+        &rung.spec,
+        &View::full(),
+        &rung.init,
+        &data.train,
+        &data.mean,
+        &data.std,
+    )
+    .unwrap();
+    let objective = TargetKl {
+        probs: softmax_rows(&z, 10, 3.0),
+        classes: 10,
+        t: 3.0,
+    };
+    let recipe = Recipe::sgd(0.5, 10);
+    let out = TrainJob::new(
+        &rung.spec,
+        &View::full(),
+        &rung.init,
+        &data,
+        &recipe,
+        &objective,
+    )
+    .train()
+    .unwrap();
+    assert!(out.mean_loss.abs() < 1e-5, "loss {}", out.mean_loss);
+    for (a, b) in out.params.iter().zip(rung.init.iter()) {
+        let moved = a
+            .data
+            .iter()
+            .zip(b.data.iter())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(moved < 1e-5, "`{}` moved by {moved}", a.name);
+    }
+}
+
+#[test]
+fn mutual_learning_brings_the_cluster_models_together_and_reports_its_flops() {
+    let mut s = server(
+        "fedtsa",
+        "server_samples = 200\nrefresh = 100\nserver_lr = 0.5",
+    );
+    let fleet = three_tier_fleet(&s);
+    s.observe(&fleet);
+    let data = client_data(images::bands(300, 3));
+    let before = disagreement(&s, &data, 0, 2);
+    let mut sctx = ServerCtx::new(Some(&data), false);
+    // No replies this round: stage 1 keeps every model, stage 2 still runs.
+    s.aggregate(&ctx(), &[], &mut sctx).unwrap();
+    let after = disagreement(&s, &data, 0, 2);
+    assert!(after < 0.5 * before, "disagreement {before} -> {after}");
+    assert!(s.round_metrics().contains_key("stage2_loss"));
+    // Server FLOPs: per chunk of 100, a forward of every model for the targets, then a
+    // training pass of every model over the chunk.
+    let forward: f64 = s
+        .clusters()
+        .iter()
+        .map(|c| s.ladder()[c.rung].forward_flops)
+        .sum();
+    let train: f64 = s
+        .clusters()
+        .iter()
+        .map(|c| s.ladder()[c.rung].train_flops)
+        .sum();
+    let expected = 200.0 * (forward + train);
+    assert!(
+        (sctx.flops() - expected).abs() <= 1e-9 * expected,
+        "{} vs {expected}",
+        sctx.flops()
+    );
+}
+
+#[test]
+fn stage1_only_and_smallest_leave_the_server_data_alone() {
+    for (name, clusters) in [("fedtsa-stage1", 3), ("fedavg-smallest", 1)] {
+        let mut s = server(name, "");
+        let fleet = three_tier_fleet(&s);
+        s.observe(&fleet);
+        assert_eq!(s.clusters().len(), clusters, "{name}");
+        let data = client_data(images::bands(50, 4));
+        let mut sctx = ServerCtx::new(Some(&data), false);
+        s.aggregate(&ctx(), &[], &mut sctx).unwrap();
+        assert_eq!(sctx.flops(), 0.0, "{name}");
+    }
+    // FedAvg-smallest gives every device the narrowest model the weakest can train.
+    let mut s = server("fedavg-smallest", "");
+    let fleet = three_tier_fleet(&s);
+    s.observe(&fleet);
+    let narrow = s.ladder()[2].spec.clone();
+    for a in s.plan(&ctx(), &fleet).unwrap() {
+        assert_eq!(run(&a).model, narrow);
+    }
+    assert_eq!(s.eval_models()[0].label, "smallest");
+    assert_eq!(s.eval_models()[0].devices, Some(30));
+}
+
+#[test]
+fn feddf_distils_every_cluster_toward_the_round_ensemble() {
+    let mut s = server("feddf", "server_samples = 100\nrefresh = 100");
+    let fleet = three_tier_fleet(&s);
+    s.observe(&fleet);
+    let plan = s.plan(&ctx(), &fleet).unwrap();
+    let replies: Vec<Reply> = plan
+        .iter()
+        .map(|a| {
+            let t = run(a);
+            reply(t, t.params.clone(), 10)
+        })
+        .collect();
+    let data = client_data(images::bands(100, 5));
+    let mut sctx = ServerCtx::new(Some(&data), false);
+    s.aggregate(&ctx(), &replies, &mut sctx).unwrap();
+    // Teachers: the 30 client models' forwards; students: the 3 cluster models' training.
+    let forward: f64 = fleet
+        .iter()
+        .map(|c| s.ladder()[s.clusters()[s.cluster_of(c.id).unwrap()].rung].forward_flops)
+        .sum();
+    let train: f64 = s
+        .clusters()
+        .iter()
+        .map(|c| s.ladder()[c.rung].train_flops)
+        .sum();
+    let expected = 100.0 * (forward + train);
+    assert!((sctx.flops() - expected).abs() <= 1e-9 * expected);
+}
+
+#[test]
+fn a_reply_at_another_width_is_refused() {
+    let mut s = server("fedtsa", "");
+    let fleet = three_tier_fleet(&s);
+    s.observe(&fleet);
+    let plan = s.plan(&ctx(), &fleet).unwrap();
+    let weak = run(&plan[0]);
+    let wide = reply(weak, s.ladder()[0].init.clone(), 10);
+    let why = s.check_reply(weak, &wide).unwrap_err();
+    assert!(why.contains("cluster's model"), "{why}");
+    assert!(
+        s.check_reply(weak, &reply(weak, weak.params.clone(), 10))
+            .is_ok()
+    );
+}
+
+#[test]
+fn a_checkpoint_restores_every_cluster_model_before_or_after_the_fleet_is_seen() {
+    let mut s = server("fedtsa-stage1", "");
+    let fleet = three_tier_fleet(&s);
+    s.observe(&fleet);
+    let plan = s.plan(&ctx(), &fleet).unwrap();
+    // Move every model away from its initial weights.
+    let replies: Vec<Reply> = plan
+        .iter()
+        .map(|a| {
+            let t = run(a);
+            let mut p = t.params.clone();
+            for t in p.iter_mut() {
+                t.data.iter_mut().for_each(|v| *v += 0.25);
+            }
+            reply(t, p, 10)
+        })
+        .collect();
+    s.aggregate(&ctx(), &replies, &mut ServerCtx::default())
+        .unwrap();
+    let state = s.snapshot();
+    let models =
+        |s: &FedTsa| -> Vec<ParamSet> { s.clusters().iter().map(|c| c.params.clone()).collect() };
+    for restore_first in [true, false] {
+        let mut t = server("fedtsa-stage1", "");
+        if restore_first {
+            t.restore(state.clone()).unwrap();
+            t.observe(&fleet);
+        } else {
+            t.observe(&fleet);
+            t.restore(state.clone()).unwrap();
+        }
+        assert_eq!(models(&t), models(&s), "restore first: {restore_first}");
+    }
+    // A checkpoint whose width the config no longer lists is refused with the reason.
+    let mut narrow_only = server("fedtsa-stage1", "widths = [1.0]");
+    let err = narrow_only.restore(state).unwrap_err().to_string();
+    assert!(err.contains("no longer lists"), "{err}");
+}
+
+#[test]
+fn bad_options_are_refused_with_the_key() {
+    let exp = config("fedtsa", "widths = [1.0, 1.5]");
+    let err = FedTsa::from_config(&exp, exp.model_spec())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("method.widths"), "{err}");
+    let exp = config("fedtsa", "temperature = 0");
+    let err = FedTsa::from_config(&exp, exp.model_spec())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("method.temperature"), "{err}");
+    let exp = config("fedtsa", "stage = 2");
+    assert!(FedTsa::from_config(&exp, exp.model_spec()).is_err());
+    let text = toml("fedtsa", "");
+    let start = text.find("[server_data]").unwrap();
+    let end = text.find("[method]").unwrap();
+    let exp = Experiment::from_toml(&(text[..start].to_string() + &text[end..])).unwrap();
+    let err = FedTsa::from_config(&exp, exp.model_spec())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("[server_data]"), "{err}");
+}
