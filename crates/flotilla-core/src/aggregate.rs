@@ -9,7 +9,9 @@ use crate::{CoreError, ParamSet, Tensor};
 
 mod exact;
 mod mean;
+mod sliced;
 pub use mean::{MeanFold, weighted_mean};
+pub use sliced::{leading_slice, sliced_weighted_mean};
 
 /// One client's contribution: its parameters and its weight (usually its example count).
 #[derive(Debug, Clone, Copy)]

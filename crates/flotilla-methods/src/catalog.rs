@@ -245,7 +245,13 @@ pub const CATALOG: &[MethodInfo] = &[
         doc: "docs/methods/fll.md",
     },
     MethodInfo {
-        names: &["fedtsa", "fedtsa-stage1", "feddf", "fedavg-smallest"],
+        names: &[
+            "fedtsa",
+            "fedtsa-stage1",
+            "feddf",
+            "fedavg-smallest",
+            "heterofl",
+        ],
         summary: "FedTSA: capability clusters, a width per cluster, mutual learning on server data; and its baselines",
         options: &[
             opt(

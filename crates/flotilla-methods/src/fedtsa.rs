@@ -40,6 +40,10 @@
 //!   (the mean of their logits, softened at T) on the same server images.
 //! - `fedavg-smallest`: one model at the width the weakest device affords, FedAvg over every
 //!   device.
+//! - `heterofl`: parameter sharing across widths (Diao et al. 2021): one global model at the
+//!   widest rung; a cluster trains the leading slice of every tensor at its width, and each
+//!   global value is averaged over the replies that hold it
+//!   ([`aggregate::sliced_weighted_mean`]).
 
 use flotilla_core::ParamSet;
 use flotilla_core::aggregate;
@@ -70,6 +74,8 @@ pub enum Mode {
     FedDf,
     /// FedAvg on the model the weakest device affords.
     Smallest,
+    /// HeteroFL: one global model, each cluster trains its leading width slice.
+    HeteroFl,
 }
 
 #[derive(Debug, Deserialize)]
@@ -174,6 +180,8 @@ pub struct FedTsa {
     device_cluster: HashMap<u64, usize>,
     /// Models restored from a checkpoint before the fleet was observed, by rung.
     restored: Vec<Cluster>,
+    /// HeteroFL's global model at the widest rung (`None` for the other modes).
+    global: Option<ParamSet>,
     /// Mean stage-2 loss of the last round (None: no stage 2 ran).
     stage2_loss: Option<f64>,
 }
@@ -187,9 +195,10 @@ impl FedTsa {
             "fedtsa-stage1" => Mode::Stage1Only,
             "feddf" => Mode::FedDf,
             "fedavg-smallest" => Mode::Smallest,
+            "heterofl" => Mode::HeteroFl,
             other => {
                 return Err(EngineError::Config(format!(
-                    "`method.name` `{other}` is not fedtsa, fedtsa-stage1, feddf or fedavg-smallest"
+                    "`method.name` `{other}` is not fedtsa, fedtsa-stage1, feddf, fedavg-smallest or heterofl"
                 )));
             }
         };
@@ -268,7 +277,6 @@ impl FedTsa {
             recipe,
             stage2_recipe,
             deadline_s: exp.fleet.deadline_s,
-            ladder,
             max_clusters: opts.max_clusters,
             temperature: opts.temperature,
             server_samples: opts.server_samples,
@@ -280,6 +288,8 @@ impl FedTsa {
             device_cluster: HashMap::new(),
             restored: Vec::new(),
             stage2_loss: None,
+            global: (mode == Mode::HeteroFl).then(|| ladder[0].init.clone()),
+            ladder,
         })
     }
 
@@ -423,6 +433,18 @@ impl FedTsa {
         }
         self.clusters = clusters;
         self.clustering = Some(clustering);
+        self.slice_global();
+    }
+
+    /// HeteroFL: every cluster's model becomes its width's slice of the global model.
+    fn slice_global(&mut self) {
+        let Some(global) = &self.global else {
+            return;
+        };
+        for c in &mut self.clusters {
+            c.params = aggregate::leading_slice(global, &self.ladder[c.rung].init)
+                .expect("every rung of the ladder is a slice of the widest");
+        }
     }
 
     /// Stage 2: mutual learning between the cluster models (FedTSA), or distillation toward
@@ -677,6 +699,16 @@ impl ServerHalf for FedTsa {
                 ),
             }
         }
+        if let Some(global) = &self.global {
+            // HeteroFL: one average over every reply, each value over those holding it.
+            let all: Vec<&Reply> = by_cluster.values().flatten().copied().collect();
+            if !all.is_empty() {
+                let contribs = crate::common::contributions(&all);
+                self.global = Some(aggregate::sliced_weighted_mean(global, &contribs)?);
+                self.slice_global();
+            }
+            return Ok(PhaseEnd::RoundComplete);
+        }
         for (&k, group) in &by_cluster {
             let contribs = crate::common::contributions(group);
             self.clusters[k].params = aggregate::weighted_mean(&contribs)?;
@@ -766,13 +798,17 @@ impl ServerHalf for FedTsa {
     }
 
     fn snapshot(&self) -> MethodState {
+        let mut params: BTreeMap<String, ParamSet> = self
+            .clusters
+            .iter()
+            .enumerate()
+            .map(|(k, c)| (format!("cluster-{k}"), c.params.clone()))
+            .collect();
+        if let Some(g) = &self.global {
+            params.insert("global".into(), g.clone());
+        }
         MethodState {
-            params: self
-                .clusters
-                .iter()
-                .enumerate()
-                .map(|(k, c)| (format!("cluster-{k}"), c.params.clone()))
-                .collect(),
+            params,
             json: serde_json::json!({
                 "widths": self.clusters.iter().map(|c| self.ladder[c.rung].width).collect::<Vec<_>>(),
             }),
@@ -786,6 +822,11 @@ impl ServerHalf for FedTsa {
             .map_err(|e| EngineError::Method(format!("fedtsa checkpoint: `widths`: {e}")))?;
         let mut pool = Vec::new();
         for (name, params) in state.params {
+            if name == "global" && self.global.is_some() {
+                self.ladder[0].init.check_same_layout(&params)?;
+                self.global = Some(params);
+                continue;
+            }
             let k = name
                 .strip_prefix("cluster-")
                 .and_then(|k| k.parse::<usize>().ok())
@@ -817,6 +858,7 @@ impl ServerHalf for FedTsa {
         if !self.devices.is_empty() {
             self.recluster();
         }
+        self.slice_global();
         Ok(())
     }
 }

@@ -413,3 +413,52 @@ fn bad_options_are_refused_with_the_key() {
         .to_string();
     assert!(err.contains("[server_data]"), "{err}");
 }
+
+#[test]
+fn heterofl_averages_each_value_over_the_widths_that_hold_it() {
+    let mut s = server("heterofl", "");
+    let fleet = three_tier_fleet(&s);
+    s.observe(&fleet);
+    let global = s.global.clone().unwrap();
+    let plan = s.plan(&ctx(), &fleet).unwrap();
+    // Every device of tier k sends back its slice plus k + 1.
+    let replies: Vec<Reply> = plan
+        .iter()
+        .zip(&fleet)
+        .map(|(a, c)| {
+            let t = run(a);
+            let shift = (c.id / 10 + 1) as f32;
+            let mut p = t.params.clone();
+            for t in p.iter_mut() {
+                t.data.iter_mut().for_each(|v| *v += shift);
+            }
+            reply(t, p, 10)
+        })
+        .collect();
+    s.aggregate(&ctx(), &replies, &mut ServerCtx::default())
+        .unwrap();
+    let after = s.global.clone().unwrap();
+    // A tensor the narrow model holds only part of.
+    let narrow = &s.ladder()[2].init;
+    let t = narrow
+        .iter()
+        .find(|t| t.shape != global.get(&t.name).unwrap().shape)
+        .unwrap();
+    let (g, a) = (global.get(&t.name).unwrap(), after.get(&t.name).unwrap());
+    // Its first value is in every slice: the mean shift (1 + 2 + 3) / 3; its last value only
+    // in the widest model's: shift 3.
+    assert!((a.data[0] - (g.data[0] + 2.0)).abs() < 1e-5);
+    let last = g.data.len() - 1;
+    assert!((a.data[last] - (g.data[last] + 3.0)).abs() < 1e-5);
+    // Each cluster's model is its slice of the new global model.
+    for c in s.clusters() {
+        let slice = aggregate::leading_slice(&after, &s.ladder()[c.rung].init).unwrap();
+        assert_eq!(c.params, slice);
+    }
+    // The checkpoint brings the global model back.
+    let mut t = server("heterofl", "");
+    t.restore(s.snapshot()).unwrap();
+    t.observe(&fleet);
+    assert_eq!(t.global, s.global);
+    assert_eq!(t.clusters()[0].params, s.clusters()[0].params);
+}

@@ -31,6 +31,7 @@ pub const METHODS: &[&str] = &[
     "fedtsa-stage1",
     "feddf",
     "fedavg-smallest",
+    "heterofl",
 ];
 
 /// The two halves of a method, as the engine drives them.
@@ -62,7 +63,7 @@ pub fn build(exp: &Experiment) -> Result<Halves, EngineError> {
             let server = fll::Fll::from_config(exp, spec)?;
             Ok((Box::new(server), Arc::new(fll::FllClient)))
         }
-        "fedtsa" | "fedtsa-stage1" | "feddf" | "fedavg-smallest" => {
+        "fedtsa" | "fedtsa-stage1" | "feddf" | "fedavg-smallest" | "heterofl" => {
             let server = fedtsa::FedTsa::from_config(exp, spec)?;
             Ok((Box::new(server), Arc::new(fedtsa::FedTsaClient)))
         }
