@@ -134,6 +134,16 @@ mod tests {
     }
 
     #[test]
+    fn a_bimodal_sample_is_two_clusters_cut_between_the_modes() {
+        let mut values = tiers(&[1.0], 20);
+        values.extend(tiers(&[5.0], 20));
+        let c = kde_clusters(&values, 4);
+        assert_eq!(c.len(), 2, "{c:?}");
+        assert!(c.cuts[0] > 1.1 && c.cuts[0] < 4.5, "{c:?}");
+        assert_eq!(c.labels, [vec![0; 20], vec![1; 20]].concat());
+    }
+
+    #[test]
     fn at_most_max_clusters_keeping_the_deepest_valleys() {
         let log: Vec<f64> = tiers(&[16.0, 64.0, 256.0], 30)
             .iter()

@@ -28,6 +28,8 @@ pub enum Purpose {
     ServerData = 9,
     /// Drawing the labelled training images a linear probe is fitted on.
     Probe = 10,
+    /// Fitting and sampling FedTSA's server-side generator.
+    Generator = 11,
 }
 
 /// SplitMix64 finaliser: a cheap, well-mixed bijection on u64.

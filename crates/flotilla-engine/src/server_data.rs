@@ -79,24 +79,21 @@ impl ServerData {
     }
 }
 
-/// The training samples held out for the server, sorted: `server_data.size` indices below
-/// `train_len` drawn uniformly with the run seed (its own stream, [`Purpose::ServerData`]).
-/// Empty unless `[server_data]` has `source = "holdout"`. The same config gives the same slice
-/// in the simulator, the server and every `join --partition` client.
+/// The training samples kept from the clients, sorted: `server_data.size` indices (`source =
+/// "holdout"`) or `server_data.withhold` indices (`source = "idx"`) below `train_len`, drawn
+/// uniformly with the run seed (its own stream, [`Purpose::ServerData`]), so a holdout and a
+/// withheld slice of the same size are the same samples. Empty without either. The same config
+/// gives the same slice in the simulator, the server and every `join --partition` client.
 pub fn holdout_indices(exp: &Experiment, train_len: usize) -> Result<Vec<usize>, EngineError> {
-    let Some(sd) = exp
-        .server_data
-        .as_ref()
-        .filter(|sd| sd.source == ServerDataSource::Holdout)
-    else {
+    let Some(sd) = exp.server_data.as_ref() else {
         return Ok(Vec::new());
     };
-    let size = sd.size.unwrap_or(0);
+    let size = sd.withheld();
     let clients = exp.data.num_clients;
     // `check` compares with the dataset's official size; a shorter file still gets here.
     if size.saturating_add(clients) > train_len {
         return Err(EngineError::Config(format!(
-            "`server_data.size` is {size}, but the training set read has {train_len} samples and the {clients} clients need at least one each; choose at most {}",
+            "`server_data.size` (or `withhold`) is {size}, but the training set read has {train_len} samples and the {clients} clients need at least one each; choose at most {}",
             train_len.saturating_sub(clients)
         )));
     }

@@ -83,6 +83,19 @@ fn clients_never_get_the_held_out_slice_and_sizes_add_up() {
     other.seed = 4;
     assert_ne!(holdout_indices(&other, train.len()).unwrap(), held);
 
+    // IDX files with `withhold` keep the very same slice from the clients: the clients'
+    // shares are the holdout run's.
+    let withheld = config(
+        "[server_data]\nsource = \"idx\"\nimages = \"gen/images\"\nlabelled = false\nwithhold = 150",
+        "",
+    );
+    assert_eq!(holdout_indices(&withheld, train.len()).unwrap(), held);
+    assert_eq!(partition_clients(&withheld, &train).unwrap(), parts);
+    let mut too_many = withheld.clone();
+    too_many.server_data.as_mut().unwrap().withhold = Some(60000);
+    let err = too_many.check().unwrap_err().to_string();
+    assert!(err.contains("server_data.withhold"), "{err}");
+
     // Without [server_data] the partition is the plain one over all samples.
     let plain = config("", "");
     assert!(holdout_indices(&plain, train.len()).unwrap().is_empty());

@@ -312,6 +312,34 @@ impl Experiment {
         }
     }
 
+    /// The samples `[server_data]` keeps from the clients leave every client at least one.
+    fn check_withheld(&self, sd: &ServerDataConfig, key: &str) -> Result<(), EngineError> {
+        let size = sd.withheld();
+        let ds = self.data.dataset;
+        let total = self
+            .data
+            .train_limit
+            .map_or(ds.train_len(), |l| l.min(ds.train_len()));
+        let clients = self.data.num_clients;
+        if size.saturating_add(clients) > total {
+            return Err(EngineError::Config(format!(
+                "`{key}` is {size}, but the training set has {total} samples ({ds}{}) and the {clients} clients need at least one each; choose at most {}{}",
+                if self.data.train_limit.is_some() {
+                    ", after data.train_limit"
+                } else {
+                    ""
+                },
+                total.saturating_sub(clients),
+                if self.data.train_limit.is_some() {
+                    " or raise data.train_limit"
+                } else {
+                    ""
+                },
+            )));
+        }
+        Ok(())
+    }
+
     /// `[server_data]` checks that need no file: the keys each source takes, and a held-out
     /// slice that leaves every client at least one sample.
     fn check_server_data(&self, sd: &ServerDataConfig) -> Result<(), EngineError> {
@@ -332,39 +360,25 @@ impl Experiment {
                         );
                     }
                 }
-                let Some(size) = sd.size else {
+                if sd.size.is_none() {
                     return bad(
                         "server_data.size",
                         "is required with source = \"holdout\": the number of training samples held out for the server, e.g. size = 6000".into(),
                     );
-                };
-                let ds = self.data.dataset;
-                let total = self
-                    .data
-                    .train_limit
-                    .map_or(ds.train_len(), |l| l.min(ds.train_len()));
-                let clients = self.data.num_clients;
-                if size.saturating_add(clients) > total {
+                }
+                if sd.withhold.is_some() {
                     return bad(
-                        "server_data.size",
-                        format!(
-                            "is {size}, but the training set has {total} samples ({ds}{}) and the {clients} clients need at least one each; choose at most {}{}",
-                            if self.data.train_limit.is_some() {
-                                ", after data.train_limit"
-                            } else {
-                                ""
-                            },
-                            total.saturating_sub(clients),
-                            if self.data.train_limit.is_some() {
-                                " or raise data.train_limit"
-                            } else {
-                                ""
-                            },
-                        ),
+                        "server_data.withhold",
+                        "applies to source = \"idx\" only; a holdout already keeps `size` samples from the clients (remove the key)".into(),
                     );
                 }
+                self.check_withheld(sd, "server_data.size")?;
             }
             ServerDataSource::Idx => {
+                if sd.withhold == Some(0) {
+                    return bad("server_data.withhold", "must be at least 1 when set".into());
+                }
+                self.check_withheld(sd, "server_data.withhold")?;
                 if sd.images.is_none() {
                     return bad(
                         "server_data.images",

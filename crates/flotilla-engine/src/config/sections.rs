@@ -351,6 +351,22 @@ pub struct ServerDataConfig {
     /// when `labelled = false`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub labels: Option<PathBuf>,
+    /// IDX: also keep this many training samples from the clients, the very slice `source =
+    /// "holdout"` with `size = withhold` would hold out: the images a generator was fitted on
+    /// (`flotilla generate`), so that the clients' data stays disjoint from what the server's
+    /// images came from, and equal to the holdout run's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub withhold: Option<usize>,
+}
+
+impl ServerDataConfig {
+    /// Training samples kept from the clients: `size` for a holdout, `withhold` for IDX files.
+    pub fn withheld(&self) -> usize {
+        match self.source {
+            ServerDataSource::Holdout => self.size.unwrap_or(0),
+            ServerDataSource::Idx => self.withhold.unwrap_or(0),
+        }
+    }
 }
 
 pub(super) fn yes() -> bool {

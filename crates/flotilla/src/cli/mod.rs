@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 pub mod deploy;
+mod generate;
 mod inspect;
 mod progress;
 mod report;
@@ -68,6 +69,9 @@ pub enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
     },
+    /// Fit FedTSA's server-side generator on the config's held-out slice and write samples as
+    /// IDX files for `[server_data] source = "idx"`, with PNG grids and generator.json.
+    Generate(generate::GenerateArgs),
     /// List the methods and their `[method]` options with defaults.
     Methods,
     /// Evaluate a saved model on the test set.
@@ -172,6 +176,7 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Plan { config, overrides } => inspect::plan(&config, &overrides),
+        Command::Generate(args) => generate::generate(args),
         Command::Methods => {
             print!("{}", flotilla_methods::catalog::table());
             Ok(())

@@ -45,6 +45,9 @@
 //!   global value is averaged over the replies that hold it
 //!   ([`aggregate::sliced_weighted_mean`]).
 
+pub mod denoiser;
+pub mod generator;
+
 use flotilla_core::ParamSet;
 use flotilla_core::aggregate;
 use flotilla_core::cluster::{Clustering, kde_clusters};
@@ -879,5 +882,4 @@ impl ClientHalf for FedTsaClient {
 }
 
 #[cfg(test)]
-#[path = "fedtsa_tests.rs"]
 mod tests;
