@@ -6,7 +6,7 @@
 //! | `config.toml` | the resolved config, before round 1 |
 //! | `metrics.jsonl`, `clients.jsonl` | the engine's `MetricsFiles`, after every round |
 //! | `checkpoint/` | the driver, every `checkpoint_every` rounds |
-//! | `model.safetensors` (and `model-factors.safetensors`) | at the end |
+//! | `model.safetensors` (and `model-factors.safetensors`, or `model-<label>.safetensors` for each model of a method that keeps several) | at the end |
 //! | `summary.json`, `plots/` | at the end |
 //! | `dashboard`, `address` | the dashboard's and the server's URL, while they run |
 
@@ -110,7 +110,9 @@ impl RunDir {
         summary: &serde_json::Value,
     ) -> Result<()> {
         let dir = &self.path;
-        if let Some(model) = server.eval_models().into_iter().next() {
+        let models = server.eval_models();
+        let mut extra = Vec::new();
+        if let Some(model) = models.first() {
             let save = |file: &str, spec: &flotilla_models::ModelSpec, params| -> Result<()> {
                 let meta = HashMap::from([("model".to_string(), serde_json::to_string(spec)?)]);
                 safetensors_io::save(&dir.join(file), params, Some(meta))?;
@@ -131,6 +133,27 @@ impl RunDir {
                 save(FACTORED_MODEL_FILE, &model.spec, &model.params)?;
             }
         }
+        // A method that keeps several models (a width per cluster, a prefix per depth): every
+        // one of them, named by its label; model.safetensors is the first.
+        if models.len() > 1 {
+            for m in models.iter().filter(|m| m.spec.ranks.is_empty()) {
+                let label: String = m
+                    .label
+                    .chars()
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                            c
+                        } else {
+                            '_'
+                        }
+                    })
+                    .collect();
+                let path = dir.join(format!("model-{label}.safetensors"));
+                let meta = HashMap::from([("model".to_string(), serde_json::to_string(&m.spec)?)]);
+                safetensors_io::save(&path, &m.params, Some(meta))?;
+                extra.push(path);
+            }
+        }
         safetensors_io::write_atomic(
             &dir.join(flotilla_report::SUMMARY_FILE),
             serde_json::to_string_pretty(summary)?.as_bytes(),
@@ -143,6 +166,9 @@ impl RunDir {
         );
         println!("run directory: {}", dir.display());
         println!("model:         {}", self.model_file().display());
+        for p in extra {
+            println!("model:         {}", p.display());
+        }
         for p in plots {
             println!("plot:          {}", p.display());
         }

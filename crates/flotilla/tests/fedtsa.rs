@@ -135,6 +135,13 @@ fn generate_then_fedtsa_on_the_generated_images() {
         .collect();
     assert_eq!(widths, [0.25, 0.5, 1.0]);
     assert!(summary["total_server_flops"].as_f64().unwrap() > 0.0);
+    // Every cluster's model is saved, with its width in the metadata.
+    for (k, width) in [(0, 0.125), (2, 0.5)] {
+        let (header, _) = safetensors_parts(&run.join(format!("model-cluster-{k}.safetensors")));
+        let spec: serde_json::Value =
+            serde_json::from_str(header["__metadata__"]["model"].as_str().unwrap()).unwrap();
+        assert_eq!(spec["width"], width, "cluster {k}");
+    }
     let metrics = read_jsonl(&run.join("metrics.jsonl"));
     let m = &metrics[0];
     assert!(m.get("stage2_loss").is_some(), "{m}");
