@@ -90,6 +90,24 @@ fn estimate_tracks_measurement() {
             recipe(128, OptimizerKind::Sgd, 0.9),
         ),
         (
+            "cnn w0.125 b32 sgd+m",
+            ModelSpec {
+                width: 0.125,
+                ..ModelSpec::fedavg_cnn()
+            },
+            View::full(),
+            recipe(32, OptimizerKind::Sgd, 0.9),
+        ),
+        (
+            "cnn w0.5 b32 sgd+m",
+            ModelSpec {
+                width: 0.5,
+                ..ModelSpec::fedavg_cnn()
+            },
+            View::full(),
+            recipe(32, OptimizerKind::Sgd, 0.9),
+        ),
+        (
             "cnn b32 adam",
             ModelSpec::fedavg_cnn(),
             View::full(),

@@ -16,7 +16,7 @@ num_clients = 30
 partition = {{ kind = "iid" }}
 [model]
 arch = "mlp"
-hidden = [1024, 512]
+hidden = [2048, 1024]
 [training]
 epochs = 1
 batch_size = 20
@@ -60,18 +60,21 @@ fn device(id: u64, memory_bytes: u64) -> ClientInfo {
     }
 }
 
-/// Three memory tiers of ten devices, at 0.33, 0.66 and 1.32 of the widest model's training
-/// estimate ±10%: each tier affords one rung of the default ladder.
+/// Three memory tiers of ten devices, ±10% around centres evenly spaced on a log scale: the
+/// two weaker between consecutive rungs' training estimates (their geometric mean), so that
+/// each tier affords exactly one rung of the ladder.
 fn three_tier_fleet(s: &FedTsa) -> Vec<ClientInfo> {
-    let widest = s.ladder()[0].memory_bytes as f64;
+    let r: Vec<f64> = s.ladder().iter().map(|r| r.memory_bytes as f64).collect();
+    let weak = (r[2] * r[1]).sqrt();
+    let middle = (r[1] * r[0]).sqrt();
     let mut fleet = Vec::new();
-    for (tier, share) in [0.33, 0.66, 1.32].into_iter().enumerate() {
+    for (tier, centre) in [weak, middle, middle * middle / weak]
+        .into_iter()
+        .enumerate()
+    {
         for i in 0..10u64 {
             let spread = 0.9 + 0.2 * i as f64 / 9.0;
-            fleet.push(device(
-                tier as u64 * 10 + i,
-                (widest * share * spread) as u64,
-            ));
+            fleet.push(device(tier as u64 * 10 + i, (centre * spread) as u64));
         }
     }
     fleet
