@@ -2,7 +2,7 @@
 # FedTSA against its baselines on examples/fedtsa.toml (Fashion-MNIST, thirty devices in three
 # memory tiers, Dirichlet 0.5, the W1 CNN at width 0.5 and its 1/2 and 1/4 slices), as
 # docs/results/fedtsa/README.md reports it. Per seed:
-#   fedtsa, fedtsa-stage1, feddf, heterofl, fedavg-smallest   the comparison
+#   fedtsa, fedtsa-stage1, feddf, heterofl, fedrolex, fedavg-smallest   the comparison
 #   fedtsa-narrow, fedtsa-stage1-narrow   the ladder {1, 3/4, 1/2} on a fleet whose tiers afford it
 #   fedtsa-generated   stage 2 on 5,000 images of the generator fitted on the held-out slice
 #                      (flotilla generate; the clients keep the same data)
@@ -30,7 +30,7 @@ run() { # NAME SEED [--set ...]
 }
 narrow=(--set 'method.widths=[1.0, 0.75, 0.5]' --set 'fleet.csv="examples/fedtsa-fleet-narrow.csv"')
 for seed in $seeds; do
-  for m in fedtsa fedtsa-stage1 feddf heterofl fedavg-smallest; do
+  for m in fedtsa fedtsa-stage1 feddf heterofl fedrolex fedavg-smallest; do
     run $m "$seed" --set "method.name=\"$m\""
   done
   gen=$base/generated/seed-$seed

@@ -11,15 +11,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from svgplot import svg_lines  # noqa: E402
 
 RUNS, OUT = sys.argv[1], sys.argv[2]
-METHODS = ["fedtsa", "fedtsa-stage1", "feddf", "heterofl", "fedavg-smallest",
+METHODS = ["fedtsa", "fedtsa-stage1", "feddf", "heterofl", "fedrolex", "fedavg-smallest", "fedtsa-generated",
            "fedtsa-narrow", "fedtsa-stage1-narrow", "fedtsa-noise"]
 LABEL = {"fedtsa": "FedTSA", "fedtsa-stage1": "FedTSA without stage 2", "feddf": "FedDF",
-         "heterofl": "HeteroFL", "fedavg-smallest": "FedAvg on the smallest model",
+         "heterofl": "HeteroFL", "fedrolex": "FedRolex", "fedavg-smallest": "FedAvg on the smallest model",
+         "fedtsa-generated": "FedTSA, stage 2 on generated images",
          "fedtsa-narrow": "FedTSA, ladder {1, 3/4, 1/2}",
          "fedtsa-stage1-narrow": "FedTSA without stage 2, ladder {1, 3/4, 1/2}",
          "fedtsa-noise": "FedTSA, stage 2 on noise-mixup images"}
 COLORS = {"fedtsa": "#d62728", "fedtsa-stage1": "#1f77b4", "feddf": "#2ca02c", "heterofl": "#9467bd",
-          "fedavg-smallest": "#8c564b"}
+          "fedrolex": "#e377c2", "fedavg-smallest": "#8c564b", "fedtsa-generated": "#ff7f0e"}
 os.makedirs(OUT, exist_ok=True)
 
 
@@ -108,7 +109,7 @@ lines += ["## Client cost per tier", "",
           "Per task, from clients.jsonl of the first seed: FedTSA's client work is FedAvg's at the tier's width (the",
           "clusters-only run is exactly FedAvg inside each cluster).", "",
           "| method | tier | tasks | bytes up per task | bytes down per task | training FLOP per example |", "|---|---|---|---|---|---|"]
-for m in ["fedtsa", "fedtsa-stage1", "heterofl", "fedavg-smallest"]:
+for m in ["fedtsa", "fedtsa-stage1", "heterofl", "fedrolex", "fedavg-smallest"]:
     if m not in results:
         continue
     cl = [c for c in results[m][0][2] if c["status"] == "ok"]
@@ -130,7 +131,7 @@ def check(text, ok):
 
 if "fedtsa" in acc:
     m0, s0_ = acc["fedtsa"]
-    for b in ["fedtsa-stage1", "feddf", "heterofl", "fedavg-smallest"]:
+    for b in ["fedtsa-stage1", "feddf", "heterofl", "fedrolex", "fedavg-smallest"]:
         if b in acc:
             mb, sb = acc[b]
             check(f"FedTSA's mean device accuracy {100*m0:.2f} exceeds {LABEL[b]}'s {100*mb:.2f} by more than the "
@@ -146,13 +147,18 @@ if "fedtsa" in acc:
         narrow = acc["fedtsa-narrow"][0] - acc["fedtsa-stage1-narrow"][0]
         check(f"stage 2's gain is larger with the wide ladder {{1, 1/2, 1/4}} ({100*wide:+.2f} points) than with the "
               f"narrow {{1, 3/4, 1/2}} ({100*narrow:+.2f})", wide > narrow)
-    if "fedtsa-noise" in acc:
-        check(f"held-out images ≥ noise-mixup images as the stage-2 source ({100*m0:.2f} vs {100*acc['fedtsa-noise'][0]:.2f}); "
-              "the generated source is not built", m0 >= acc["fedtsa-noise"][0])
+    if "fedtsa-noise" in acc and "fedtsa-generated" in acc:
+        g, nz = acc["fedtsa-generated"][0], acc["fedtsa-noise"][0]
+        check(f"the stage-2 sources order as held-out images ≥ generated ≥ noise-mixup ({100*m0:.2f}, {100*g:.2f}, {100*nz:.2f})",
+              m0 >= g >= nz)
+        if "fedtsa-stage1" in acc:
+            check(f"FedTSA on generated images beats FedTSA without stage 2 by more than the spread "
+                  f"({100*(g - acc['fedtsa-stage1'][0]):+.2f} points)",
+                  g - acc["fedtsa-stage1"][0] > max(acc["fedtsa-generated"][1], acc["fedtsa-stage1"][1]))
 lines.append("")
 
 series = []
-for m in ["fedtsa", "fedtsa-stage1", "feddf", "heterofl", "fedavg-smallest"]:
+for m in ["fedtsa", "fedtsa-stage1", "feddf", "heterofl", "fedrolex", "fedavg-smallest", "fedtsa-generated"]:
     if m in results:
         rows = results[m][0][1]
         series.append((LABEL[m], COLORS[m], [(r["round"], 100 * r["mean_device_accuracy"]) for r in rows

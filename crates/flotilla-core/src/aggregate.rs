@@ -11,7 +11,7 @@ mod exact;
 mod mean;
 mod sliced;
 pub use mean::{MeanFold, weighted_mean};
-pub use sliced::{leading_slice, sliced_weighted_mean};
+pub use sliced::{SliceIndex, SliceMap, gather, leading_map, leading_slice, sliced_weighted_mean};
 
 /// One client's contribution: its parameters and its weight (usually its example count).
 #[derive(Debug, Clone, Copy)]

@@ -251,6 +251,7 @@ pub const CATALOG: &[MethodInfo] = &[
             "feddf",
             "fedavg-smallest",
             "heterofl",
+            "fedrolex",
         ],
         summary: "FedTSA: capability clusters, a width per cluster, mutual learning on server data; and its baselines",
         options: &[

@@ -32,6 +32,7 @@ pub const METHODS: &[&str] = &[
     "feddf",
     "fedavg-smallest",
     "heterofl",
+    "fedrolex",
 ];
 
 /// The two halves of a method, as the engine drives them.
@@ -63,7 +64,7 @@ pub fn build(exp: &Experiment) -> Result<Halves, EngineError> {
             let server = fll::Fll::from_config(exp, spec)?;
             Ok((Box::new(server), Arc::new(fll::FllClient)))
         }
-        "fedtsa" | "fedtsa-stage1" | "feddf" | "fedavg-smallest" | "heterofl" => {
+        "fedtsa" | "fedtsa-stage1" | "feddf" | "fedavg-smallest" | "heterofl" | "fedrolex" => {
             let server = fedtsa::FedTsa::from_config(exp, spec)?;
             Ok((Box::new(server), Arc::new(fedtsa::FedTsaClient)))
         }

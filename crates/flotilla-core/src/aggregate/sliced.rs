@@ -1,6 +1,8 @@
-//! Width-sliced sub-models and their average (HeteroFL, Diao et al. 2021): a client of width p
-//! holds the *leading* block of every global tensor (the first ⌈p·C⌉ output units, the first
-//! ⌈p·C⌉ input units); the server averages each global value over the clients whose block
+//! Width-sliced sub-models and their average. A client of width p holds a sub-tensor of every
+//! global tensor: per dimension, a list of the global indices its positions stand for (a
+//! [`SliceIndex`]). HeteroFL (Diao et al. 2021) takes the *leading* block (the first ⌈p·C⌉
+//! units of every dimension, [`leading_map`]); FedRolex (Alam et al. 2022) a window that rolls
+//! one unit per round. The server averages each global value over the clients whose sub-tensor
 //! holds it, weighted, and keeps it where no client holds it.
 //!
 //! Leading blocks are the right slices also for a flattened convolution output feeding a
@@ -9,77 +11,142 @@
 
 use super::{Contribution, check_weights};
 use crate::{CoreError, ParamSet, Tensor};
+use std::collections::BTreeMap;
 
-/// Calls `f(sub_offset, global_offset, len)` for every contiguous run (one per row of the last
-/// dimension) of the leading block `sub` of a tensor shaped `global`.
-fn for_each_row(sub: &[usize], global: &[usize], mut f: impl FnMut(usize, usize, usize)) {
-    let rank = sub.len();
+/// Where a sub-tensor sits in its global tensor: for each dimension, the global index of each
+/// of the sub-tensor's indices (distinct, in range).
+pub type SliceIndex = Vec<Vec<usize>>;
+
+/// The [`SliceIndex`] of every tensor of a sub-model, by name.
+pub type SliceMap = BTreeMap<String, SliceIndex>;
+
+/// The leading block of every tensor of `layout`: indices `0..n` in every dimension.
+pub fn leading_map(layout: &ParamSet) -> SliceMap {
+    layout
+        .iter()
+        .map(|t| {
+            (
+                t.name.clone(),
+                t.shape.iter().map(|&n| (0..n).collect()).collect(),
+            )
+        })
+        .collect()
+}
+
+/// Calls `f(sub_offset, global_offset)` for every element of the sub-tensor `index` selects
+/// from a tensor shaped `global`.
+fn for_each(index: &SliceIndex, global: &[usize], mut f: impl FnMut(usize, usize)) {
+    let rank = index.len();
     if rank == 0 {
-        f(0, 0, 1);
+        f(0, 0);
         return;
     }
-    if sub.contains(&0) {
+    if index.iter().any(Vec::is_empty) {
         return;
     }
-    let row = sub[rank - 1];
-    let rows: usize = sub[..rank - 1].iter().product();
-    // Global strides, row-major.
     let mut stride = vec![1usize; rank];
     for d in (0..rank - 1).rev() {
         stride[d] = stride[d + 1] * global[d + 1];
     }
-    let mut idx = vec![0usize; rank - 1];
+    let last = &index[rank - 1];
+    let rows: usize = index[..rank - 1].iter().map(Vec::len).product();
+    let mut pos = vec![0usize; rank - 1];
     for r in 0..rows {
-        let offset: usize = idx.iter().zip(&stride).map(|(i, s)| i * s).sum();
-        f(r * row, offset, row);
+        let base: usize = (0..rank - 1).map(|d| index[d][pos[d]] * stride[d]).sum();
+        for (k, &g) in last.iter().enumerate() {
+            f(r * last.len() + k, base + g);
+        }
         for d in (0..rank - 1).rev() {
-            idx[d] += 1;
-            if idx[d] < sub[d] {
+            pos[d] += 1;
+            if pos[d] < index[d].len() {
                 break;
             }
-            idx[d] = 0;
+            pos[d] = 0;
         }
     }
 }
 
-/// Checks that `sub` is a leading block of `global` (same rank, no dimension larger).
-fn check_block(name: &str, sub: &[usize], global: &[usize]) -> Result<(), CoreError> {
-    if sub.len() != global.len() || sub.iter().zip(global).any(|(s, g)| s > g) {
-        return Err(CoreError::Incompatible(format!(
-            "tensor `{name}` has shape {sub:?}, which is not a slice of the global {global:?}"
-        )));
+/// Checks that `index` selects a sub-tensor of shape `sub` (when given) from `global`: same
+/// rank, indices in range and distinct.
+fn check_index(
+    name: &str,
+    index: &SliceIndex,
+    sub: Option<&[usize]>,
+    global: &[usize],
+) -> Result<(), CoreError> {
+    let bad = |why: String| {
+        Err(CoreError::Incompatible(format!(
+            "tensor `{name}`: {why} (global shape {global:?})"
+        )))
+    };
+    if index.len() != global.len() {
+        return bad(format!("a slice of rank {} ", index.len()));
+    }
+    if let Some(sub) = sub {
+        let lens: Vec<usize> = index.iter().map(Vec::len).collect();
+        if lens != sub {
+            return bad(format!("shape {sub:?} is not the slice's {lens:?}"));
+        }
+    }
+    for (d, list) in index.iter().enumerate() {
+        let mut seen = vec![false; global[d]];
+        for &i in list {
+            if i >= global[d] || std::mem::replace(&mut seen[i], true) {
+                return bad(format!(
+                    "index {i} of dimension {d} is out of range or repeated"
+                ));
+            }
+        }
     }
     Ok(())
 }
 
-/// The sub-model of `global` with the names and shapes of `layout`: the leading block of each
-/// global tensor. Every tensor of `layout` must be a slice of the global tensor of its name.
-pub fn leading_slice(global: &ParamSet, layout: &ParamSet) -> Result<ParamSet, CoreError> {
-    let tensors = layout
+/// The sub-model `map` selects from `global`: one tensor per entry of `map`, in the global
+/// model's order.
+pub fn gather(global: &ParamSet, map: &SliceMap) -> Result<ParamSet, CoreError> {
+    if let Some(name) = map.keys().find(|n| global.get(n).is_none()) {
+        return Err(CoreError::Incompatible(format!(
+            "tensor `{name}` is not part of the global model"
+        )));
+    }
+    let tensors = global
         .iter()
-        .map(|l| {
-            let g = global.require(&l.name)?;
-            check_block(&l.name, &l.shape, &g.shape)?;
-            let mut data = vec![0f32; l.numel()];
-            for_each_row(&l.shape, &g.shape, |s, o, n| {
-                data[s..s + n].copy_from_slice(&g.data[o..o + n]);
-            });
-            Tensor::new(l.name.clone(), l.shape.clone(), data)
+        .filter_map(|g| map.get(&g.name).map(|index| (&g.name, index, g)))
+        .map(|(name, index, g)| {
+            check_index(name, index, None, &g.shape)?;
+            let shape: Vec<usize> = index.iter().map(Vec::len).collect();
+            let mut data = vec![0f32; shape.iter().product()];
+            for_each(index, &g.shape, |s, o| data[s] = g.data[o]);
+            Tensor::new(name.clone(), shape, data)
         })
         .collect::<Result<Vec<_>, _>>()?;
     ParamSet::from_tensors(tensors)
 }
 
-/// HeteroFL's average: every value of `global` becomes the weighted mean over the
-/// contributions whose leading block holds it, and keeps its value where none does. A
-/// contribution may leave out tensors (it then holds none of their values). f64 sums in the
+/// The sub-model of `global` with the names and shapes of `layout`: the leading block of each
+/// global tensor (HeteroFL's slice).
+pub fn leading_slice(global: &ParamSet, layout: &ParamSet) -> Result<ParamSet, CoreError> {
+    gather(global, &leading_map(layout))
+}
+
+/// The sliced average: every value of `global` becomes the weighted mean over the
+/// contributions whose sub-tensor holds it (contribution i's tensors sit where `maps[i]` says),
+/// and keeps its value where none does. A contribution may leave out tensors. f64 sums in the
 /// order given.
 pub fn sliced_weighted_mean(
     global: &ParamSet,
     contribs: &[Contribution<'_>],
+    maps: &[&SliceMap],
 ) -> Result<ParamSet, CoreError> {
     check_weights(contribs)?;
-    for c in contribs {
+    if maps.len() != contribs.len() {
+        return Err(CoreError::Aggregation(format!(
+            "{} contributions but {} slice maps",
+            contribs.len(),
+            maps.len()
+        )));
+    }
+    for (c, map) in contribs.iter().zip(maps) {
         for t in c.params.iter() {
             let g = global.get(&t.name).ok_or_else(|| {
                 CoreError::Incompatible(format!(
@@ -87,22 +154,23 @@ pub fn sliced_weighted_mean(
                     t.name
                 ))
             })?;
-            check_block(&t.name, &t.shape, &g.shape)?;
+            let index = map.get(&t.name).ok_or_else(|| {
+                CoreError::Incompatible(format!("tensor `{}` has no slice index", t.name))
+            })?;
+            check_index(&t.name, index, Some(&t.shape), &g.shape)?;
         }
     }
     let mut out = global.clone();
     for g in out.iter_mut() {
         let mut acc = vec![0f64; g.numel()];
         let mut weight = vec![0f64; g.numel()];
-        for c in contribs {
+        for (c, map) in contribs.iter().zip(maps) {
             let Some(t) = c.params.get(&g.name) else {
                 continue;
             };
-            for_each_row(&t.shape, &g.shape, |s, o, n| {
-                for k in 0..n {
-                    acc[o + k] += c.weight * f64::from(t.data[s + k]);
-                    weight[o + k] += c.weight;
-                }
+            for_each(&map[&g.name], &g.shape, |s, o| {
+                acc[o] += c.weight * f64::from(t.data[s]);
+                weight[o] += c.weight;
             });
         }
         for ((dst, a), w) in g.data.iter_mut().zip(&acc).zip(&weight) {
@@ -151,6 +219,19 @@ mod tests {
         let big = set(&[("w", vec![4, 4], vec![0.0; 16])]);
         let err = leading_slice(&global(), &big).unwrap_err().to_string();
         assert!(err.contains("`w`"), "{err}");
+        // A slice whose shape is not the contribution's is refused.
+        let half = set(&[("w", vec![2, 2], vec![0.0; 4])]);
+        let err = sliced_weighted_mean(
+            &global(),
+            &[Contribution {
+                params: &half,
+                weight: 1.0,
+            }],
+            &[&leading_map(&layout)],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("`w`"), "{err}");
     }
 
     #[test]
@@ -164,6 +245,7 @@ mod tests {
             ("w", vec![2, 2], vec![4.0; 4]),
             ("b", vec![2], vec![4.0; 2]),
         ]);
+        let (full_map, half_map) = (leading_map(&full), leading_map(&half));
         let out = sliced_weighted_mean(
             &global(),
             &[
@@ -176,6 +258,7 @@ mod tests {
                     weight: 3.0,
                 },
             ],
+            &[&full_map, &half_map],
         )
         .unwrap();
         // Inside the block: (1·1 + 3·4) / 4 = 3.25; outside: the full client's 1.
@@ -195,6 +278,7 @@ mod tests {
                 params: &half,
                 weight: 1.0,
             }],
+            &[&half_map],
         )
         .unwrap();
         assert_eq!(
@@ -220,7 +304,8 @@ mod tests {
                 weight: 5.0,
             },
         ];
-        let sliced = sliced_weighted_mean(&global(), &contribs).unwrap();
+        let map = leading_map(&global());
+        let sliced = sliced_weighted_mean(&global(), &contribs, &[&map, &map]).unwrap();
         let plain = super::super::weighted_mean(&contribs).unwrap();
         assert!(sliced.max_abs_diff(&plain).unwrap() < 1e-6);
     }
@@ -239,5 +324,35 @@ mod tests {
             leading_slice(&g, &layout).unwrap().get("c").unwrap().data,
             vec![0.0, 1.0, 4.0, 5.0]
         );
+    }
+
+    #[test]
+    fn any_index_lists_select_and_average_where_they_say() {
+        // Rows {2, 0} and columns {3, 1} of the 3×4 matrix 0..12, in that order.
+        let map: SliceMap = [("w".to_string(), vec![vec![2, 0], vec![3, 1]])].into();
+        let sub = gather(&global(), &map).unwrap();
+        assert_eq!(sub.get("w").unwrap().data, vec![11.0, 9.0, 3.0, 1.0]);
+        // Written back through the same lists: those four values move, no other.
+        let mut moved = sub.clone();
+        moved.get_mut("w").unwrap().data = vec![-1.0, -2.0, -3.0, -4.0];
+        let out = sliced_weighted_mean(
+            &global(),
+            &[Contribution {
+                params: &moved,
+                weight: 1.0,
+            }],
+            &[&map],
+        )
+        .unwrap();
+        let mut expected: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        for (pos, v) in [(11, -1.0), (9, -2.0), (3, -3.0), (1, -4.0)] {
+            expected[pos] = v;
+        }
+        assert_eq!(out.get("w").unwrap().data, expected);
+        // Out of range and repeated indices are refused.
+        for bad in [vec![vec![3], vec![0]], vec![vec![0, 0], vec![1, 2]]] {
+            let map: SliceMap = [("w".to_string(), bad)].into();
+            assert!(gather(&global(), &map).is_err());
+        }
     }
 }

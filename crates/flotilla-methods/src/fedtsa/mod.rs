@@ -44,6 +44,10 @@
 //!   widest rung; a cluster trains the leading slice of every tensor at its width, and each
 //!   global value is averaged over the replies that hold it
 //!   ([`aggregate::sliced_weighted_mean`]).
+//! - `fedrolex`: HeteroFL with rolling slices (Alam et al. 2022): in round r a layer of C units
+//!   at width p trains units (r + i) mod C, i < ⌈p·C⌉, so every unit of the global model is
+//!   trained by every width over the rounds (CNN and MLP models; a flattened convolution output
+//!   rolls by whole channels). Evaluation and checkpoints use the leading slices.
 
 pub mod denoiser;
 pub mod generator;
@@ -79,6 +83,48 @@ pub enum Mode {
     Smallest,
     /// HeteroFL: one global model, each cluster trains its leading width slice.
     HeteroFl,
+    /// FedRolex: HeteroFL with slices that roll one unit per round.
+    FedRolex,
+}
+
+/// What a dimension of a tensor indexes, for FedRolex's rolling windows.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Role {
+    /// Inputs, kernel positions or classes: never sliced.
+    All,
+    /// The units of hidden layer `l`.
+    Units(usize),
+    /// The units of hidden layer `l`, each a contiguous group of features (a flattened
+    /// convolution output, channel-major).
+    Grouped(usize),
+}
+
+/// The role of every dimension of every tensor of a CNN or MLP, or `None` for the other
+/// architectures.
+fn rolling_roles(spec: &ModelSpec) -> Option<BTreeMap<String, Vec<Role>>> {
+    use Role::{All, Grouped, Units};
+    let mut roles = BTreeMap::new();
+    let mut layer = |name: &str, weight: Vec<Role>, bias: Role| {
+        roles.insert(format!("{name}.weight"), weight);
+        roles.insert(format!("{name}.bias"), vec![bias]);
+    };
+    match &spec.arch {
+        flotilla_models::Architecture::Cnn => {
+            layer("conv1", vec![Units(0), All, All, All], Units(0));
+            layer("conv2", vec![Units(1), Units(0), All, All], Units(1));
+            layer("fc1", vec![Units(2), Grouped(1)], Units(2));
+            layer("fc2", vec![All, Units(2)], All);
+        }
+        flotilla_models::Architecture::Mlp { hidden } => {
+            for i in 0..=hidden.len() {
+                let out = if i < hidden.len() { Units(i) } else { All };
+                let inp = if i == 0 { All } else { Units(i - 1) };
+                layer(&format!("layers.{i}"), vec![out, inp], out);
+            }
+        }
+        _ => return None,
+    }
+    Some(roles)
 }
 
 #[derive(Debug, Deserialize)]
@@ -183,8 +229,10 @@ pub struct FedTsa {
     device_cluster: HashMap<u64, usize>,
     /// Models restored from a checkpoint before the fleet was observed, by rung.
     restored: Vec<Cluster>,
-    /// HeteroFL's global model at the widest rung (`None` for the other modes).
+    /// HeteroFL's and FedRolex's global model at the widest rung (`None` for the other modes).
     global: Option<ParamSet>,
+    /// Dimension roles for FedRolex's windows (CNN and MLP only).
+    roles: Option<BTreeMap<String, Vec<Role>>>,
     /// Mean stage-2 loss of the last round (None: no stage 2 ran).
     stage2_loss: Option<f64>,
 }
@@ -199,9 +247,10 @@ impl FedTsa {
             "feddf" => Mode::FedDf,
             "fedavg-smallest" => Mode::Smallest,
             "heterofl" => Mode::HeteroFl,
+            "fedrolex" => Mode::FedRolex,
             other => {
                 return Err(EngineError::Config(format!(
-                    "`method.name` `{other}` is not fedtsa, fedtsa-stage1, feddf, fedavg-smallest or heterofl"
+                    "`method.name` `{other}` is not fedtsa, fedtsa-stage1, feddf, fedavg-smallest, heterofl or fedrolex"
                 )));
             }
         };
@@ -261,6 +310,12 @@ impl FedTsa {
             }
             stage2_recipe.batch_size = b;
         }
+        let roles = rolling_roles(&spec);
+        if mode == Mode::FedRolex && roles.is_none() {
+            return Err(EngineError::Config(
+                "fedrolex rolls the units of CNN and MLP layers: set [model] arch = \"cnn\" or \"mlp\" (or use heterofl)".into(),
+            ));
+        }
         let ladder = widths
             .iter()
             .map(|&w| Self::rung(&spec, w, exp.seed, &recipe))
@@ -291,7 +346,8 @@ impl FedTsa {
             device_cluster: HashMap::new(),
             restored: Vec::new(),
             stage2_loss: None,
-            global: (mode == Mode::HeteroFl).then(|| ladder[0].init.clone()),
+            global: matches!(mode, Mode::HeteroFl | Mode::FedRolex).then(|| ladder[0].init.clone()),
+            roles,
             ladder,
         })
     }
@@ -439,7 +495,56 @@ impl FedTsa {
         self.slice_global();
     }
 
-    /// HeteroFL: every cluster's model becomes its width's slice of the global model.
+    /// Where a model of `rung` sits in the global model in `round`: the leading slices
+    /// (HeteroFL, and every mode's evaluation), or FedRolex's windows rolled by `round`.
+    fn slice_map(&self, rung: usize, round: Option<u64>) -> aggregate::SliceMap {
+        let layout = &self.ladder[rung].init;
+        let (Some(round), Some(roles), Mode::FedRolex) = (round, &self.roles, self.mode) else {
+            return aggregate::leading_map(layout);
+        };
+        let full = &self.ladder[0].init;
+        // Units of each hidden layer, full and at this width, from the tensors that index them.
+        let mut units: BTreeMap<usize, (usize, usize)> = BTreeMap::new();
+        for t in layout.iter() {
+            for (d, role) in roles[&t.name].iter().enumerate() {
+                if let Role::Units(l) = role {
+                    units.insert(
+                        *l,
+                        (full.get(&t.name).expect("same names").shape[d], t.shape[d]),
+                    );
+                }
+            }
+        }
+        let window = |l: usize| -> Vec<usize> {
+            let (n, m) = units[&l];
+            (0..m).map(|i| (round as usize + i) % n).collect()
+        };
+        layout
+            .iter()
+            .map(|t| {
+                let g = full.get(&t.name).expect("same names");
+                let index = roles[&t.name]
+                    .iter()
+                    .enumerate()
+                    .map(|(d, role)| match role {
+                        Role::All => (0..t.shape[d]).collect(),
+                        Role::Units(l) => window(*l),
+                        Role::Grouped(l) => {
+                            let group = g.shape[d] / units[l].0;
+                            window(*l)
+                                .into_iter()
+                                .flat_map(|c| c * group..(c + 1) * group)
+                                .collect()
+                        }
+                    })
+                    .collect();
+                (t.name.clone(), index)
+            })
+            .collect()
+    }
+
+    /// HeteroFL, FedRolex: every cluster's model becomes its width's leading slice of the
+    /// global model (what a device deploys, and what is evaluated).
     fn slice_global(&mut self) {
         let Some(global) = &self.global else {
             return;
@@ -657,6 +762,16 @@ impl ServerHalf for FedTsa {
                     });
                 };
                 let cluster = &self.clusters[k];
+                let params = match (&self.global, self.mode) {
+                    (Some(global), Mode::FedRolex) => {
+                        let map = self.slice_map(cluster.rung, Some(ctx.round));
+                        match aggregate::gather(global, &map) {
+                            Ok(p) => p,
+                            Err(e) => return Assignment::Skip(format!("fedrolex slice: {e}")),
+                        }
+                    }
+                    _ => cluster.params.clone(),
+                };
                 Assignment::Run(Box::new(Task {
                     round: ctx.round,
                     phase: ctx.phase,
@@ -665,7 +780,7 @@ impl ServerHalf for FedTsa {
                     model: self.ladder[cluster.rung].spec.clone(),
                     view: View::full(),
                     recipe: self.recipe.clone(),
-                    params: cluster.params.clone(),
+                    params,
                     masks: Vec::new(),
                     hold: Vec::new(),
                     options: serde_json::Value::Null,
@@ -703,11 +818,26 @@ impl ServerHalf for FedTsa {
             }
         }
         if let Some(global) = &self.global {
-            // HeteroFL: one average over every reply, each value over those holding it.
+            // HeteroFL, FedRolex: one average over every reply, each value over those holding
+            // it, where this round's slices put it.
             let all: Vec<&Reply> = by_cluster.values().flatten().copied().collect();
             if !all.is_empty() {
+                let maps: BTreeMap<usize, aggregate::SliceMap> = self
+                    .clusters
+                    .iter()
+                    .map(|c| (c.rung, self.slice_map(c.rung, Some(ctx.round))))
+                    .collect();
+                let of_reply: Vec<&aggregate::SliceMap> = by_cluster
+                    .iter()
+                    .flat_map(|(&k, group)| {
+                        let map = &maps[&self.clusters[k].rung];
+                        group.iter().map(move |_| map)
+                    })
+                    .collect();
                 let contribs = crate::common::contributions(&all);
-                self.global = Some(aggregate::sliced_weighted_mean(global, &contribs)?);
+                self.global = Some(aggregate::sliced_weighted_mean(
+                    global, &contribs, &of_reply,
+                )?);
                 self.slice_global();
             }
             return Ok(PhaseEnd::RoundComplete);

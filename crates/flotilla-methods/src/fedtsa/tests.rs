@@ -465,3 +465,92 @@ fn heterofl_averages_each_value_over_the_widths_that_hold_it() {
     assert_eq!(t.global, s.global);
     assert_eq!(t.clusters()[0].params, s.clusters()[0].params);
 }
+
+#[test]
+fn fedrolex_windows_roll_one_unit_per_round_and_write_back_where_they_were_taken() {
+    let mut s = server("fedrolex", "");
+    let fleet = three_tier_fleet(&s);
+    s.observe(&fleet);
+    let global = s.global.clone().unwrap();
+    let weak = &fleet[..1];
+    let task = |s: &FedTsa, round: u64| {
+        let ctx = PhaseCtx {
+            round,
+            phase: 0,
+            seed: 0,
+        };
+        run(&s.plan(&ctx, weak).unwrap()[0]).clone()
+    };
+    let (r1, r2) = (task(&s, 1), task(&s, 2));
+    // The narrowest model's first layer: 512 of the 2,048 units, starting at unit `round`.
+    let (w1, w2) = (
+        r1.params.get("layers.0.weight").unwrap(),
+        r2.params.get("layers.0.weight").unwrap(),
+    );
+    let g = global.get("layers.0.weight").unwrap();
+    assert_eq!(w1.shape, vec![512, 784]);
+    assert_eq!(
+        &w1.data[..784],
+        &g.data[784..2 * 784],
+        "round 1 starts at unit 1"
+    );
+    assert_eq!(
+        &w2.data[..784],
+        &g.data[2 * 784..3 * 784],
+        "round 2 starts at unit 2"
+    );
+    assert_eq!(
+        &w1.data[784..2 * 784],
+        &w2.data[..784],
+        "the window moved by one unit"
+    );
+    // Its second layer: rows from its own window (units 1..), columns from the first layer's
+    // (units 1..): element (0, 0) is the global's (1, 1), element (0, 1) its (1, 2).
+    let (h1, gh) = (
+        r1.params.get("layers.1.weight").unwrap(),
+        global.get("layers.1.weight").unwrap(),
+    );
+    assert_eq!(h1.shape, vec![256, 512]);
+    assert_eq!(h1.data[0], gh.data[2048 + 1]);
+    assert_eq!(h1.data[1], gh.data[2048 + 2]);
+
+    // A round in which the weak device returns its window plus 1: exactly those values move.
+    let mut p = r1.params.clone();
+    for t in p.iter_mut() {
+        t.data.iter_mut().for_each(|v| *v += 1.0);
+    }
+    s.aggregate(&ctx(), &[reply(&r1, p, 10)], &mut ServerCtx::default())
+        .unwrap();
+    let after = s.global.clone().unwrap();
+    let (a, g) = (
+        after.get("layers.0.weight").unwrap(),
+        global.get("layers.0.weight").unwrap(),
+    );
+    for unit in [0usize, 1, 512, 513] {
+        let moved = a.data[unit * 784] - g.data[unit * 784];
+        let inside = (1..=512).contains(&unit);
+        assert_eq!(moved, if inside { 1.0 } else { 0.0 }, "unit {unit}");
+    }
+    // The classifier's classes are never rolled.
+    let out = s.ladder()[2]
+        .init
+        .get("layers.2.weight")
+        .unwrap()
+        .shape
+        .clone();
+    assert_eq!(out[0], 10);
+}
+
+#[test]
+fn fedrolex_needs_a_cnn_or_an_mlp() {
+    let text = toml("fedrolex", "").replace(
+        "arch = \"mlp\"\nhidden = [2048, 1024]",
+        "arch = \"resnet\"\nblocks_per_stage = 1",
+    );
+    let exp = Experiment::from_toml(&text).unwrap();
+    let err = FedTsa::from_config(&exp, exp.model_spec())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("cnn") && err.contains("heterofl"), "{err}");
+}
