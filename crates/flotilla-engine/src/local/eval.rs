@@ -107,19 +107,33 @@ pub fn logits(
     mean: &[f32],
     std: &[f32],
 ) -> Result<Vec<f32>, EngineError> {
+    per_sample_outputs(spec, params, data, (mean, std), spec.classes, |model, x| {
+        model.forward(x, view)
+    })
+}
+
+/// `output(model, batch)` of every sample of `data` (`width` values each, row-major), in
+/// fixed chunks of [`EVAL_CHUNK`] samples.
+pub(crate) fn per_sample_outputs(
+    spec: &ModelSpec,
+    params: &ParamSet,
+    data: &Dataset,
+    (mean, std): (&[f32], &[f32]),
+    width: usize,
+    output: impl Fn(&Net, Tensor<4>) -> Tensor<2>,
+) -> Result<Vec<f32>, EngineError> {
     check_shape(spec, data)?;
     let device = compute_device();
     let model = Net::from_params(spec, params, &device)?;
-    let mut out = Vec::with_capacity(data.len() * spec.classes);
+    let mut out = Vec::with_capacity(data.len() * width);
     let mut pixels = Vec::new();
     let idx: Vec<usize> = (0..data.len()).collect();
     for chunk in idx.chunks(EVAL_CHUNK) {
         let (x, _) = batch_input(data, chunk, mean, std, &mut pixels, &device)?;
-        let z = model
-            .forward(x, view)
+        let z = output(&model, x)
             .into_data()
             .try_into_vec::<f32>()
-            .map_err(|e| EngineError::Task(format!("logits: {e:?}")))?;
+            .map_err(|e| EngineError::Task(format!("model outputs: {e:?}")))?;
         out.extend(z);
     }
     Ok(out)

@@ -6,14 +6,12 @@
 //! features with a small L2 penalty, a fixed number of iterations and zero initial weights,
 //! so the result is deterministic and independent of threads.
 
-use super::eval::EVAL_CHUNK;
-use super::input::{batch_input, check_shape};
 use crate::EngineError;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 use flotilla_core::ParamSet;
 use flotilla_data::Dataset;
-use flotilla_models::{ModelSpec, Net, View, compute_device};
+use flotilla_models::{ModelSpec, View, compute_device};
 
 /// How the probe's logistic regression is fitted.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -45,22 +43,14 @@ pub fn features(
     mean: &[f32],
     std: &[f32],
 ) -> Result<Vec<f32>, EngineError> {
-    check_shape(spec, data)?;
-    let device = compute_device();
-    let model = Net::from_params(spec, params, &device)?;
-    let mut out = Vec::with_capacity(data.len() * spec.feature_dim());
-    let mut pixels = Vec::new();
-    let idx: Vec<usize> = (0..data.len()).collect();
-    for chunk in idx.chunks(EVAL_CHUNK) {
-        let (x, _) = batch_input(data, chunk, mean, std, &mut pixels, &device)?;
-        let f = model
-            .features(x, view)
-            .into_data()
-            .try_into_vec::<f32>()
-            .map_err(|e| EngineError::Task(format!("features: {e:?}")))?;
-        out.extend(f);
-    }
-    Ok(out)
+    super::eval::per_sample_outputs(
+        spec,
+        params,
+        data,
+        (mean, std),
+        spec.feature_dim(),
+        |model, x| model.features(x, view),
+    )
 }
 
 /// Test accuracy of a linear probe on the features of `spec` under `view`: fitted on `train`
@@ -211,6 +201,7 @@ fn fit(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flotilla_models::Net;
 
     /// Two Gaussian-ish clusters per class along separate axes: linearly separable.
     fn separable(n: usize, dim: usize, classes: usize, seed: u32) -> (Vec<f32>, Vec<u8>) {

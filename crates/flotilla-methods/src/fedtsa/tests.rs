@@ -99,6 +99,28 @@ fn reply(task: &Task, params: ParamSet, n: u64) -> Reply {
     }
 }
 
+/// Plans round 1 for `fleet` and answers every task with the model it was sent, each value
+/// moved by `shift(device)`, with 10 examples.
+fn replies_moved_by(
+    s: &FedTsa,
+    fleet: &[ClientInfo],
+    shift: impl Fn(&ClientInfo) -> f32,
+) -> Vec<Reply> {
+    s.plan(&ctx(), fleet)
+        .unwrap()
+        .iter()
+        .zip(fleet)
+        .map(|(a, c)| {
+            let t = run(a);
+            let mut p = t.params.clone();
+            for t in p.iter_mut() {
+                t.data.iter_mut().for_each(|v| *v += shift(c));
+            }
+            reply(t, p, 10)
+        })
+        .collect()
+}
+
 /// Mean over the server set of KL(softmax(z_a/t) ‖ softmax(z_b/t)) between two clusters.
 fn disagreement(s: &FedTsa, data: &ClientData, a: usize, b: usize) -> f64 {
     let p = |k: usize| {
@@ -309,14 +331,7 @@ fn feddf_distils_every_cluster_toward_the_round_ensemble() {
     let mut s = server("feddf", "server_samples = 100\nrefresh = 100");
     let fleet = three_tier_fleet(&s);
     s.observe(&fleet);
-    let plan = s.plan(&ctx(), &fleet).unwrap();
-    let replies: Vec<Reply> = plan
-        .iter()
-        .map(|a| {
-            let t = run(a);
-            reply(t, t.params.clone(), 10)
-        })
-        .collect();
+    let replies = replies_moved_by(&s, &fleet, |_| 0.0);
     let data = client_data(images::bands(100, 5));
     let mut sctx = ServerCtx::new(Some(&data), false);
     s.aggregate(&ctx(), &replies, &mut sctx).unwrap();
@@ -355,19 +370,8 @@ fn a_checkpoint_restores_every_cluster_model_before_or_after_the_fleet_is_seen()
     let mut s = server("fedtsa-stage1", "");
     let fleet = three_tier_fleet(&s);
     s.observe(&fleet);
-    let plan = s.plan(&ctx(), &fleet).unwrap();
     // Move every model away from its initial weights.
-    let replies: Vec<Reply> = plan
-        .iter()
-        .map(|a| {
-            let t = run(a);
-            let mut p = t.params.clone();
-            for t in p.iter_mut() {
-                t.data.iter_mut().for_each(|v| *v += 0.25);
-            }
-            reply(t, p, 10)
-        })
-        .collect();
+    let replies = replies_moved_by(&s, &fleet, |_| 0.25);
     s.aggregate(&ctx(), &replies, &mut ServerCtx::default())
         .unwrap();
     let state = s.snapshot();
@@ -423,21 +427,8 @@ fn heterofl_averages_each_value_over_the_widths_that_hold_it() {
     let fleet = three_tier_fleet(&s);
     s.observe(&fleet);
     let global = s.global.clone().unwrap();
-    let plan = s.plan(&ctx(), &fleet).unwrap();
     // Every device of tier k sends back its slice plus k + 1.
-    let replies: Vec<Reply> = plan
-        .iter()
-        .zip(&fleet)
-        .map(|(a, c)| {
-            let t = run(a);
-            let shift = (c.id / 10 + 1) as f32;
-            let mut p = t.params.clone();
-            for t in p.iter_mut() {
-                t.data.iter_mut().for_each(|v| *v += shift);
-            }
-            reply(t, p, 10)
-        })
-        .collect();
+    let replies = replies_moved_by(&s, &fleet, |c| (c.id / 10 + 1) as f32);
     s.aggregate(&ctx(), &replies, &mut ServerCtx::default())
         .unwrap();
     let after = s.global.clone().unwrap();
