@@ -47,7 +47,8 @@
 //! - `fedrolex`: HeteroFL with rolling slices (Alam et al. 2022): in round r a layer of C units
 //!   at width p trains units (r + i) mod C, i < ⌈p·C⌉, so every unit of the global model is
 //!   trained by every width over the rounds (CNN and MLP models; a flattened convolution output
-//!   rolls by whole channels). Evaluation and checkpoints use the leading slices.
+//!   rolls by whole channels). A cluster is evaluated (and saved) with the window its devices
+//!   would be sent next.
 
 pub mod denoiser;
 pub mod generator;
@@ -235,6 +236,8 @@ pub struct FedTsa {
     roles: Option<BTreeMap<String, Vec<Role>>>,
     /// Mean stage-2 loss of the last round (None: no stage 2 ran).
     stage2_loss: Option<f64>,
+    /// The last round aggregated (FedRolex's evaluation takes the next round's windows).
+    rounds_done: u64,
 }
 
 impl FedTsa {
@@ -346,6 +349,7 @@ impl FedTsa {
             device_cluster: HashMap::new(),
             restored: Vec::new(),
             stage2_loss: None,
+            rounds_done: 0,
             global: matches!(mode, Mode::HeteroFl | Mode::FedRolex).then(|| ladder[0].init.clone()),
             roles,
             ladder,
@@ -495,8 +499,8 @@ impl FedTsa {
         self.slice_global();
     }
 
-    /// Where a model of `rung` sits in the global model in `round`: the leading slices
-    /// (HeteroFL, and every mode's evaluation), or FedRolex's windows rolled by `round`.
+    /// Where a model of `rung` sits in the global model in `round`: FedRolex's windows rolled
+    /// by `round`, else (HeteroFL, or no round) the leading slices.
     fn slice_map(&self, rung: usize, round: Option<u64>) -> aggregate::SliceMap {
         let layout = &self.ladder[rung].init;
         let (Some(round), Some(roles), Mode::FedRolex) = (round, &self.roles, self.mode) else {
@@ -543,14 +547,20 @@ impl FedTsa {
             .collect()
     }
 
-    /// HeteroFL, FedRolex: every cluster's model becomes its width's leading slice of the
-    /// global model (what a device deploys, and what is evaluated).
+    /// HeteroFL, FedRolex: every cluster's model becomes its width's slice of the global
+    /// model, what a device of the cluster would be sent next (and what is evaluated and
+    /// saved): the leading slice, or FedRolex's window of the next round.
     fn slice_global(&mut self) {
         let Some(global) = &self.global else {
             return;
         };
-        for c in &mut self.clusters {
-            c.params = aggregate::leading_slice(global, &self.ladder[c.rung].init)
+        let maps: Vec<aggregate::SliceMap> = self
+            .clusters
+            .iter()
+            .map(|c| self.slice_map(c.rung, Some(self.rounds_done + 1)))
+            .collect();
+        for (c, map) in self.clusters.iter_mut().zip(&maps) {
+            c.params = aggregate::gather(global, map)
                 .expect("every rung of the ladder is a slice of the widest");
         }
     }
@@ -803,6 +813,7 @@ impl ServerHalf for FedTsa {
         server: &mut ServerCtx<'_>,
     ) -> Result<PhaseEnd, EngineError> {
         self.stage2_loss = None;
+        self.rounds_done = ctx.round;
         // Stage 1: FedAvg inside each cluster.
         let mut by_cluster: BTreeMap<usize, Vec<&Reply>> = BTreeMap::new();
         for r in replies {
@@ -944,6 +955,7 @@ impl ServerHalf for FedTsa {
             params,
             json: serde_json::json!({
                 "widths": self.clusters.iter().map(|c| self.ladder[c.rung].width).collect::<Vec<_>>(),
+                "rounds_done": self.rounds_done,
             }),
         }
     }
@@ -953,6 +965,7 @@ impl ServerHalf for FedTsa {
     fn restore(&mut self, state: MethodState) -> Result<(), EngineError> {
         let widths: Vec<f64> = serde_json::from_value(state.json["widths"].clone())
             .map_err(|e| EngineError::Method(format!("fedtsa checkpoint: `widths`: {e}")))?;
+        self.rounds_done = state.json["rounds_done"].as_u64().unwrap_or(0);
         let mut pool = Vec::new();
         for (name, params) in state.params {
             if name == "global" && self.global.is_some() {

@@ -522,6 +522,8 @@ fn fedrolex_windows_roll_one_unit_per_round_and_write_back_where_they_were_taken
         let inside = (1..=512).contains(&unit);
         assert_eq!(moved, if inside { 1.0 } else { 0.0 }, "unit {unit}");
     }
+    // The weak cluster is evaluated with the window its devices get next (round 2's).
+    assert_eq!(s.clusters()[0].params, task(&s, 2).params);
     // The classifier's classes are never rolled.
     let out = s.ladder()[2]
         .init
