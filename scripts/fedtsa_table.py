@@ -70,8 +70,9 @@ for m in METHODS:
 
 lines = ["# FedTSA on Fashion-MNIST: capability clusters, widths per cluster, mutual learning", "",
          "Produced by `scripts/fedtsa_experiment.sh` (config `examples/fedtsa.toml`, fleet `examples/fedtsa-fleet.csv`),",
-         "tables and plot by `scripts/fedtsa_table.py`; the runs (config, metrics, per-client records, summaries) are in",
-         f"`{RUNS}`. Mean ± standard deviation over the seeds listed per row. Thirty devices in three memory tiers (±10%),",
+         "tables and plot by `scripts/fedtsa_table.py`; the runs are in",
+         f"`{RUNS}`, and each run's config, metrics and summary (and each generator's report) in `runs/` beside this file.",
+         "Mean ± standard deviation over the seeds listed per row. Thirty devices in three memory tiers (±10%),",
          "Dirichlet α = 0.5, 1,000 images per device on average, 10 devices per round, 1 local epoch, the W1 CNN at width",
          "0.5 as the widest model. Stage 2 uses 2,000 of the 6,000 held-out images per round, labels withheld, T = 3.", ""]
 
@@ -123,6 +124,22 @@ for m in ["fedtsa", "fedtsa-stage1", "heterofl", "fedrolex", "fedavg-smallest"]:
             lines.append(f"| {LABEL[m]} | {t} | {len(x)} | {statistics.mean(c['bytes_up'] for c in x):,.0f} | "
                          f"{statistics.mean(c['bytes_down'] for c in x):,.0f} | "
                          f"{statistics.mean(c['flops'] / c['num_examples'] for c in x)/1e6:.3f} M |")
+lines.append("")
+
+# Paired differences: the seeds share partitions and fleets, so per-seed differences say more
+# than the spread of either method.
+pairs = [("fedtsa", "fedtsa-stage1"), ("fedtsa", "feddf"), ("fedtsa", "heterofl"), ("fedtsa", "fedrolex"),
+         ("fedtsa", "fedavg-smallest"), ("fedtsa-narrow", "fedtsa-stage1-narrow"),
+         ("fedtsa-generated", "fedtsa-stage1"), ("fedtsa-noise", "fedtsa-stage1"), ("fedtsa", "fedtsa-generated")]
+lines += ["## Paired differences (mean device accuracy, points, per seed)", "",
+          "| difference | per seed | mean |", "|---|---|---|"]
+for a, b in pairs:
+    if a in results and b in results:
+        sa = {r[0]["seed"]: r[0]["final_mean_device_accuracy"] for r in results[a]}
+        sb = {r[0]["seed"]: r[0]["final_mean_device_accuracy"] for r in results[b]}
+        d = [100 * (sa[k] - sb[k]) for k in sorted(sa) if k in sb]
+        if d:
+            lines.append(f"| {LABEL[a]} − {LABEL[b]} | " + ", ".join(f"{x:+.2f}" for x in d) + f" | {statistics.mean(d):+.2f} |")
 lines.append("")
 
 # The checks, computed.
