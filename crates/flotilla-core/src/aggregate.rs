@@ -43,6 +43,13 @@ fn check_weights(contribs: &[Contribution<'_>]) -> Result<(), CoreError> {
     Ok(())
 }
 
+/// The global tensor a contribution's tensor `name` updates, or the error naming it.
+fn global_tensor<'a>(global: &'a ParamSet, name: &str) -> Result<&'a Tensor, CoreError> {
+    global.get(name).ok_or_else(|| {
+        CoreError::Incompatible(format!("tensor `{name}` is not part of the global model"))
+    })
+}
+
 /// How tensors that only some contributions hold are averaged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Support {
@@ -63,12 +70,7 @@ pub fn weighted_mean_partial(
     check_weights(contribs)?;
     for c in contribs {
         for t in c.params.iter() {
-            let g = global.get(&t.name).ok_or_else(|| {
-                CoreError::Incompatible(format!(
-                    "tensor `{}` is not part of the global model",
-                    t.name
-                ))
-            })?;
+            let g = global_tensor(global, &t.name)?;
             if g.shape != t.shape {
                 return Err(CoreError::Incompatible(format!(
                     "tensor `{}` has shape {:?}, global has {:?}",

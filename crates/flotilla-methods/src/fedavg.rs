@@ -310,7 +310,8 @@ impl ModuleVisitor for Flatten {
     }
 }
 
-/// The client half of FedAvg / FedProx: local training of the received model.
+/// The client half of FedAvg / FedProx (and of FedTSA and its baselines, whose tasks are
+/// FedAvg's at a width): local training of the received model.
 pub struct FedAvgClient;
 
 impl ClientHalf for FedAvgClient {

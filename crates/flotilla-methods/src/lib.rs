@@ -66,7 +66,8 @@ pub fn build(exp: &Experiment) -> Result<Halves, EngineError> {
         }
         "fedtsa" | "fedtsa-stage1" | "feddf" | "fedavg-smallest" | "heterofl" | "fedrolex" => {
             let server = fedtsa::FedTsa::from_config(exp, spec)?;
-            Ok((Box::new(server), Arc::new(fedtsa::FedTsaClient)))
+            // A FedTSA task is FedAvg's at the cluster's width.
+            Ok((Box::new(server), Arc::new(fedavg::FedAvgClient)))
         }
         other => Err(EngineError::Config(format!(
             "`method.name`: unknown method `{other}`; available: {} (`flotilla methods` lists them with their options)",

@@ -9,7 +9,7 @@
 //! linear layer, when the flattening is channel-major ([C, H, W] → C·H·W, as PyTorch's
 //! `flatten`): the first C'·H·W features are exactly the first C' channels.
 
-use super::{Contribution, check_weights};
+use super::{Contribution, check_weights, global_tensor};
 use crate::{CoreError, ParamSet, Tensor};
 use std::collections::BTreeMap;
 
@@ -104,10 +104,8 @@ fn check_index(
 /// The sub-model `map` selects from `global`: one tensor per entry of `map`, in the global
 /// model's order.
 pub fn gather(global: &ParamSet, map: &SliceMap) -> Result<ParamSet, CoreError> {
-    if let Some(name) = map.keys().find(|n| global.get(n).is_none()) {
-        return Err(CoreError::Incompatible(format!(
-            "tensor `{name}` is not part of the global model"
-        )));
+    for name in map.keys() {
+        global_tensor(global, name)?;
     }
     let tensors = global
         .iter()
@@ -148,12 +146,7 @@ pub fn sliced_weighted_mean(
     }
     for (c, map) in contribs.iter().zip(maps) {
         for t in c.params.iter() {
-            let g = global.get(&t.name).ok_or_else(|| {
-                CoreError::Incompatible(format!(
-                    "tensor `{}` is not part of the global model",
-                    t.name
-                ))
-            })?;
+            let g = global_tensor(global, &t.name)?;
             let index = map.get(&t.name).ok_or_else(|| {
                 CoreError::Incompatible(format!("tensor `{}` has no slice index", t.name))
             })?;

@@ -24,7 +24,7 @@ pub use eval::{EVAL_CHUNK, evaluate, evaluate_views, logits};
 pub use job::{GradientOutcome, TrainJob, TrainOutcome};
 pub use objective::{
     Batch, CrossEntropy, Objective, SoftTargets, cross_entropy, distillation_kl, kl_to_probs,
-    one_hot, soft_cross_entropy,
+    one_hot, soft_cross_entropy, softmax_rows,
 };
 pub use optim::TrainMasks;
 pub use probe::{ProbeConfig, fit_and_score, probe_accuracy};

@@ -156,6 +156,19 @@ pub fn kl_to_probs(student: Tensor<2>, targets: Tensor<2>, t: f64) -> Tensor<1> 
     (p * (log_p - log_q)).sum() * (t32 * t32 / n)
 }
 
+/// Row-wise softmax of `logits / t` for row-major `[samples, classes]` logits, in f64 and
+/// shifted by each row's maximum so that large logits do not overflow.
+pub fn softmax_rows(logits: &[f32], classes: usize, t: f64) -> Vec<f32> {
+    let mut probs = Vec::with_capacity(logits.len());
+    for row in logits.chunks(classes) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, x| m.max(*x));
+        let e: Vec<f64> = row.iter().map(|z| (f64::from(z - max) / t).exp()).collect();
+        let s: f64 = e.iter().sum();
+        probs.extend(e.iter().map(|x| (x / s) as f32));
+    }
+    probs
+}
+
 /// Per-sample soft targets for a client's training set: row `i` is the target of sample `i`.
 /// Targets are probabilities, or logits turned into probabilities at a temperature, so that a
 /// model can be trained towards another model's outputs (distillation between models).
@@ -211,14 +224,7 @@ impl SoftTargets {
                 logits.len()
             )));
         }
-        let mut probs = Vec::with_capacity(logits.len());
-        for row in logits.chunks(classes) {
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, x| m.max(*x));
-            let e: Vec<f64> = row.iter().map(|z| (f64::from(z - max) / t).exp()).collect();
-            let s: f64 = e.iter().sum();
-            probs.extend(e.iter().map(|x| (x / s) as f32));
-        }
-        Self::from_probs(probs, classes, view)
+        Self::from_probs(softmax_rows(logits, classes, t), classes, view)
     }
 
     /// Number of samples with a target.

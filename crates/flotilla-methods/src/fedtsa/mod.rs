@@ -21,7 +21,8 @@
 //! of the earlier cluster with the same width, a new width starts from its initial weights.
 //!
 //! **Round.** Every sampled device trains its cluster's model with cross-entropy (no extra
-//! client cost: a device's task is FedAvg's at that width). Stage 1: the example-weighted mean
+//! client cost: a device's task is FedAvg's at that width, and FedAvg's client half,
+//! [`crate::fedavg::FedAvgClient`], executes it). Stage 1: the example-weighted mean
 //! of the replies of each cluster; a cluster without replies keeps its model. Stage 2 (with
 //! two or more clusters): for `server_epochs` passes over `server_samples` images drawn from
 //! `[server_data]` each round, each cluster model m minimises
@@ -59,12 +60,11 @@ use flotilla_core::cluster::{Clustering, kde_clusters};
 use flotilla_core::seed::{self, Purpose};
 use flotilla_engine::TaskKind;
 use flotilla_engine::local::{
-    Batch, CrossEntropy, Objective, Recipe, TrainJob, estimate_memory, kl_to_probs, logits,
-    train_task,
+    Batch, Objective, Recipe, TrainJob, estimate_memory, kl_to_probs, logits, softmax_rows,
 };
 use flotilla_engine::{
-    Assignment, ClientCtx, ClientData, ClientHalf, ClientInfo, EngineError, EvalModel, Experiment,
-    MethodState, PhaseCtx, PhaseEnd, Readout, Reply, ServerCtx, ServerHalf, Task,
+    Assignment, ClientData, ClientInfo, EngineError, EvalModel, Experiment, MethodState, PhaseCtx,
+    PhaseEnd, Readout, Reply, ServerCtx, ServerHalf, Task,
 };
 use flotilla_models::{ModelSpec, Net, View, flops};
 use rand::seq::SliceRandom;
@@ -595,6 +595,35 @@ impl FedTsa {
         let t = self.temperature;
         let classes = self.ladder[0].spec.classes;
         let view = View::full();
+        // FedDF's teachers do not change during the stage: their softened ensemble of every
+        // drawn image is computed once, row i for image i.
+        let ensemble: Option<Vec<f32>> = if teachers.is_empty() {
+            None
+        } else {
+            let drawn = data.train.subset(&order)?;
+            let mut sum = vec![0f32; order.len() * classes];
+            for (rung, params) in teachers {
+                let z = logits(
+                    &self.ladder[*rung].spec,
+                    &view,
+                    params,
+                    &drawn,
+                    &data.mean,
+                    &data.std,
+                )?;
+                server.add_flops(self.ladder[*rung].forward_flops * order.len() as f64);
+                for (s, v) in sum.iter_mut().zip(&z) {
+                    *s += v / teachers.len() as f32;
+                }
+            }
+            let p = softmax_rows(&sum, classes, t);
+            let mut by_image = vec![0f32; n * classes];
+            for (pos, &i) in order.iter().enumerate() {
+                by_image[i * classes..(i + 1) * classes]
+                    .copy_from_slice(&p[pos * classes..(pos + 1) * classes]);
+            }
+            Some(by_image)
+        };
         let (mut loss_sum, mut loss_count) = (0.0, 0usize);
         for epoch in 0..self.server_epochs {
             if epoch > 0 {
@@ -612,7 +641,14 @@ impl FedTsa {
                         .map(|z| softmax_rows(&z, classes, t))
                 };
                 // Targets: the others' mean (mutual learning) or the teachers' (FedDF).
-                let targets: Vec<Vec<f32>> = if teachers.is_empty() {
+                let targets: Vec<Vec<f32>> = if let Some(ensemble) = &ensemble {
+                    let rows: Vec<f32> = chunk
+                        .iter()
+                        .flat_map(|&i| &ensemble[i * classes..(i + 1) * classes])
+                        .copied()
+                        .collect();
+                    vec![rows; self.clusters.len()]
+                } else {
                     let probs = self
                         .clusters
                         .iter()
@@ -624,24 +660,6 @@ impl FedTsa {
                     (0..probs.len())
                         .map(|m| mean_of_others(&probs, m))
                         .collect()
-                } else {
-                    let mut sum = vec![0f32; chunk.len() * classes];
-                    for (rung, params) in teachers {
-                        let z = logits(
-                            &self.ladder[*rung].spec,
-                            &view,
-                            params,
-                            &sub.train,
-                            &sub.mean,
-                            &sub.std,
-                        )?;
-                        server.add_flops(self.ladder[*rung].forward_flops * chunk.len() as f64);
-                        for (s, v) in sum.iter_mut().zip(&z) {
-                            *s += v / teachers.len() as f32;
-                        }
-                    }
-                    let p = softmax_rows(&sum, classes, t);
-                    vec![p; self.clusters.len()]
                 };
                 for (m, target) in targets.into_iter().enumerate() {
                     let rung = &self.ladder[self.clusters[m].rung];
@@ -650,12 +668,10 @@ impl FedTsa {
                         classes,
                         t,
                     };
-                    let shuffle = seed::derive(
-                        self.seed,
-                        ctx.round,
-                        ((epoch * 1_000_000 + chunk_no) * 64 + m) as u64,
-                        Purpose::Server,
-                    );
+                    // A shuffling stream of its own per (epoch, chunk, model).
+                    let stream = (epoch * 1_000_000 + chunk_no) * 64 + m;
+                    let shuffle =
+                        seed::derive(self.seed, ctx.round, stream as u64, Purpose::Server);
                     let out = TrainJob::new(
                         &rung.spec,
                         &view,
@@ -675,18 +691,6 @@ impl FedTsa {
         }
         Ok((loss_count > 0).then(|| loss_sum / loss_count as f64))
     }
-}
-
-/// Row-wise softmax of `z / t`.
-fn softmax_rows(z: &[f32], classes: usize, t: f64) -> Vec<f32> {
-    let mut out = Vec::with_capacity(z.len());
-    for row in z.chunks(classes) {
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, x| m.max(*x));
-        let e: Vec<f64> = row.iter().map(|v| (f64::from(v - max) / t).exp()).collect();
-        let s: f64 = e.iter().sum();
-        out.extend(e.iter().map(|x| (x / s) as f32));
-    }
-    out
 }
 
 /// The mean of every row set but the `m`-th (the target of model m in mutual learning).
@@ -762,6 +766,16 @@ impl ServerHalf for FedTsa {
     }
 
     fn plan(&self, ctx: &PhaseCtx, clients: &[ClientInfo]) -> Result<Vec<Assignment>, EngineError> {
+        // What each cluster's devices are sent: its model, or FedRolex's window of this round
+        // (cut once per cluster; the tasks share its tensors).
+        let sent: Vec<ParamSet> = match (&self.global, self.mode) {
+            (Some(global), Mode::FedRolex) => self
+                .clusters
+                .iter()
+                .map(|c| aggregate::gather(global, &self.slice_map(c.rung, Some(ctx.round))))
+                .collect::<Result<_, _>>()?,
+            _ => self.clusters.iter().map(|c| c.params.clone()).collect(),
+        };
         Ok(clients
             .iter()
             .map(|c| {
@@ -772,16 +786,6 @@ impl ServerHalf for FedTsa {
                     });
                 };
                 let cluster = &self.clusters[k];
-                let params = match (&self.global, self.mode) {
-                    (Some(global), Mode::FedRolex) => {
-                        let map = self.slice_map(cluster.rung, Some(ctx.round));
-                        match aggregate::gather(global, &map) {
-                            Ok(p) => p,
-                            Err(e) => return Assignment::Skip(format!("fedrolex slice: {e}")),
-                        }
-                    }
-                    _ => cluster.params.clone(),
-                };
                 Assignment::Run(Box::new(Task {
                     round: ctx.round,
                     phase: ctx.phase,
@@ -790,7 +794,7 @@ impl ServerHalf for FedTsa {
                     model: self.ladder[cluster.rung].spec.clone(),
                     view: View::full(),
                     recipe: self.recipe.clone(),
-                    params,
+                    params: sent[k].clone(),
                     masks: Vec::new(),
                     hold: Vec::new(),
                     options: serde_json::Value::Null,
@@ -1006,21 +1010,6 @@ impl ServerHalf for FedTsa {
         }
         self.slice_global();
         Ok(())
-    }
-}
-
-/// The client half: cross-entropy on the cluster's model, as FedAvg at that width.
-pub struct FedTsaClient;
-
-impl ClientHalf for FedTsaClient {
-    fn execute(
-        &self,
-        task: &Task,
-        data: &ClientData,
-        ctx: &ClientCtx,
-    ) -> Result<Reply, EngineError> {
-        crate::common::require_train(task, "fedtsa")?;
-        train_task(task, data, ctx, || Ok(CrossEntropy::under(&task.view)))
     }
 }
 
