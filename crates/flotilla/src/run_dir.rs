@@ -112,12 +112,15 @@ impl RunDir {
         let dir = &self.path;
         let models = server.eval_models();
         let mut extra = Vec::new();
+        let save = |file: &str,
+                    spec: &flotilla_models::ModelSpec,
+                    params: &flotilla_core::ParamSet|
+         -> Result<()> {
+            let meta = HashMap::from([("model".to_string(), serde_json::to_string(spec)?)]);
+            safetensors_io::save(&dir.join(file), params, Some(meta))?;
+            Ok(())
+        };
         if let Some(model) = models.first() {
-            let save = |file: &str, spec: &flotilla_models::ModelSpec, params| -> Result<()> {
-                let meta = HashMap::from([("model".to_string(), serde_json::to_string(spec)?)]);
-                safetensors_io::save(&dir.join(file), params, Some(meta))?;
-                Ok(())
-            };
             if model.spec.ranks.is_empty() {
                 save(MODEL_FILE, &model.spec, &model.params)?;
             } else {
@@ -148,10 +151,9 @@ impl RunDir {
                         }
                     })
                     .collect();
-                let path = dir.join(format!("model-{label}.safetensors"));
-                let meta = HashMap::from([("model".to_string(), serde_json::to_string(&m.spec)?)]);
-                safetensors_io::save(&path, &m.params, Some(meta))?;
-                extra.push(path);
+                let file = format!("model-{label}.safetensors");
+                save(&file, &m.spec, &m.params)?;
+                extra.push(dir.join(file));
             }
         }
         safetensors_io::write_atomic(
