@@ -165,22 +165,12 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         (exp, dir)
     };
     let data = load_data(&exp, a.data_dir.as_deref())?;
-    let mut test = data.test;
-    if let Some(n) = exp.data.test_limit {
-        test = test.take_first(n);
-    }
+    let test = data.test;
     // The server's own data; a held-out slice is drawn from the training set exactly as the
     // clients' `join --partition` leaves it out.
-    let server_data = match exp.data.train_limit {
-        Some(n) => ServerData::from_config(&exp, &data.train.take_first(n))?,
-        None => ServerData::from_config(&exp, &data.train)?,
-    };
+    let server_data = ServerData::from_config(&exp, &data.train)?;
     // No client's data can be larger than the training set it is a part of.
-    let max_examples = exp.server.max_examples.unwrap_or(
-        exp.data
-            .train_limit
-            .map_or(data.train.len(), |n| n.min(data.train.len())) as u64,
-    );
+    let max_examples = exp.server.max_examples.unwrap_or(data.train.len() as u64);
     let (server_half, _) = flotilla_methods::build(&exp)?;
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let resolved = exp.clone();
@@ -342,10 +332,7 @@ pub fn join(a: JoinArgs) -> Result<()> {
             }
             None => {
                 let (mean, std) = exp.data.dataset.normalization();
-                let mut train = data.train;
-                if let Some(n) = exp.data.train_limit {
-                    train = train.take_first(n);
-                }
+                let train = data.train;
                 let holdout = train.take_first(0);
                 ClientData {
                     train,

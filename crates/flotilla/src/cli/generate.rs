@@ -73,10 +73,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         );
     }
     let data = load_data(&exp, args.data_dir.as_deref())?;
-    let train = match exp.data.train_limit {
-        Some(n) => data.train.take_first(n),
-        None => data.train,
-    };
+    let train = data.train;
     // The same slice a run with this config holds out (never given to a client); the server
     // owns it, labels included.
     let held = train.subset(&flotilla_engine::server_data::holdout_indices(
@@ -154,11 +151,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     let objective = CrossEntropy::under(&view);
     eprintln!("checking the samples with a classifier trained on the held-out images");
     let trained = TrainJob::new(&spec, &view, &init, &held_data, &recipe, &objective).train()?;
-    let test = match exp.data.test_limit {
-        Some(n) => data.test.take_first(n),
-        None => data.test,
-    };
-    let (test_acc, _) = evaluate(&spec, &view, &trained.params, &test, &mean, &std)?;
+    let (test_acc, _) = evaluate(&spec, &view, &trained.params, &data.test, &mean, &std)?;
     let (gen_acc, _) = evaluate(&spec, &view, &trained.params, &samples, &mean, &std)?;
     let check_flops = flops::training(&spec, &view, trained.samples);
     let report = &generator.report;

@@ -110,10 +110,7 @@ pub(super) fn evaluate(config: &Path, model: &Path, data_dir: Option<&Path>) -> 
         None => exp.model_spec(),
     };
     let (mean, std) = exp.data.dataset.normalization();
-    let test = match exp.data.test_limit {
-        Some(n) => data.test.take_first(n),
-        None => data.test,
-    };
+    let test = data.test;
     let (acc, loss) = flotilla_engine::local::evaluate(
         &spec,
         &flotilla_models::View::full(),
@@ -132,10 +129,7 @@ pub(super) fn evaluate(config: &Path, model: &Path, data_dir: Option<&Path>) -> 
 pub(super) fn partition(config: &Path, data_dir: Option<&Path>, json: bool) -> Result<()> {
     let exp = load_config(config, &[])?;
     let data = load_data(&exp, data_dir)?;
-    let train = match exp.data.train_limit {
-        Some(n) => data.train.take_first(n),
-        None => data.train,
-    };
+    let train = data.train;
     // The simulator's partition, which leaves out a server holdout slice.
     let parts = flotilla_engine::sim::partition_clients(&exp, &train)?;
     let summary = flotilla_data::summarize(&parts, &train.labels, train.num_classes);

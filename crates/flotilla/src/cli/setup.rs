@@ -14,9 +14,17 @@ pub fn load_config(path: &Path, overrides: &[String]) -> Result<Experiment> {
     Ok(exp)
 }
 
-/// Loads the dataset the config names, from the resolved folder.
+/// Loads the dataset the config names, from the resolved folder, cut to the config's
+/// `data.train_limit` and `data.test_limit`: the data every command works on.
 pub fn load_data(exp: &Experiment, cli_dir: Option<&Path>) -> Result<Split> {
     let kind: DatasetKind = exp.data.dataset;
     let dir = flotilla_data::resolve_data_dir(cli_dir, exp.data.dir.as_deref(), kind);
-    Ok(flotilla_data::load(kind, &dir)?)
+    let mut data = flotilla_data::load(kind, &dir)?;
+    if let Some(n) = exp.data.train_limit {
+        data.train = data.train.take_first(n);
+    }
+    if let Some(n) = exp.data.test_limit {
+        data.test = data.test.take_first(n);
+    }
+    Ok(data)
 }
