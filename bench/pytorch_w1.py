@@ -5,7 +5,9 @@ Never run in CI. Usage (torch installed, e.g. `pip install torch`):
     python3 bench/pytorch_w1.py --batch 32 --samples 3200 [--threads 2] [--runs 3]
 `flotilla bench` runs it itself when FLOTILLA_TORCH_PYTHON names that Python, so both are
 measured in the same run. Prints `train_samples_per_s`, `eval_samples_per_s` (the best of
-`--runs` timed runs each, as flotilla's bench reports) and the peak RSS.
+`--runs` timed runs each, as flotilla's bench reports), the peak RSS, and the speed of a
+2048×2048 torch.matmul on the same threads (`matmul_flops_per_s`: the machine's peak measured
+by torch's BLAS, independent of flotilla's GEMM).
 """
 import argparse
 import resource
@@ -69,9 +71,18 @@ def main():
                 model(xe[i:i + 1000])
             evals = max(evals, 10000 / (time.perf_counter() - t))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    mm = 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        a @ b
+        mm = max(mm, 2 * n**3 / (time.perf_counter() - t))
     print(f"train_samples_per_s: {train:.1f}")
     print(f"eval_samples_per_s: {evals:.1f}")
     print(f"peak_rss_bytes: {rss}")
+    print(f"matmul_flops_per_s: {mm:.0f}")
 
 
 if __name__ == "__main__":

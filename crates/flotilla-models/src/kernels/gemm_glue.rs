@@ -1,7 +1,154 @@
-//! The GEMM glue: the gemm crate's matrix product on strided slices, and how a batch is split
-//! over threads.
+//! The GEMM glue: which micro-kernels run on this CPU, the matrix product on strided slices,
+//! and how a batch is split over threads.
+//!
+//! One binary runs on every x86-64 machine, so the micro-kernels are chosen at run time
+//! ([`gemm_kernels`]): the `gemm` crate's AVX-512 kernels where the CPU runs 512-bit vectors at
+//! full width, its AVX2/FMA kernels elsewhere, and the crate's own dispatch on other
+//! architectures. The choice is fixed per machine (a rule on the CPU, never a timing), so a run
+//! with a given seed gives the same bits every time on that machine.
 
 use super::*;
+use std::sync::atomic::AtomicU8;
+
+/// A set of GEMM micro-kernels flotilla's kernels can run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmKernels {
+    /// 64×6 tiles of 512-bit vectors (`avx512f` and the rest of x86-64-v4).
+    Avx512,
+    /// 16×6 tiles of 256-bit vectors (`avx2` + `fma`).
+    Avx2,
+    /// Whatever the `gemm` crate dispatches to itself (NEON, scalar, …).
+    Library,
+}
+
+impl GemmKernels {
+    /// Its name, as `FLOTILLA_GEMM_KERNELS` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            GemmKernels::Avx512 => "avx512",
+            GemmKernels::Avx2 => "avx2",
+            GemmKernels::Library => "library",
+        }
+    }
+
+    /// The set named `name` (`avx512`, `avx2` or `library`).
+    pub fn parse(name: &str) -> Option<Self> {
+        [Self::Avx512, Self::Avx2, Self::Library]
+            .into_iter()
+            .find(|k| k.name() == name)
+    }
+
+    /// Whether this CPU can run these kernels.
+    pub fn available(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            GemmKernels::Avx512 => gemm_common::simd::V4::try_new().is_some(),
+            #[cfg(target_arch = "x86_64")]
+            GemmKernels::Avx2 => gemm_common::simd::V3::try_new().is_some(),
+            #[cfg(not(target_arch = "x86_64"))]
+            GemmKernels::Avx512 | GemmKernels::Avx2 => false,
+            GemmKernels::Library => true,
+        }
+    }
+
+    /// Every set this CPU can run, widest first.
+    pub fn all_available() -> Vec<Self> {
+        [Self::Avx512, Self::Avx2, Self::Library]
+            .into_iter()
+            .filter(|k| k.available())
+            .collect()
+    }
+
+    fn code(self) -> u8 {
+        self as u8 + 1
+    }
+
+    fn from_code(c: u8) -> Option<Self> {
+        [Self::Avx512, Self::Avx2, Self::Library]
+            .into_iter()
+            .find(|k| k.code() == c)
+    }
+}
+
+/// 0 until chosen; then `GemmKernels::code`.
+static KERNELS: AtomicU8 = AtomicU8::new(0);
+
+/// The micro-kernels flotilla's kernels use in this process: the set given to
+/// [`set_gemm_kernels`], else the one the `FLOTILLA_GEMM_KERNELS` variable names when this CPU
+/// runs it (the command rejects any other value with an error), else [`gemm_kernels_for_cpu`].
+pub fn gemm_kernels() -> GemmKernels {
+    match GemmKernels::from_code(KERNELS.load(Ordering::Relaxed)) {
+        Some(k) => k,
+        None => {
+            let k = std::env::var("FLOTILLA_GEMM_KERNELS")
+                .ok()
+                .and_then(|name| GemmKernels::parse(&name))
+                .filter(|k| k.available())
+                .unwrap_or_else(gemm_kernels_for_cpu);
+            KERNELS.store(k.code(), Ordering::Relaxed);
+            k
+        }
+    }
+}
+
+/// Makes every later GEMM of flotilla's kernels, process-wide, use `kernels` (the
+/// `FLOTILLA_GEMM_KERNELS` variable of the command, and the bench's comparison). An error names
+/// what this CPU lacks.
+pub fn set_gemm_kernels(kernels: GemmKernels) -> Result<(), String> {
+    if !kernels.available() {
+        return Err(format!(
+            "this CPU cannot run the {} GEMM kernels; it can run: {}",
+            kernels.name(),
+            GemmKernels::all_available()
+                .iter()
+                .map(|k| k.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    KERNELS.store(kernels.code(), Ordering::Relaxed);
+    Ok(())
+}
+
+/// The rule: AVX-512 where the CPU has it and executes 512-bit FMAs at full width, AVX2/FMA
+/// where it has those, else the `gemm` crate's own choice.
+///
+/// Measured (docs/performance.md): on an Intel Xeon with AVX-512 the AVX-512 kernels run
+/// W1 training 1.3× faster; on AMD Zen 4, which splits 512-bit operations into two 256-bit
+/// halves, they were not faster (their 64-row tiles only moved time into packing), so AMD
+/// before family 1Ah (Zen 5, full-width AVX-512) keeps the AVX2 kernels.
+pub fn gemm_kernels_for_cpu() -> GemmKernels {
+    let full_width_512 = !amd_family().is_some_and(|family| family < 0x1A);
+    if full_width_512 && GemmKernels::Avx512.available() {
+        GemmKernels::Avx512
+    } else if GemmKernels::Avx2.available() {
+        GemmKernels::Avx2
+    } else {
+        GemmKernels::Library
+    }
+}
+
+/// The CPU family when the vendor is AMD (CPUID leaf 1: base family, plus the extended family
+/// when the base is 0Fh).
+fn amd_family() -> Option<u32> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::__cpuid;
+        #[allow(unused_unsafe)]
+        // SAFETY: CPUID exists on every x86-64 CPU.
+        let (vendor, sig) = unsafe { (__cpuid(0), __cpuid(1)) };
+        let amd = [vendor.ebx, vendor.edx, vendor.ecx] == [0x6874_7541, 0x6974_6E65, 0x444D_4163];
+        let base = (sig.eax >> 8) & 0xF;
+        let family = if base == 0xF {
+            base + ((sig.eax >> 20) & 0xFF)
+        } else {
+            base
+        };
+        amd.then_some(family)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    None
+}
 
 /// `dst[m×n] (+)= A[m×k] · B[k×n]`, all row-major; `a_t`/`b_t` read A/B from their transposes
 /// (`[k×m]`, `[n×k]` row-major).
@@ -21,30 +168,223 @@ pub(super) fn matmul(
     assert!(dst.len() >= m * n && a.len() >= m * k && b.len() >= k * n);
     let (a_cs, a_rs) = if a_t { (m, 1) } else { (1, k) };
     let (b_cs, b_rs) = if b_t { (k, 1) } else { (1, n) };
+    let s = Strided {
+        m,
+        n,
+        k,
+        dst: dst.as_mut_ptr(),
+        dst_cs: 1,
+        dst_rs: n as isize,
+        read_dst: accumulate,
+        lhs: a.as_ptr(),
+        lhs_cs: a_cs as isize,
+        lhs_rs: a_rs as isize,
+        rhs: b.as_ptr(),
+        rhs_cs: b_cs as isize,
+        rhs_rs: b_rs as isize,
+    };
     // SAFETY: the asserts above keep every (row, column) the strides reach inside the slices,
     // and `dst` does not alias `a` or `b` (it is borrowed mutably).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
+    unsafe { s.run(gemm_kernels(), par) }
+}
+
+/// `c[n×n] = a[n×n] · b[n×n]` (row-major) with the given kernels on `threads` threads: the
+/// bench's measure of a machine's GEMM peak for each kernel set.
+pub fn square_matmul(
+    n: usize,
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    kernels: GemmKernels,
+    threads: usize,
+) {
+    assert!(a.len() >= n * n && b.len() >= n * n && c.len() >= n * n);
+    assert!(
+        kernels.available(),
+        "{} kernels are not available",
+        kernels.name()
+    );
+    let s = Strided {
+        m: n,
+        n,
+        k: n,
+        dst: c.as_mut_ptr(),
+        dst_cs: 1,
+        dst_rs: n as isize,
+        read_dst: false,
+        lhs: a.as_ptr(),
+        lhs_cs: 1,
+        lhs_rs: n as isize,
+        rhs: b.as_ptr(),
+        rhs_cs: 1,
+        rhs_rs: n as isize,
+    };
+    // SAFETY: three n×n buffers (asserted), `c` exclusive; the kernels run on this CPU.
+    unsafe { s.run(kernels, gemm_par(threads)) }
+}
+
+/// One GEMM's operands as the `gemm` crate takes them (column and row strides in elements).
+struct Strided {
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_cs: isize,
+    dst_rs: isize,
+    read_dst: bool,
+    lhs: *const f32,
+    lhs_cs: isize,
+    lhs_rs: isize,
+    rhs: *const f32,
+    rhs_cs: isize,
+    rhs_rs: isize,
+}
+
+impl Strided {
+    /// Runs `dst (+)= lhs · rhs` on `kernels`.
+    ///
+    /// # Safety
+    /// Every element the strides reach lies in live buffers, `dst` aliases neither operand, and
+    /// `kernels` is available on this CPU.
+    unsafe fn run(self, kernels: GemmKernels, par: gemm::Parallelism) {
+        let s = self;
+        match kernels {
+            #[cfg(target_arch = "x86_64")]
+            GemmKernels::Avx512 | GemmKernels::Avx2 => {
+                // As `gemm::gemm` does before its dispatch: the micro-kernels want a
+                // column-oriented destination, so a row-oriented one is computed as
+                // dstᵀ = rhsᵀ · lhsᵀ.
+                let s = if s.dst_cs.abs() < s.dst_rs.abs() {
+                    Strided {
+                        m: s.n,
+                        n: s.m,
+                        k: s.k,
+                        dst: s.dst,
+                        dst_cs: s.dst_rs,
+                        dst_rs: s.dst_cs,
+                        read_dst: s.read_dst,
+                        lhs: s.rhs,
+                        lhs_cs: s.rhs_rs,
+                        lhs_rs: s.rhs_cs,
+                        rhs: s.lhs,
+                        rhs_cs: s.lhs_rs,
+                        rhs_rs: s.lhs_cs,
+                    }
+                } else {
+                    s
+                };
+                // SAFETY: forwarded from the caller; the simd token exists only when the CPU
+                // has the features (checked by `available`).
+                unsafe {
+                    if kernels == GemmKernels::Avx512 {
+                        s.basic_avx512(par)
+                    } else {
+                        s.basic_avx2(par)
+                    }
+                }
+            }
+            _ => {
+                // SAFETY: forwarded from the caller.
+                unsafe {
+                    gemm::gemm(
+                        s.m, s.n, s.k, s.dst, s.dst_cs, s.dst_rs, s.read_dst, s.lhs, s.lhs_cs,
+                        s.lhs_rs, s.rhs, s.rhs_cs, s.rhs_rs, 1.0, 1.0, false, false, false, par,
+                    )
+                }
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn basic_avx512(self, par: gemm::Parallelism) {
+        use gemm_common::simd::MixedSimd;
+        use gemm_f32::microkernel::avx512f::f32 as ukr;
+        let simd = <gemm_common::simd::V4 as MixedSimd<f32, f32, f32, f32>>::try_new()
+            .expect("AVX-512 checked by `available`");
+        // SAFETY: forwarded from `run`.
+        unsafe {
+            gemm_common::gemm::gemm_basic_generic::<
+                _,
+                f32,
+                16,
+                { ukr::MR_DIV_N * 16 },
+                { ukr::NR },
+                { ukr::MR_DIV_N },
+                { ukr::H_M },
+                { ukr::H_N },
+            >(
+                simd,
+                self.m,
+                self.n,
+                self.k,
+                self.dst,
+                self.dst_cs,
+                self.dst_rs,
+                self.read_dst,
+                self.lhs,
+                self.lhs_cs,
+                self.lhs_rs,
+                self.rhs,
+                self.rhs_cs,
+                self.rhs_rs,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                |a, b, c| a * b + c,
+                &ukr::UKR,
+                &ukr::H_UKR,
+                false,
+                par,
+            )
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn basic_avx2(self, par: gemm::Parallelism) {
+        use gemm_common::simd::MixedSimd;
+        use gemm_f32::microkernel::fma::f32 as ukr;
+        let simd = <gemm_common::simd::V3 as MixedSimd<f32, f32, f32, f32>>::try_new()
+            .expect("AVX2/FMA checked by `available`");
+        // SAFETY: forwarded from `run`.
+        unsafe {
+            gemm_common::gemm::gemm_basic_generic::<
+                _,
+                f32,
+                8,
+                { ukr::MR_DIV_N * 8 },
+                { ukr::NR },
+                { ukr::MR_DIV_N },
+                { ukr::H_M },
+                { ukr::H_N },
+            >(
+                simd,
+                self.m,
+                self.n,
+                self.k,
+                self.dst,
+                self.dst_cs,
+                self.dst_rs,
+                self.read_dst,
+                self.lhs,
+                self.lhs_cs,
+                self.lhs_rs,
+                self.rhs,
+                self.rhs_cs,
+                self.rhs_rs,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                |a, b, c| a * b + c,
+                &ukr::UKR,
+                &ukr::H_UKR,
+                false,
+                par,
+            )
+        }
     }
 }
 

@@ -47,6 +47,9 @@ mod tests;
 pub use conv::conv2d;
 pub use conv_pool::conv_relu_pool2;
 use gemm_glue::*;
+pub use gemm_glue::{
+    GemmKernels, gemm_kernels, gemm_kernels_for_cpu, set_gemm_kernels, square_matmul,
+};
 pub use linear::linear;
 use pool::*;
 pub use pool::{max_pool2, relu_max_pool2};
