@@ -212,3 +212,18 @@ fn missing_model_and_run_dir_are_named() {
     );
     assert_clean_error(&out, "evaluate <garbage model>", &[s(&bad)]);
 }
+
+#[test]
+fn unknown_gemm_kernel_set_is_named() {
+    let tmp = TempDir::new().unwrap();
+    let out = flotilla_env(
+        tmp.path(),
+        &["plan", "--config", "no-such.toml"],
+        &[("FLOTILLA_GEMM_KERNELS", "sse9")],
+    );
+    assert_clean_error(
+        &out,
+        "FLOTILLA_GEMM_KERNELS=sse9",
+        &["FLOTILLA_GEMM_KERNELS", "`sse9`", "avx512", "unset"],
+    );
+}

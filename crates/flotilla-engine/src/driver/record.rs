@@ -187,6 +187,9 @@ impl Driver {
             "sim_time_s": t.sim_time_s,
             "wall_time_s": t.wall_time_s,
             "peak_rss_bytes": peak_rss_bytes(),
+            // Wall times depend on the micro-kernels this CPU was given (and results differ
+            // between sets in the last bits).
+            "gemm_kernels": flotilla_models::kernels::gemm_kernels().name(),
         });
         let details = self.server.summary();
         if !details.is_null() {

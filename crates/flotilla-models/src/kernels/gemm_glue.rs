@@ -402,3 +402,118 @@ pub(super) fn gemm_par(threads: usize) -> gemm::Parallelism {
         gemm::Parallelism::None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// `dst (+)= op(A) · op(B)` in f64, the reference for every kernel set.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        m: usize,
+        n: usize,
+        k: usize,
+        dst: &[f32],
+        acc: bool,
+        a: &[f32],
+        a_t: bool,
+        b: &[f32],
+        b_t: bool,
+    ) -> Vec<f32> {
+        (0..m * n)
+            .map(|ij| {
+                let (i, j) = (ij / n, ij % n);
+                let dot: f64 = (0..k)
+                    .map(|p| {
+                        let av = if a_t { a[p * m + i] } else { a[i * k + p] };
+                        let bv = if b_t { b[j * k + p] } else { b[p * n + j] };
+                        av as f64 * bv as f64
+                    })
+                    .sum();
+                (dot + if acc { dst[ij] as f64 } else { 0.0 }) as f32
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_kernel_set_computes_the_product() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        // W1's convolution and linear shapes, edges of the tiles (m or n one more or less than
+        // a multiple of 16 or 6), vectors, and a product large enough to be threaded.
+        let shapes = [
+            (64, 196, 800),
+            (800, 196, 64),
+            (64, 800, 196),
+            (16, 512, 3136),
+            (1, 7, 5),
+            (7, 1, 9),
+            (17, 13, 33),
+            (65, 7, 1),
+            (3, 200, 2),
+            (130, 140, 150),
+        ];
+        let sets = GemmKernels::all_available();
+        assert!(sets.contains(&GemmKernels::Library));
+        for (m, n, k) in shapes {
+            let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let init: Vec<f32> = (0..m * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+            for (acc, a_t, b_t) in [
+                (false, false, false),
+                (true, true, false),
+                (true, false, true),
+                (false, true, true),
+            ] {
+                let want = reference(m, n, k, &init, acc, &a, a_t, &b, b_t);
+                for &set in &sets {
+                    for threads in [1, 2] {
+                        let mut dst = init.clone();
+                        let (a_cs, a_rs) = if a_t { (m, 1) } else { (1, k) };
+                        let (b_cs, b_rs) = if b_t { (k, 1) } else { (1, n) };
+                        let s = Strided {
+                            m,
+                            n,
+                            k,
+                            dst: dst.as_mut_ptr(),
+                            dst_cs: 1,
+                            dst_rs: n as isize,
+                            read_dst: acc,
+                            lhs: a.as_ptr(),
+                            lhs_cs: a_cs as isize,
+                            lhs_rs: a_rs as isize,
+                            rhs: b.as_ptr(),
+                            rhs_cs: b_cs as isize,
+                            rhs_rs: b_rs as isize,
+                        };
+                        // SAFETY: buffers of the stated shapes; `set` is available.
+                        unsafe { s.run(set, gemm_par(threads)) };
+                        let scale = (k as f32).sqrt().max(1.0);
+                        for (i, (g, w)) in dst.iter().zip(&want).enumerate() {
+                            assert!(
+                                (g - w).abs() <= 1e-5 * scale * w.abs().max(1.0) * 4.0,
+                                "{} kernels, {m}×{n}×{k} acc {acc} a_t {a_t} b_t {b_t} \
+                                 threads {threads}: [{i}] {g} vs {w}",
+                                set.name()
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_cpu_rule_and_the_names() {
+        assert!(gemm_kernels_for_cpu().available());
+        for set in [GemmKernels::Avx512, GemmKernels::Avx2, GemmKernels::Library] {
+            assert_eq!(GemmKernels::parse(set.name()), Some(set));
+            assert_eq!(GemmKernels::from_code(set.code()), Some(set));
+            if !set.available() {
+                let e = set_gemm_kernels(set).expect_err("unavailable set refused");
+                assert!(e.contains(set.name()) && e.contains("library"), "{e}");
+            }
+        }
+        assert_eq!(GemmKernels::parse("sse"), None);
+    }
+}
