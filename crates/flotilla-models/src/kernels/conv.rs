@@ -1,6 +1,7 @@
 //! Square convolution (im2col + GEMM) forward and backward, and the fused convolution + ReLU +
 //! 2×2 max pooling, registered with burn's autodiff.
 
+use super::direct::{self, DirectWeights};
 use super::*;
 
 /// Shape of one convolution.
@@ -190,18 +191,28 @@ pub(super) fn columns<'a>(xb: &'a [f32], g: &Geom, cols: &'a mut Vec<f32>) -> &'
 }
 
 /// One sample's convolution into `yb` (`cout` rows of `ho·wo`, uninitialised is fine): the
-/// rows start as the bias (or zeros) and the GEMM of W with the sample's columns adds on.
+/// rows start as the bias (or zeros) and the GEMM of W with the sample's columns adds on, or,
+/// with `direct` weights, the direct kernel writes them (`cols` is then its padded input).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn conv_sample<'y>(
     xb: &[f32],
     w: &[f32],
     bias: Option<&[f32]>,
     g: &Geom,
+    direct: Option<&DirectWeights>,
     cols: &mut Vec<f32>,
     yb: &'y mut [std::mem::MaybeUninit<f32>],
     par: gemm::Parallelism,
 ) -> &'y mut [f32] {
     use std::mem::MaybeUninit;
     let hw = g.hw_out();
+    if let Some(dw) = direct {
+        yb.fill(MaybeUninit::new(0.0));
+        // SAFETY: every element of `yb` was written just above.
+        let yb = unsafe { &mut *(yb as *mut [MaybeUninit<f32>] as *mut [f32]) };
+        direct::sample(xb, dw, bias, g, cols, yb);
+        return yb;
+    }
     match bias {
         Some(bias) => {
             for (row, v) in yb.chunks_mut(hw).zip(bias) {
@@ -217,16 +228,27 @@ pub(super) fn conv_sample<'y>(
     yb
 }
 
+/// The direct kernel's weights when it runs this convolution: its shapes and CPU, and each
+/// sample on one thread (`per_sample_thread`; it has no multi-threaded form).
+pub(super) fn direct_weights(
+    w: &[f32],
+    g: &Geom,
+    per_sample_thread: bool,
+) -> Option<DirectWeights> {
+    (per_sample_thread && direct::applies(g)).then(|| DirectWeights::new(w, g))
+}
+
 pub(super) fn conv_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geom) -> Vec<f32> {
     let out_len = g.cout * g.hw_out();
     // No zeroing pass over the whole output: each sample's block starts as its bias rows (or
     // zeros), written just before its GEMM, while it is in cache.
     let mut y: Vec<f32> = Vec::with_capacity(g.b * out_len);
+    let (split, threads) = split_batch(g.b);
+    let direct = direct_weights(w, g, split || threads == 1);
     let sample = |xb: &[f32], yb, cols: &mut Vec<f32>, par| {
-        conv_sample(xb, w, bias, g, cols, yb, par);
+        conv_sample(xb, w, bias, g, direct.as_ref(), cols, yb, par);
     };
     let spare = &mut y.spare_capacity_mut()[..g.b * out_len];
-    let (split, threads) = split_batch(g.b);
     if split {
         x.par_chunks(g.in_len())
             .zip(spare.par_chunks_mut(out_len))
@@ -282,6 +304,35 @@ pub(super) fn conv_backward(
     let wlen = g.cout * ckk;
 
     let pooled_len = g.cout * (g.ho / 2) * (g.wo / 2);
+    let (split, threads) = split_batch(g.b);
+    // dX is the stride-1 convolution of dY, padded by k−1−p, with the weights transposed
+    // and flipped: the direct kernel computes it without column gradients or col2im.
+    let direct_dx = (need_dx && g.s == 1 && g.p < g.k)
+        .then(|| {
+            Geom::new(
+                [1, g.cout, g.ho, g.wo],
+                [g.cin, g.cout, g.k, g.k],
+                1,
+                g.k - 1 - g.p,
+            )
+        })
+        .flatten()
+        .filter(|t| t.ho == g.h && t.wo == g.w)
+        .and_then(|t| {
+            let k = g.k;
+            let mut flipped = vec![0f32; w.len()];
+            for co in 0..g.cout {
+                for ci in 0..g.cin {
+                    for kh in 0..k {
+                        for kw in 0..k {
+                            flipped[((ci * g.cout + co) * k + kh) * k + kw] =
+                                w[((co * g.cin + ci) * k + k - 1 - kh) * k + k - 1 - kw];
+                        }
+                    }
+                }
+            }
+            Some((t, direct_weights(&flipped, &t, split || threads == 1)?))
+        });
 
     // Per worker: (dW accumulator, bias accumulator, columns, column gradients, output
     // gradient of one sample when it is rebuilt from the pool's).
@@ -324,7 +375,9 @@ pub(super) fn conv_backward(
             let dxb = unsafe {
                 std::slice::from_raw_parts_mut({ dx_ptr }.0.add(i * g.in_len()), g.in_len())
             };
-            if g.pointwise() {
+            if let Some((t, dwt)) = &direct_dx {
+                direct::sample(dyb, dwt, None, t, dcols, dxb);
+            } else if g.pointwise() {
                 matmul(ckk, hw, g.cout, dxb, false, w, true, dyb, false, par);
             } else {
                 dcols.resize(ckk * hw, 0.0);
@@ -334,7 +387,6 @@ pub(super) fn conv_backward(
         }
         acc
     };
-    let (split, threads) = split_batch(g.b);
     let acc = if split {
         (0..g.b)
             .into_par_iter()

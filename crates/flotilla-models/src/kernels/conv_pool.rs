@@ -21,6 +21,8 @@ pub(super) fn conv_pool_forward(
     if plen == 0 {
         return (out, arg);
     }
+    let (split, threads) = split_batch(g.b);
+    let direct = direct_weights(w, g, split || threads == 1);
     // Per worker: columns and one sample's convolution output.
     let sample =
         |xb: &[f32], ob: &mut [f32], ab: &mut [u8], bufs: &mut (Vec<f32>, Vec<f32>), par| {
@@ -32,6 +34,7 @@ pub(super) fn conv_pool_forward(
                 w,
                 Some(bias),
                 g,
+                direct.as_ref(),
                 cols,
                 &mut y.spare_capacity_mut()[..g.cout * hw],
                 par,
@@ -41,7 +44,6 @@ pub(super) fn conv_pool_forward(
                 pool_plane(yp, op, ap, g.ho, g.wo, true);
             }
         };
-    let (split, threads) = split_batch(g.b);
     if split {
         x.par_chunks(g.in_len())
             .zip(out.par_chunks_mut(plen))

@@ -118,7 +118,7 @@ pub fn set_gemm_kernels(kernels: GemmKernels) -> Result<(), String> {
 /// halves, they were not faster (their 64-row tiles only moved time into packing), so AMD
 /// before family 1Ah (Zen 5, full-width AVX-512) keeps the AVX2 kernels.
 pub fn gemm_kernels_for_cpu() -> GemmKernels {
-    let full_width_512 = !amd_family().is_some_and(|family| family < 0x1A);
+    let full_width_512 = amd_family().is_none_or(|family| family >= 0x1A);
     if full_width_512 && GemmKernels::Avx512.available() {
         GemmKernels::Avx512
     } else if GemmKernels::Avx2.available() {

@@ -38,6 +38,7 @@ use rayon::prelude::*;
 
 mod conv;
 mod conv_pool;
+mod direct;
 mod gemm_glue;
 mod linear;
 mod pool;

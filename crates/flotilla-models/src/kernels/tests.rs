@@ -88,6 +88,11 @@ fn conv_matches_burn_values_and_gradients() {
         (1, 5, 12, 12, 8, 4, 4, 0),
         (2, 1, 3, 4, 2, 3, 2, 2),
         (6, 8, 14, 14, 16, 5, 1, 2),
+        // Input and output channels multiples of 16: on AVX-512 CPUs the direct kernel runs
+        // the forward pass and dX.
+        (2, 16, 7, 9, 32, 3, 1, 1),
+        (3, 32, 6, 5, 16, 5, 1, 2),
+        (2, 16, 5, 6, 48, 3, 1, 0),
     ];
     for (n, &(b, cin, h, w, cout, k, s, p)) in cases.iter().enumerate() {
         let g = Geom::new([b, cin, h, w], [cout, cin, k, k], s, p).expect("valid");
@@ -189,6 +194,9 @@ fn conv_relu_pool_matches_burn_values_and_gradients() {
         (3, 2, 11, 10, 3, 3, 2, 1),
         (2, 3, 6, 6, 2, 1, 1, 0),
         (5, 2, 8, 9, 4, 3, 1, 0),
+        // W1's two convolutions at full width (the direct kernel on AVX-512 CPUs).
+        (2, 1, 28, 28, 32, 5, 1, 2),
+        (3, 32, 14, 14, 64, 5, 1, 2),
     ];
     for (n, &(b, cin, h, w, cout, k, s, p)) in cases.iter().enumerate() {
         let g = Geom::new([b, cin, h, w], [cout, cin, k, k], s, p).expect("valid");

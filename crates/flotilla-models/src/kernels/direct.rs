@@ -1,0 +1,272 @@
+//! Direct convolution for the forward pass on AVX-512: the unfolded input (im2col) is never
+//! built. For one output row and a run of up to 7 output columns, 16 or 32 output channels are
+//! accumulated in registers over every (input channel, kernel row, kernel column): a vector
+//! of weights times one broadcast input value, read in place from a zero-padded copy of the
+//! sample. im2col + GEMM copied each sample's 800×196 columns twice (unfold, then the GEMM's
+//! packing) for W1's second convolution; here the only copies are the padded input (18×18 per
+//! channel) and the weights, rearranged once per call.
+//!
+//! Used when the AVX-512 GEMM kernels are chosen for the CPU (`gemm_glue::gemm_kernels`), the
+//! stride is 1, the convolution is not pointwise and the output channels are a multiple of 16;
+//! otherwise im2col + GEMM.
+
+use super::conv::Geom;
+use super::gemm_glue::{GemmKernels, gemm_kernels};
+
+/// Output columns per register tile (14 or 7 accumulators of 16 channels).
+const TILE: usize = 7;
+
+/// The weights of one convolution rearranged for [`sample`]: per block of output channels
+/// (32, and one of 16 when `cout` is an odd multiple of 16), for each (input channel, kernel
+/// row, kernel column) in that order, the block's weights contiguous.
+pub(super) struct DirectWeights {
+    data: Vec<f32>,
+}
+
+/// Whether the direct kernel runs this convolution (see the module docs).
+pub(super) fn applies(g: &Geom) -> bool {
+    gemm_kernels() == GemmKernels::Avx512 && supported(g)
+}
+
+fn supported(g: &Geom) -> bool {
+    g.s == 1 && !g.pointwise() && g.cout.is_multiple_of(16) && g.cout > 0 && g.ho > 0 && g.wo > 0
+}
+
+/// The blocks of output channels: (first channel, width 32 or 16).
+fn blocks(cout: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..cout)
+        .step_by(32)
+        .map(move |c| (c, if cout - c >= 32 { 32 } else { 16 }))
+}
+
+impl DirectWeights {
+    /// `w` is `[cout, cin, k, k]`.
+    pub(super) fn new(w: &[f32], g: &Geom) -> Self {
+        let ckk = g.ckk();
+        let mut data = Vec::with_capacity(g.cout * ckk);
+        for (c0, width) in blocks(g.cout) {
+            for r in 0..ckk {
+                data.extend((c0..c0 + width).map(|co| w[co * ckk + r]));
+            }
+        }
+        Self { data }
+    }
+}
+
+/// One sample's convolution `[cout, ho, wo]` into `y`, starting from the bias (or zero).
+/// `xpad` is scratch for the zero-padded input.
+pub(super) fn sample(
+    xb: &[f32],
+    dw: &DirectWeights,
+    bias: Option<&[f32]>,
+    g: &Geom,
+    xpad: &mut Vec<f32>,
+    y: &mut [f32],
+) {
+    assert!(
+        supported(g) && GemmKernels::Avx512.available(),
+        "direct convolution outside its shapes or CPU"
+    );
+    let (hp, wp) = (g.h + 2 * g.p, g.w + 2 * g.p);
+    assert!(xb.len() >= g.in_len() && y.len() >= g.cout * g.hw_out());
+    assert!(dw.data.len() == g.cout * g.ckk() && bias.is_none_or(|b| b.len() >= g.cout));
+    assert!(hp >= g.ho + g.k - 1 && wp >= g.wo + g.k - 1);
+    xpad.clear();
+    xpad.resize(g.cin * hp * wp, 0.0);
+    for c in 0..g.cin {
+        for i in 0..g.h {
+            let src = &xb[(c * g.h + i) * g.w..][..g.w];
+            xpad[(c * hp + i + g.p) * wp + g.p..][..g.w].copy_from_slice(src);
+        }
+    }
+    let ckk = g.ckk();
+    for (c0, width) in blocks(g.cout) {
+        let wblock = &dw.data[c0 * ckk..(c0 + width) * ckk];
+        for oh in 0..g.ho {
+            let mut ow = 0;
+            while ow < g.wo {
+                let n = (g.wo - ow).min(TILE);
+                let n = if n >= TILE {
+                    TILE
+                } else if n >= 4 {
+                    4
+                } else if n >= 2 {
+                    2
+                } else {
+                    1
+                };
+                let at = Tile {
+                    x: &xpad[oh * wp + ow..],
+                    plane: hp * wp,
+                    row: wp,
+                    cin: g.cin,
+                    k: g.k,
+                    w: wblock,
+                    bias: bias.map(|b| &b[c0..c0 + width]),
+                    y: &mut y[c0 * g.hw_out() + oh * g.wo + ow..],
+                    y_channel: g.hw_out(),
+                };
+                // SAFETY: AVX-512 is available (asserted); `Tile::run` checks its bounds.
+                unsafe {
+                    match (width, n) {
+                        (32, 7) => at.run::<2, 7>(),
+                        (32, 4) => at.run::<2, 4>(),
+                        (32, 2) => at.run::<2, 2>(),
+                        (32, _) => at.run::<2, 1>(),
+                        (_, 7) => at.run::<1, 7>(),
+                        (_, 4) => at.run::<1, 4>(),
+                        (_, 2) => at.run::<1, 2>(),
+                        _ => at.run::<1, 1>(),
+                    }
+                }
+                ow += n;
+            }
+        }
+    }
+}
+
+/// One register tile: `NW` output columns of one row, `16·CB` output channels.
+struct Tile<'a> {
+    /// The padded input from (channel 0, this output row, this output column).
+    x: &'a [f32],
+    plane: usize,
+    row: usize,
+    cin: usize,
+    k: usize,
+    /// This block's rearranged weights.
+    w: &'a [f32],
+    bias: Option<&'a [f32]>,
+    /// The output from (this block's first channel, this row, this column).
+    y: &'a mut [f32],
+    y_channel: usize,
+}
+
+impl Tile<'_> {
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run<const CB: usize, const NW: usize>(self) {
+        use std::arch::x86_64::*;
+        let (k, lanes) = (self.k, 16 * CB);
+        // Every read below stays inside these bounds.
+        assert!(self.w.len() >= self.cin * k * k * lanes);
+        assert!(self.x.len() > (self.cin - 1) * self.plane + (k - 1) * self.row + NW - 1 + k - 1);
+        assert!(self.y.len() > (lanes - 1) * self.y_channel + NW - 1);
+        let mut acc = [[_mm512_setzero_ps(); CB]; NW];
+        if let Some(b) = self.bias {
+            for c in 0..CB {
+                // SAFETY: `b` holds this block's `lanes` channels.
+                let v = unsafe { _mm512_loadu_ps(b[c * 16..][..16].as_ptr()) };
+                for a in &mut acc {
+                    a[c] = v;
+                }
+            }
+        }
+        let (x, w) = (self.x.as_ptr(), self.w.as_ptr());
+        for ci in 0..self.cin {
+            for kh in 0..k {
+                // SAFETY (both pointers, every offset below): within the asserted bounds.
+                let xr = unsafe { x.add(ci * self.plane + kh * self.row) };
+                let wr = unsafe { w.add((ci * k + kh) * k * lanes) };
+                for kw in 0..k {
+                    let mut wv = [_mm512_setzero_ps(); CB];
+                    for (c, v) in wv.iter_mut().enumerate() {
+                        *v = unsafe { _mm512_loadu_ps(wr.add(kw * lanes + c * 16)) };
+                    }
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        let xv = _mm512_set1_ps(unsafe { *xr.add(j + kw) });
+                        for c in 0..CB {
+                            a[c] = _mm512_fmadd_ps(wv[c], xv, a[c]);
+                        }
+                    }
+                }
+            }
+        }
+        // Registers hold [column][channel]; the output is [channel][row][column].
+        let mut tile = [[0f32; 32]; NW];
+        for (t, a) in tile.iter_mut().zip(&acc) {
+            for c in 0..CB {
+                // SAFETY: 16 floats at offset 16·c < 32 of `t`.
+                unsafe { _mm512_storeu_ps(t[c * 16..].as_mut_ptr(), a[c]) };
+            }
+        }
+        for lane in 0..lanes {
+            let yr = &mut self.y[lane * self.y_channel..][..NW];
+            for (v, t) in yr.iter_mut().zip(&tile) {
+                *v = t[lane];
+            }
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn run<const CB: usize, const NW: usize>(self) {
+        unreachable!("AVX-512 is x86-64 only")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::conv::{Geom, conv_sample};
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn direct_matches_im2col_and_gemm() {
+        if !GemmKernels::Avx512.available() {
+            eprintln!("no AVX-512 on this CPU: the direct convolution is not used here");
+            return;
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        // (cin, h, w, cout, k, p): W1's two convolutions, a tail block of 16 channels, odd
+        // widths that take every tile size, no padding, a kernel as large as the input.
+        let cases = [
+            (1, 28, 28, 32, 5, 2),
+            (32, 14, 14, 64, 5, 2),
+            (3, 9, 13, 48, 3, 1),
+            (2, 5, 1, 16, 3, 1),
+            (4, 8, 11, 32, 3, 0),
+            (5, 6, 9, 16, 6, 0),
+            (2, 7, 3, 80, 5, 2),
+        ];
+        for (cin, h, w, cout, k, p) in cases {
+            let g = Geom::new([1, cin, h, w], [cout, cin, k, k], 1, p).expect("valid");
+            assert!(supported(&g));
+            let x: Vec<f32> = (0..g.in_len())
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let wt: Vec<f32> = (0..cout * g.ckk())
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let bias: Vec<f32> = (0..cout).map(|_| rng.random_range(-1.0..1.0)).collect();
+            for b in [Some(&bias[..]), None] {
+                let mut want = vec![std::mem::MaybeUninit::uninit(); cout * g.hw_out()];
+                let want = conv_sample(
+                    &x,
+                    &wt,
+                    b,
+                    &g,
+                    None,
+                    &mut Vec::new(),
+                    &mut want,
+                    gemm::Parallelism::None,
+                )
+                .to_vec();
+                let mut got = vec![f32::NAN; cout * g.hw_out()];
+                sample(
+                    &x,
+                    &DirectWeights::new(&wt, &g),
+                    b,
+                    &g,
+                    &mut Vec::new(),
+                    &mut got,
+                );
+                for (i, (a, e)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a - e).abs() <= 1e-4 * e.abs().max(1.0),
+                        "{cin}×{h}×{w}→{cout} k{k} p{p} bias {}: [{i}] {a} vs {e}",
+                        b.is_some()
+                    );
+                }
+            }
+        }
+    }
+}
