@@ -402,10 +402,10 @@ pub fn run(quick: bool, data_dir: Option<&Path>) -> Result<()> {
         rows.push(row(
             format!("sgemm peak, all cores, {} kernels", kernels.name()),
             format!("{:.1} GFLOP/s", p / 1e9),
-            if kernels == chosen {
-                "gemm crate micro-kernels; the set flotilla uses on this CPU"
-            } else {
-                "gemm crate micro-kernels"
+            match (kernels == chosen, kernels) {
+                (true, _) => "gemm crate micro-kernels; the set flotilla uses on this CPU",
+                (false, GemmKernels::Library) => "the gemm crate's own dispatch",
+                (false, _) => "gemm crate micro-kernels",
             },
         ));
     }
