@@ -334,9 +334,11 @@ pub(super) fn conv_backward(
             Some((t, direct_weights(&flipped, &t, split || threads == 1)?))
         });
 
+    // dW on the direct kernel: accumulated in its layout, converted once at the end.
+    let direct_dw = need_dw && (split || threads == 1) && direct::applies(g);
     // Per worker: (dW accumulator, bias accumulator, columns, column gradients, output
-    // gradient of one sample when it is rebuilt from the pool's).
-    type Acc = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
+    // gradient of one sample when it is rebuilt from the pool's, dY transposed).
+    type Acc = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
     let new_acc = || -> Acc {
         (
             vec![0f32; if need_dw { wlen } else { 0 }],
@@ -344,11 +346,13 @@ pub(super) fn conv_backward(
             Vec::new(),
             Vec::new(),
             Vec::new(),
+            Vec::new(),
         )
     };
     let sample = |mut acc: Acc, i: usize, par: gemm::Parallelism| -> Acc {
-        let (dw, db, cols, dcols, dy_buf) =
-            (&mut acc.0, &mut acc.1, &mut acc.2, &mut acc.3, &mut acc.4);
+        let (dw, db, cols, dcols, dy_buf, dyt) = (
+            &mut acc.0, &mut acc.1, &mut acc.2, &mut acc.3, &mut acc.4, &mut acc.5,
+        );
         let xb = &x[i * g.in_len()..(i + 1) * g.in_len()];
         let dyb: &[f32] = match dy {
             DySource::Dense(dy) => &dy[i * out_len..(i + 1) * out_len],
@@ -360,7 +364,9 @@ pub(super) fn conv_backward(
                 dy_buf
             }
         };
-        if need_dw {
+        if direct_dw {
+            direct::sample_dw(xb, dyb, g, cols, dyt, dw);
+        } else if need_dw {
             let cols = columns(xb, g, cols);
             matmul(g.cout, ckk, hw, dw, true, dyb, false, cols, true, par);
         }
@@ -400,9 +406,14 @@ pub(super) fn conv_backward(
     } else {
         (0..g.b).fold(new_acc(), |acc, i| sample(acc, i, gemm_par(threads)))
     };
+    let dw = match (need_dw, direct_dw) {
+        (true, true) => Some(direct::standard_layout(&acc.0, g)),
+        (true, false) => Some(acc.0),
+        (false, _) => None,
+    };
     ConvGrads {
         dx,
-        dw: need_dw.then_some(acc.0),
+        dw,
         db: need_db.then_some(acc.1),
     }
 }

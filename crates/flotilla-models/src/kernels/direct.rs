@@ -71,14 +71,7 @@ pub(super) fn sample(
     assert!(xb.len() >= g.in_len() && y.len() >= g.cout * g.hw_out());
     assert!(dw.data.len() == g.cout * g.ckk() && bias.is_none_or(|b| b.len() >= g.cout));
     assert!(hp >= g.ho + g.k - 1 && wp >= g.wo + g.k - 1);
-    xpad.clear();
-    xpad.resize(g.cin * hp * wp, 0.0);
-    for c in 0..g.cin {
-        for i in 0..g.h {
-            let src = &xb[(c * g.h + i) * g.w..][..g.w];
-            xpad[(c * hp + i + g.p) * wp + g.p..][..g.w].copy_from_slice(src);
-        }
-    }
+    pad(xb, g, xpad);
     let ckk = g.ckk();
     for (c0, width) in blocks(g.cout) {
         let wblock = &dw.data[c0 * ckk..(c0 + width) * ckk];
@@ -122,6 +115,168 @@ pub(super) fn sample(
                 ow += n;
             }
         }
+    }
+}
+
+/// One sample `[cin, h, w]` zero-padded by `p` into `xpad`, `[cin, h + 2p, w + 2p]`.
+fn pad(xb: &[f32], g: &Geom, xpad: &mut Vec<f32>) {
+    let (hp, wp) = (g.h + 2 * g.p, g.w + 2 * g.p);
+    xpad.clear();
+    xpad.resize(g.cin * hp * wp, 0.0);
+    for c in 0..g.cin {
+        for i in 0..g.h {
+            let src = &xb[(c * g.h + i) * g.w..][..g.w];
+            xpad[(c * hp + i + g.p) * wp + g.p..][..g.w].copy_from_slice(src);
+        }
+    }
+}
+
+/// Adds one sample's weight gradient, Σ over output positions of dY[co, oh, ow] ·
+/// X[ci, oh + kh − p, ow + kw − p], to `dw` in the layout of [`DirectWeights`] (convert with
+/// [`standard_layout`]). `dyb` is the sample's `[cout, ho, wo]` output gradient; `xpad` and
+/// `dyt` are scratch (the padded input, dY transposed to `[ho·wo, cout]`).
+pub(super) fn sample_dw(
+    xb: &[f32],
+    dyb: &[f32],
+    g: &Geom,
+    xpad: &mut Vec<f32>,
+    dyt: &mut Vec<f32>,
+    dw: &mut [f32],
+) {
+    assert!(
+        supported(g) && GemmKernels::Avx512.available(),
+        "direct convolution outside its shapes or CPU"
+    );
+    let (hw, ckk, k) = (g.hw_out(), g.ckk(), g.k);
+    assert!(xb.len() >= g.in_len() && dyb.len() >= g.cout * hw && dw.len() >= g.cout * ckk);
+    pad(xb, g, xpad);
+    dyt.clear();
+    dyt.resize(hw * g.cout, 0.0);
+    for (co, row) in dyb.chunks(hw).take(g.cout).enumerate() {
+        for (pos, v) in row.iter().enumerate() {
+            dyt[pos * g.cout + co] = *v;
+        }
+    }
+    let (hp, wp) = (g.h + 2 * g.p, g.w + 2 * g.p);
+    for (c0, width) in blocks(g.cout) {
+        let block = &mut dw[c0 * ckk..(c0 + width) * ckk];
+        for ci in 0..g.cin {
+            for kh in 0..k {
+                let mut kw = 0;
+                while kw < k {
+                    let n = match k - kw {
+                        n if n >= 7 => 7,
+                        5 | 6 => 5,
+                        n => n,
+                    };
+                    let at = DwTile {
+                        x: &xpad[(ci * hp + kh) * wp + kw..],
+                        row: wp,
+                        ho: g.ho,
+                        wo: g.wo,
+                        dyt: &dyt[c0..],
+                        cout: g.cout,
+                        out: &mut block[((ci * k + kh) * k + kw) * width..],
+                    };
+                    // SAFETY: AVX-512 is available (asserted); `DwTile::run` checks its bounds.
+                    unsafe {
+                        match (width, n) {
+                            (32, 7) => at.run::<2, 7>(),
+                            (32, 5) => at.run::<2, 5>(),
+                            (32, 4) => at.run::<2, 4>(),
+                            (32, 3) => at.run::<2, 3>(),
+                            (32, 2) => at.run::<2, 2>(),
+                            (32, _) => at.run::<2, 1>(),
+                            (_, 7) => at.run::<1, 7>(),
+                            (_, 5) => at.run::<1, 5>(),
+                            (_, 4) => at.run::<1, 4>(),
+                            (_, 3) => at.run::<1, 3>(),
+                            (_, 2) => at.run::<1, 2>(),
+                            _ => at.run::<1, 1>(),
+                        }
+                    }
+                    kw += n;
+                }
+            }
+        }
+    }
+}
+
+/// A weight gradient in the layout of [`DirectWeights`] back in `[cout, cin, k, k]`.
+pub(super) fn standard_layout(direct: &[f32], g: &Geom) -> Vec<f32> {
+    let ckk = g.ckk();
+    let mut out = vec![0f32; g.cout * ckk];
+    for (c0, width) in blocks(g.cout) {
+        let block = &direct[c0 * ckk..(c0 + width) * ckk];
+        for r in 0..ckk {
+            for lane in 0..width {
+                out[(c0 + lane) * ckk + r] = block[r * width + lane];
+            }
+        }
+    }
+    out
+}
+
+/// One register tile of the weight gradient: `NW` consecutive kernel columns of one (input
+/// channel, kernel row), `16·CB` output channels, summed over every output position.
+struct DwTile<'a> {
+    /// The padded input from (this channel, this kernel row, this kernel column).
+    x: &'a [f32],
+    row: usize,
+    ho: usize,
+    wo: usize,
+    /// dY transposed, `[position, cout]`, from this block's first channel.
+    dyt: &'a [f32],
+    cout: usize,
+    /// This block's gradient from (this channel, kernel row, kernel column).
+    out: &'a mut [f32],
+}
+
+impl DwTile<'_> {
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run<const CB: usize, const NW: usize>(self) {
+        use std::arch::x86_64::*;
+        let lanes = 16 * CB;
+        // Every access below stays inside these bounds.
+        assert!(self.x.len() > (self.ho - 1) * self.row + self.wo - 1 + NW - 1);
+        assert!(self.dyt.len() >= (self.ho * self.wo - 1) * self.cout + lanes);
+        assert!(self.out.len() >= NW * lanes);
+        let mut acc = [[_mm512_setzero_ps(); CB]; NW];
+        let (x, dyt) = (self.x.as_ptr(), self.dyt.as_ptr());
+        for oh in 0..self.ho {
+            // SAFETY (both pointers, every offset below): within the asserted bounds.
+            let xr = unsafe { x.add(oh * self.row) };
+            for ow in 0..self.wo {
+                let mut dv = [_mm512_setzero_ps(); CB];
+                for (c, v) in dv.iter_mut().enumerate() {
+                    *v = unsafe {
+                        _mm512_loadu_ps(dyt.add((oh * self.wo + ow) * self.cout + c * 16))
+                    };
+                }
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let xv = _mm512_set1_ps(unsafe { *xr.add(ow + j) });
+                    for c in 0..CB {
+                        a[c] = _mm512_fmadd_ps(dv[c], xv, a[c]);
+                    }
+                }
+            }
+        }
+        for (j, a) in acc.iter().enumerate() {
+            for (c, v) in a.iter().enumerate() {
+                let o = &mut self.out[j * lanes + c * 16..][..16];
+                // SAFETY: 16 floats of `o`.
+                unsafe {
+                    let sum = _mm512_add_ps(_mm512_loadu_ps(o.as_ptr()), *v);
+                    _mm512_storeu_ps(o.as_mut_ptr(), sum);
+                }
+            }
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn run<const CB: usize, const NW: usize>(self) {
+        unreachable!("AVX-512 is x86-64 only")
     }
 }
 
@@ -237,6 +392,39 @@ mod tests {
                 .map(|_| rng.random_range(-1.0..1.0))
                 .collect();
             let bias: Vec<f32> = (0..cout).map(|_| rng.random_range(-1.0..1.0)).collect();
+            // dW of one sample against dY · columnsᵀ.
+            let dy: Vec<f32> = (0..cout * g.hw_out())
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let mut cols = vec![0f32; g.ckk() * g.hw_out()];
+            super::super::conv::im2col(&x, &g, &mut cols);
+            let mut want_dw = vec![0f32; cout * g.ckk()];
+            for co in 0..cout {
+                for r in 0..g.ckk() {
+                    want_dw[co * g.ckk() + r] = (0..g.hw_out())
+                        .map(|j| dy[co * g.hw_out() + j] * cols[r * g.hw_out() + j])
+                        .sum();
+                }
+            }
+            let mut direct_dw = vec![0f32; cout * g.ckk()];
+            // Twice: the second sample adds to the first.
+            for _ in 0..2 {
+                sample_dw(
+                    &x,
+                    &dy,
+                    &g,
+                    &mut Vec::new(),
+                    &mut Vec::new(),
+                    &mut direct_dw,
+                );
+            }
+            let got_dw = standard_layout(&direct_dw, &g);
+            for (i, (a, e)) in got_dw.iter().zip(&want_dw).enumerate() {
+                assert!(
+                    (a - 2.0 * e).abs() <= 1e-4 * e.abs().max(1.0) * g.hw_out() as f32,
+                    "dW {cin}×{h}×{w}→{cout} k{k} p{p}: [{i}] {a} vs 2×{e}"
+                );
+            }
             for b in [Some(&bias[..]), None] {
                 let mut want = vec![std::mem::MaybeUninit::uninit(); cout * g.hw_out()];
                 let want = conv_sample(
