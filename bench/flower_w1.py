@@ -3,11 +3,14 @@
 
 Never run in CI. Needs `pip install "flwr[simulation]" torch numpy` (Flower's simulation engine
 runs on Ray). Usage:
-    python3 bench/flower_w1.py [--rounds 20] [--data-dir /usr/share/datasets/fashion-mnist]
+    flotilla partition --config examples/w1.toml --json > /tmp/w1-partition.json
+    python3 bench/flower_w1.py --partition /tmp/w1-partition.json [--rounds 20]
+        [--data-dir /usr/share/datasets/fashion-mnist]
 
-W1 as examples/w1.toml: Fashion-MNIST normalised with (x/255 - 0.2860)/0.3530; 100 clients with
-a Dirichlet(0.5) label partition (seed 0; numpy's generator, so not the same clients as
-flotilla's, the same distribution); 10 clients per round; 1 local epoch, batch 32, SGD lr 0.01
+W1 as examples/w1.toml: Fashion-MNIST normalised with (x/255 - 0.2860)/0.3530; 100 clients
+holding flotilla's partition (`--partition`: every client gets exactly the label histogram
+flotilla gives it, drawn from a class-wise shuffle, so sizes and label skew match client for
+client; without it, a plain per-class Dirichlet(0.5) split of numpy's); 10 clients per round; 1 local epoch, batch 32, SGD lr 0.01
 momentum 0.9; the FedAvg CNN; the global model evaluated on the 10,000 test images after every
 round. One Ray worker per core (`num_cpus = 1` per client, one torch thread each), as flotilla's
 simulator runs one client per core. Prints the accuracy after every round, then
@@ -72,6 +75,21 @@ def dirichlet(labels, clients, alpha, seed):
     return [np.array(p, dtype=np.int64) for p in parts]
 
 
+def from_histograms(labels, path, seed):
+    """Clients with the label histograms of `flotilla partition --json`."""
+    import json
+    rng = np.random.default_rng(seed)
+    pools = [list(rng.permutation(np.flatnonzero(labels == c))) for c in range(10)]
+    parts = []
+    for client in json.load(open(path))["clients"]:
+        part = []
+        for c, count in enumerate(client["histogram"]):
+            part.extend(pools[c][:count])
+            pools[c] = pools[c][count:]
+        parts.append(np.array(part, dtype=np.int64))
+    return parts
+
+
 def get_weights(model):
     return [v.detach().cpu().numpy() for v in model.state_dict().values()]
 
@@ -87,11 +105,16 @@ def main():
     p.add_argument("--clients", type=int, default=100)
     p.add_argument("--per-round", type=int, default=10)
     p.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
+    p.add_argument("--partition", help="JSON of `flotilla partition --json` (same clients)")
     a = p.parse_args()
     start = time.perf_counter()
     x_train, y_train = load(a.data_dir, "train")
     x_test, y_test = load(a.data_dir, "t10k")
-    parts = dirichlet(y_train.numpy(), a.clients, 0.5, 0)
+    if a.partition:
+        parts = from_histograms(y_train.numpy(), a.partition, 0)
+        a.clients = len(parts)
+    else:
+        parts = dirichlet(y_train.numpy(), a.clients, 0.5, 0)
     torch.manual_seed(0)
     initial = get_weights(FedAvgCNN())
 
