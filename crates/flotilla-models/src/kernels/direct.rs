@@ -1,14 +1,21 @@
-//! Direct convolution for the forward pass on AVX-512: the unfolded input (im2col) is never
-//! built. For one output row and a run of up to 7 output columns, 16 or 32 output channels are
-//! accumulated in registers over every (input channel, kernel row, kernel column): a vector
-//! of weights times one broadcast input value, read in place from a zero-padded copy of the
-//! sample. im2col + GEMM copied each sample's 800×196 columns twice (unfold, then the GEMM's
-//! packing) for W1's second convolution; here the only copies are the padded input (18×18 per
-//! channel) and the weights, rearranged once per call.
+//! Direct convolutions on AVX-512: the unfolded input (im2col) is never built.
+//!
+//! - Forward ([`sample`]): for one output row and a run of up to 7 output columns, 16 or 32
+//!   output channels accumulate in registers over every (input channel, kernel row, kernel
+//!   column): a vector of weights times one input value broadcast from a zero-padded copy of
+//!   the sample.
+//! - Input gradient: the same kernel on dY, padded by k − 1 − p, with the weights transposed
+//!   and flipped (set up by `conv::conv_backward`).
+//! - Weight gradient ([`sample_dw`]): dY transposed to [position, channel]; 16 or 32 output
+//!   channels by up to 7 kernel columns accumulate over every output position.
+//!
+//! im2col + GEMM copied each sample's 800×196 columns of W1's second convolution twice
+//! (unfold, then the GEMM's packing) in each pass; here the only copies are the padded input
+//! (18×18 per channel), dY's transpose and the weights, rearranged once per call.
 //!
 //! Used when the AVX-512 GEMM kernels are chosen for the CPU (`gemm_glue::gemm_kernels`), the
-//! stride is 1, the convolution is not pointwise and the output channels are a multiple of 16;
-//! otherwise im2col + GEMM.
+//! stride is 1, the convolution is not pointwise and the output channels (for dX, the input
+//! channels) are a multiple of 16; otherwise im2col + GEMM.
 
 use super::conv::Geom;
 use super::gemm_glue::{GemmKernels, gemm_kernels};

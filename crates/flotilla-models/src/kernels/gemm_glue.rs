@@ -165,25 +165,8 @@ pub(super) fn matmul(
     b_t: bool,
     par: gemm::Parallelism,
 ) {
-    assert!(dst.len() >= m * n && a.len() >= m * k && b.len() >= k * n);
-    let (a_cs, a_rs) = if a_t { (m, 1) } else { (1, k) };
-    let (b_cs, b_rs) = if b_t { (k, 1) } else { (1, n) };
-    let s = Strided {
-        m,
-        n,
-        k,
-        dst: dst.as_mut_ptr(),
-        dst_cs: 1,
-        dst_rs: n as isize,
-        read_dst: accumulate,
-        lhs: a.as_ptr(),
-        lhs_cs: a_cs as isize,
-        lhs_rs: a_rs as isize,
-        rhs: b.as_ptr(),
-        rhs_cs: b_cs as isize,
-        rhs_rs: b_rs as isize,
-    };
-    // SAFETY: the asserts above keep every (row, column) the strides reach inside the slices,
+    let s = Strided::row_major(m, n, k, dst, accumulate, a, a_t, b, b_t);
+    // SAFETY: `row_major` checked every (row, column) the strides reach against the slices,
     // and `dst` does not alias `a` or `b` (it is borrowed mutably).
     unsafe { s.run(gemm_kernels(), par) }
 }
@@ -198,28 +181,13 @@ pub fn square_matmul(
     kernels: GemmKernels,
     threads: usize,
 ) {
-    assert!(a.len() >= n * n && b.len() >= n * n && c.len() >= n * n);
     assert!(
         kernels.available(),
         "{} kernels are not available",
         kernels.name()
     );
-    let s = Strided {
-        m: n,
-        n,
-        k: n,
-        dst: c.as_mut_ptr(),
-        dst_cs: 1,
-        dst_rs: n as isize,
-        read_dst: false,
-        lhs: a.as_ptr(),
-        lhs_cs: 1,
-        lhs_rs: n as isize,
-        rhs: b.as_ptr(),
-        rhs_cs: 1,
-        rhs_rs: n as isize,
-    };
-    // SAFETY: three n×n buffers (asserted), `c` exclusive; the kernels run on this CPU.
+    let s = Strided::row_major(n, n, n, c, false, a, false, b, false);
+    // SAFETY: three n×n buffers (checked), `c` exclusive; the kernels run on this CPU.
     unsafe { s.run(kernels, gemm_par(threads)) }
 }
 
@@ -241,6 +209,41 @@ struct Strided {
 }
 
 impl Strided {
+    /// The operands of `dst[m×n] (+)= op(A) · op(B)`, all row-major, A and B read from their
+    /// transposes when `a_t` / `b_t` (as [`matmul`] takes them). Panics when a slice is too
+    /// short for its shape.
+    #[allow(clippy::too_many_arguments)]
+    fn row_major(
+        m: usize,
+        n: usize,
+        k: usize,
+        dst: &mut [f32],
+        accumulate: bool,
+        a: &[f32],
+        a_t: bool,
+        b: &[f32],
+        b_t: bool,
+    ) -> Self {
+        assert!(dst.len() >= m * n && a.len() >= m * k && b.len() >= k * n);
+        let (a_cs, a_rs) = if a_t { (m, 1) } else { (1, k) };
+        let (b_cs, b_rs) = if b_t { (k, 1) } else { (1, n) };
+        Strided {
+            m,
+            n,
+            k,
+            dst: dst.as_mut_ptr(),
+            dst_cs: 1,
+            dst_rs: n as isize,
+            read_dst: accumulate,
+            lhs: a.as_ptr(),
+            lhs_cs: a_cs as isize,
+            lhs_rs: a_rs as isize,
+            rhs: b.as_ptr(),
+            rhs_cs: b_cs as isize,
+            rhs_rs: b_rs as isize,
+        }
+    }
+
     /// Runs `dst (+)= lhs · rhs` on `kernels`.
     ///
     /// # Safety
@@ -294,99 +297,78 @@ impl Strided {
             }
         }
     }
-
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn basic_avx512(self, par: gemm::Parallelism) {
-        use gemm_common::simd::MixedSimd;
-        use gemm_f32::microkernel::avx512f::f32 as ukr;
-        let simd = <gemm_common::simd::V4 as MixedSimd<f32, f32, f32, f32>>::try_new()
-            .expect("AVX-512 checked by `available`");
-        // SAFETY: forwarded from `run`.
-        unsafe {
-            gemm_common::gemm::gemm_basic_generic::<
-                _,
-                f32,
-                16,
-                { ukr::MR_DIV_N * 16 },
-                { ukr::NR },
-                { ukr::MR_DIV_N },
-                { ukr::H_M },
-                { ukr::H_N },
-            >(
-                simd,
-                self.m,
-                self.n,
-                self.k,
-                self.dst,
-                self.dst_cs,
-                self.dst_rs,
-                self.read_dst,
-                self.lhs,
-                self.lhs_cs,
-                self.lhs_rs,
-                self.rhs,
-                self.rhs_cs,
-                self.rhs_rs,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                |a, b, c| a * b + c,
-                &ukr::UKR,
-                &ukr::H_UKR,
-                false,
-                par,
-            )
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn basic_avx2(self, par: gemm::Parallelism) {
-        use gemm_common::simd::MixedSimd;
-        use gemm_f32::microkernel::fma::f32 as ukr;
-        let simd = <gemm_common::simd::V3 as MixedSimd<f32, f32, f32, f32>>::try_new()
-            .expect("AVX2/FMA checked by `available`");
-        // SAFETY: forwarded from `run`.
-        unsafe {
-            gemm_common::gemm::gemm_basic_generic::<
-                _,
-                f32,
-                8,
-                { ukr::MR_DIV_N * 8 },
-                { ukr::NR },
-                { ukr::MR_DIV_N },
-                { ukr::H_M },
-                { ukr::H_N },
-            >(
-                simd,
-                self.m,
-                self.n,
-                self.k,
-                self.dst,
-                self.dst_cs,
-                self.dst_rs,
-                self.read_dst,
-                self.lhs,
-                self.lhs_cs,
-                self.lhs_rs,
-                self.rhs,
-                self.rhs_cs,
-                self.rhs_rs,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                |a, b, c| a * b + c,
-                &ukr::UKR,
-                &ukr::H_UKR,
-                false,
-                par,
-            )
-        }
-    }
 }
+
+/// `Strided::$name`: the crate's generic driver on one simd token and micro-kernel table
+/// (`$lanes` f32 per vector).
+#[cfg(target_arch = "x86_64")]
+macro_rules! basic {
+    ($name:ident, $simd:ty, $ukr:path, $lanes:literal, $what:literal) => {
+        impl Strided {
+            unsafe fn $name(self, par: gemm::Parallelism) {
+                use gemm_common::simd::MixedSimd;
+                use $ukr as ukr;
+                let simd = <$simd as MixedSimd<f32, f32, f32, f32>>::try_new()
+                    .expect(concat!($what, " checked by `available`"));
+                // SAFETY: forwarded from `run`.
+                unsafe {
+                    gemm_common::gemm::gemm_basic_generic::<
+                        _,
+                        f32,
+                        $lanes,
+                        { ukr::MR_DIV_N * $lanes },
+                        { ukr::NR },
+                        { ukr::MR_DIV_N },
+                        { ukr::H_M },
+                        { ukr::H_N },
+                    >(
+                        simd,
+                        self.m,
+                        self.n,
+                        self.k,
+                        self.dst,
+                        self.dst_cs,
+                        self.dst_rs,
+                        self.read_dst,
+                        self.lhs,
+                        self.lhs_cs,
+                        self.lhs_rs,
+                        self.rhs,
+                        self.rhs_cs,
+                        self.rhs_rs,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        |a, b, c| a * b + c,
+                        &ukr::UKR,
+                        &ukr::H_UKR,
+                        false,
+                        par,
+                    )
+                }
+            }
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+basic!(
+    basic_avx512,
+    gemm_common::simd::V4,
+    gemm_f32::microkernel::avx512f::f32,
+    16,
+    "AVX-512"
+);
+#[cfg(target_arch = "x86_64")]
+basic!(
+    basic_avx2,
+    gemm_common::simd::V3,
+    gemm_f32::microkernel::fma::f32,
+    8,
+    "AVX2/FMA"
+);
 
 /// Whether to split the batch across threads (single-threaded GEMMs) or to run the samples one
 /// after another with multi-threaded GEMMs.
@@ -469,23 +451,7 @@ mod tests {
                 for &set in &sets {
                     for threads in [1, 2] {
                         let mut dst = init.clone();
-                        let (a_cs, a_rs) = if a_t { (m, 1) } else { (1, k) };
-                        let (b_cs, b_rs) = if b_t { (k, 1) } else { (1, n) };
-                        let s = Strided {
-                            m,
-                            n,
-                            k,
-                            dst: dst.as_mut_ptr(),
-                            dst_cs: 1,
-                            dst_rs: n as isize,
-                            read_dst: acc,
-                            lhs: a.as_ptr(),
-                            lhs_cs: a_cs as isize,
-                            lhs_rs: a_rs as isize,
-                            rhs: b.as_ptr(),
-                            rhs_cs: b_cs as isize,
-                            rhs_rs: b_rs as isize,
-                        };
+                        let s = Strided::row_major(m, n, k, &mut dst, acc, &a, a_t, &b, b_t);
                         // SAFETY: buffers of the stated shapes; `set` is available.
                         unsafe { s.run(set, gemm_par(threads)) };
                         let scale = (k as f32).sqrt().max(1.0);

@@ -19,9 +19,14 @@
 //!
 //! [`use_flotilla_kernels`] switches back to burn's own ops process-wide (for comparisons and tests).
 //!
-//! One file per op: `conv` (im2col + GEMM convolution), `conv_pool` (the fused convolution +
-//! ReLU + pooling), `pool`, `linear`, `gemm_glue` (the GEMM call and the batch split); `tests`
-//! checks each against burn's ops.
+//! On CPUs given the AVX-512 GEMM kernels (`gemm_glue` chooses the micro-kernels per CPU),
+//! convolutions of stride 1 with multiples of 16 channels run on direct kernels instead
+//! (`direct`): forward, dX and dW without im2col.
+//!
+//! One file per op: `conv` (im2col + GEMM convolution), `direct` (the direct AVX-512
+//! convolutions), `conv_pool` (the fused convolution + ReLU + pooling), `pool`, `linear`,
+//! `gemm_glue` (the kernel choice, the GEMM call and the batch split); `tests` checks each
+//! against burn's ops.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
