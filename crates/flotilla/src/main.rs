@@ -25,17 +25,10 @@ fn main() -> ExitCode {
         }
     }
     // The GEMM micro-kernels are chosen per CPU; the variable overrides the choice (to compare
-    // kernel sets, or to reproduce bits from another machine).
-    if let Ok(name) = std::env::var("FLOTILLA_GEMM_KERNELS") {
-        let chosen = flotilla_models::kernels::GemmKernels::parse(&name)
-            .ok_or_else(|| {
-                format!("FLOTILLA_GEMM_KERNELS must be `avx512`, `avx2` or `library`, got `{name}`")
-            })
-            .and_then(flotilla_models::kernels::set_gemm_kernels);
-        if let Err(e) = chosen {
-            eprintln!("error: {e}; unset FLOTILLA_GEMM_KERNELS to let flotilla choose");
-            return ExitCode::FAILURE;
-        }
+    // kernel sets, or to reproduce bits from another machine), and is refused when invalid.
+    if let Err(e) = flotilla_models::kernels::gemm_kernels_from_env() {
+        eprintln!("error: {e}; unset FLOTILLA_GEMM_KERNELS to let flotilla choose");
+        return ExitCode::FAILURE;
     }
     let cli = flotilla::cli::Cli::parse();
     match flotilla::cli::run(cli) {

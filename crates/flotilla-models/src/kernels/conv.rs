@@ -228,14 +228,15 @@ pub(super) fn conv_sample<'y>(
     yb
 }
 
-/// The direct kernel's weights when it runs this convolution: its shapes and CPU, and each
-/// sample on one thread (`per_sample_thread`; it has no multi-threaded form).
-pub(super) fn direct_weights(
-    w: &[f32],
-    g: &Geom,
-    per_sample_thread: bool,
-) -> Option<DirectWeights> {
-    (per_sample_thread && direct::applies(g)).then(|| DirectWeights::new(w, g))
+/// The direct kernel's weights when it runs convolution `g` over a batch of `b`: its shapes
+/// and CPU, and each sample on one thread (it has no multi-threaded form).
+pub(super) fn direct_weights(w: &[f32], g: &Geom, b: usize) -> Option<DirectWeights> {
+    direct_runs(g, b).then(|| DirectWeights::new(w, g))
+}
+
+fn direct_runs(g: &Geom, b: usize) -> bool {
+    let (split, threads) = split_batch(b);
+    (split || threads == 1) && direct::applies(g)
 }
 
 pub(super) fn conv_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geom) -> Vec<f32> {
@@ -243,8 +244,8 @@ pub(super) fn conv_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geom)
     // No zeroing pass over the whole output: each sample's block starts as its bias rows (or
     // zeros), written just before its GEMM, while it is in cache.
     let mut y: Vec<f32> = Vec::with_capacity(g.b * out_len);
+    let direct = direct_weights(w, g, g.b);
     let (split, threads) = split_batch(g.b);
-    let direct = direct_weights(w, g, split || threads == 1);
     let sample = |xb: &[f32], yb, cols: &mut Vec<f32>, par| {
         conv_sample(xb, w, bias, g, direct.as_ref(), cols, yb, par);
     };
@@ -305,37 +306,15 @@ pub(super) fn conv_backward(
 
     let pooled_len = g.cout * (g.ho / 2) * (g.wo / 2);
     let (split, threads) = split_batch(g.b);
-    // dX is the stride-1 convolution of dY, padded by k−1−p, with the weights transposed
-    // and flipped: the direct kernel computes it without column gradients or col2im.
-    let direct_dx = (need_dx && g.s == 1 && g.p < g.k)
-        .then(|| {
-            Geom::new(
-                [1, g.cout, g.ho, g.wo],
-                [g.cin, g.cout, g.k, g.k],
-                1,
-                g.k - 1 - g.p,
-            )
-        })
+    // dX is the convolution of dY that `direct::input_gradient` describes: on the direct
+    // kernel it needs no column gradients or col2im.
+    let direct_dx = need_dx
+        .then(|| direct::input_gradient(g))
         .flatten()
-        .filter(|t| t.ho == g.h && t.wo == g.w)
-        .and_then(|t| {
-            let k = g.k;
-            let mut flipped = vec![0f32; w.len()];
-            for co in 0..g.cout {
-                for ci in 0..g.cin {
-                    for kh in 0..k {
-                        for kw in 0..k {
-                            flipped[((ci * g.cout + co) * k + kh) * k + kw] =
-                                w[((co * g.cin + ci) * k + k - 1 - kh) * k + k - 1 - kw];
-                        }
-                    }
-                }
-            }
-            Some((t, direct_weights(&flipped, &t, split || threads == 1)?))
-        });
-
+        .filter(|t| direct_runs(t, g.b))
+        .map(|t| (t, DirectWeights::transposed_flipped(w, g)));
     // dW on the direct kernel: accumulated in its layout, converted once at the end.
-    let direct_dw = need_dw && (split || threads == 1) && direct::applies(g);
+    let direct_dw = need_dw && direct_runs(g, g.b);
     // Per worker: (dW accumulator, bias accumulator, columns, column gradients, output
     // gradient of one sample when it is rebuilt from the pool's, dY transposed).
     type Acc = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);

@@ -21,8 +21,8 @@ pub(super) fn conv_pool_forward(
     if plen == 0 {
         return (out, arg);
     }
+    let direct = direct_weights(w, g, g.b);
     let (split, threads) = split_batch(g.b);
-    let direct = direct_weights(w, g, split || threads == 1);
     // Per worker: columns and one sample's convolution output.
     let sample =
         |xb: &[f32], ob: &mut [f32], ab: &mut [u8], bufs: &mut (Vec<f32>, Vec<f32>), par| {

@@ -5,7 +5,7 @@
 //!   column): a vector of weights times one input value broadcast from a zero-padded copy of
 //!   the sample.
 //! - Input gradient: the same kernel on dY, padded by k − 1 − p, with the weights transposed
-//!   and flipped (set up by `conv::conv_backward`).
+//!   and flipped ([`input_gradient`], [`DirectWeights::transposed_flipped`]).
 //! - Weight gradient ([`sample_dw`]): dY transposed to [position, channel]; 16 or 32 output
 //!   channels by up to 7 kernel columns accumulate over every output position.
 //!
@@ -57,6 +57,43 @@ impl DirectWeights {
             }
         }
         Self { data }
+    }
+}
+
+/// The convolution whose output is the input gradient of the stride-1 convolution `g`: dY
+/// (`cout` channels of `ho × wo`) padded by k − 1 − p, with [`DirectWeights::transposed_flipped`];
+/// `None` where that is not `g`'s input shape.
+pub(super) fn input_gradient(g: &Geom) -> Option<Geom> {
+    if g.s != 1 || g.p >= g.k {
+        return None;
+    }
+    Geom::new(
+        [1, g.cout, g.ho, g.wo],
+        [g.cin, g.cout, g.k, g.k],
+        1,
+        g.k - 1 - g.p,
+    )
+    .filter(|t| t.ho == g.h && t.wo == g.w)
+}
+
+impl DirectWeights {
+    /// The weights of `g`'s [`input_gradient`] convolution: `w[co, ci, kh, kw]` as
+    /// `[ci, co, k − 1 − kh, k − 1 − kw]`.
+    pub(super) fn transposed_flipped(w: &[f32], g: &Geom) -> Self {
+        let k = g.k;
+        let mut flipped = vec![0f32; w.len()];
+        for co in 0..g.cout {
+            for ci in 0..g.cin {
+                for kh in 0..k {
+                    for kw in 0..k {
+                        flipped[((ci * g.cout + co) * k + kh) * k + kw] =
+                            w[((co * g.cin + ci) * k + k - 1 - kh) * k + k - 1 - kw];
+                    }
+                }
+            }
+        }
+        let t = input_gradient(g).expect("a stride-1 convolution with p < k");
+        Self::new(&flipped, &t)
     }
 }
 

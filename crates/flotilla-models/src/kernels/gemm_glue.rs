@@ -22,6 +22,9 @@ pub enum GemmKernels {
 }
 
 impl GemmKernels {
+    /// Every set, widest first.
+    const ALL: [Self; 3] = [Self::Avx512, Self::Avx2, Self::Library];
+
     /// Its name, as `FLOTILLA_GEMM_KERNELS` takes it.
     pub fn name(self) -> &'static str {
         match self {
@@ -33,9 +36,7 @@ impl GemmKernels {
 
     /// The set named `name` (`avx512`, `avx2` or `library`).
     pub fn parse(name: &str) -> Option<Self> {
-        [Self::Avx512, Self::Avx2, Self::Library]
-            .into_iter()
-            .find(|k| k.name() == name)
+        Self::ALL.into_iter().find(|k| k.name() == name)
     }
 
     /// Whether this CPU can run these kernels.
@@ -53,10 +54,7 @@ impl GemmKernels {
 
     /// Every set this CPU can run, widest first.
     pub fn all_available() -> Vec<Self> {
-        [Self::Avx512, Self::Avx2, Self::Library]
-            .into_iter()
-            .filter(|k| k.available())
-            .collect()
+        Self::ALL.into_iter().filter(|k| k.available()).collect()
     }
 
     fn code(self) -> u8 {
@@ -64,9 +62,23 @@ impl GemmKernels {
     }
 
     fn from_code(c: u8) -> Option<Self> {
-        [Self::Avx512, Self::Avx2, Self::Library]
-            .into_iter()
-            .find(|k| k.code() == c)
+        Self::ALL.into_iter().find(|k| k.code() == c)
+    }
+
+    /// `Ok(self)` when this CPU runs these kernels, else an error naming the sets it runs.
+    fn runnable(self) -> Result<Self, String> {
+        if self.available() {
+            return Ok(self);
+        }
+        Err(format!(
+            "this CPU cannot run the {} GEMM kernels; it can run: {}",
+            self.name(),
+            Self::all_available()
+                .iter()
+                .map(|k| k.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
     }
 }
 
@@ -74,16 +86,16 @@ impl GemmKernels {
 static KERNELS: AtomicU8 = AtomicU8::new(0);
 
 /// The micro-kernels flotilla's kernels use in this process: the set given to
-/// [`set_gemm_kernels`], else the one the `FLOTILLA_GEMM_KERNELS` variable names when this CPU
-/// runs it (the command rejects any other value with an error), else [`gemm_kernels_for_cpu`].
+/// [`set_gemm_kernels`], else the one `FLOTILLA_GEMM_KERNELS` names when it is valid here
+/// ([`gemm_kernels_from_env`]; the command refuses an invalid one), else
+/// [`gemm_kernels_for_cpu`].
 pub fn gemm_kernels() -> GemmKernels {
     match GemmKernels::from_code(KERNELS.load(Ordering::Relaxed)) {
         Some(k) => k,
         None => {
-            let k = std::env::var("FLOTILLA_GEMM_KERNELS")
+            let k = gemm_kernels_from_env()
                 .ok()
-                .and_then(|name| GemmKernels::parse(&name))
-                .filter(|k| k.available())
+                .flatten()
                 .unwrap_or_else(gemm_kernels_for_cpu);
             KERNELS.store(k.code(), Ordering::Relaxed);
             k
@@ -91,22 +103,24 @@ pub fn gemm_kernels() -> GemmKernels {
     }
 }
 
-/// Makes every later GEMM of flotilla's kernels, process-wide, use `kernels` (the
-/// `FLOTILLA_GEMM_KERNELS` variable of the command, and the bench's comparison). An error names
-/// what this CPU lacks.
+/// The set `FLOTILLA_GEMM_KERNELS` names, if it is set. An error names a value that is not a
+/// set, or a set this CPU cannot run, and the sets accepted.
+pub fn gemm_kernels_from_env() -> Result<Option<GemmKernels>, String> {
+    let Ok(name) = std::env::var("FLOTILLA_GEMM_KERNELS") else {
+        return Ok(None);
+    };
+    GemmKernels::parse(&name)
+        .ok_or_else(|| {
+            format!("FLOTILLA_GEMM_KERNELS must be `avx512`, `avx2` or `library`, got `{name}`")
+        })?
+        .runnable()
+        .map(Some)
+}
+
+/// Makes every later GEMM of flotilla's kernels, process-wide, use `kernels` (the bench's
+/// comparison). An error names what this CPU lacks.
 pub fn set_gemm_kernels(kernels: GemmKernels) -> Result<(), String> {
-    if !kernels.available() {
-        return Err(format!(
-            "this CPU cannot run the {} GEMM kernels; it can run: {}",
-            kernels.name(),
-            GemmKernels::all_available()
-                .iter()
-                .map(|k| k.name())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
-    }
-    KERNELS.store(kernels.code(), Ordering::Relaxed);
+    KERNELS.store(kernels.runnable()?.code(), Ordering::Relaxed);
     Ok(())
 }
 

@@ -54,7 +54,8 @@ pub use conv::conv2d;
 pub use conv_pool::conv_relu_pool2;
 use gemm_glue::*;
 pub use gemm_glue::{
-    GemmKernels, gemm_kernels, gemm_kernels_for_cpu, set_gemm_kernels, square_matmul,
+    GemmKernels, gemm_kernels, gemm_kernels_for_cpu, gemm_kernels_from_env, set_gemm_kernels,
+    square_matmul,
 };
 pub use linear::linear;
 use pool::*;
