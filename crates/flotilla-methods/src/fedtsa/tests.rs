@@ -122,6 +122,14 @@ fn replies_moved_by(
 }
 
 /// Mean over the server set of KL(softmax(z_a/t) ‖ softmax(z_b/t)) between two clusters.
+/// `figure` of each cluster's rung, summed over the clusters.
+fn over_clusters(s: &FedTsa, figure: impl Fn(&Rung) -> f64) -> f64 {
+    s.clusters()
+        .iter()
+        .map(|c| figure(&s.ladder()[c.rung]))
+        .sum()
+}
+
 fn disagreement(s: &FedTsa, data: &ClientData, a: usize, b: usize) -> f64 {
     let p = |k: usize| {
         let c = &s.clusters()[k];
@@ -284,16 +292,8 @@ fn mutual_learning_brings_the_cluster_models_together_and_reports_its_flops() {
     assert!(s.round_metrics().contains_key("stage2_loss"));
     // Server FLOPs: per chunk of 100, a forward of every model for the targets, then a
     // training pass of every model over the chunk.
-    let forward: f64 = s
-        .clusters()
-        .iter()
-        .map(|c| s.ladder()[c.rung].forward_flops)
-        .sum();
-    let train: f64 = s
-        .clusters()
-        .iter()
-        .map(|c| s.ladder()[c.rung].train_flops)
-        .sum();
+    let forward = over_clusters(&s, |r| r.forward_flops);
+    let train = over_clusters(&s, |r| r.train_flops);
     let expected = 200.0 * (forward + train);
     assert!(
         (sctx.flops() - expected).abs() <= 1e-9 * expected,
@@ -340,11 +340,7 @@ fn feddf_distils_every_cluster_toward_the_round_ensemble() {
         .iter()
         .map(|c| s.ladder()[s.clusters()[s.cluster_of(c.id).unwrap()].rung].forward_flops)
         .sum();
-    let train: f64 = s
-        .clusters()
-        .iter()
-        .map(|c| s.ladder()[c.rung].train_flops)
-        .sum();
+    let train = over_clusters(&s, |r| r.train_flops);
     let expected = 100.0 * (forward + train);
     assert!((sctx.flops() - expected).abs() <= 1e-9 * expected);
 }
