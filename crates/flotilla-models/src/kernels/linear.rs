@@ -1,5 +1,6 @@
 //! Linear layers: one GEMM with the bias folded in, the backward through strides.
 
+use super::few_rows;
 use super::*;
 
 /// Threshold (multiply-adds) above which one linear product is split across threads.
@@ -23,6 +24,10 @@ pub(super) fn linear_forward(
     let mut y = Vec::with_capacity(n * o);
     for _ in 0..n {
         y.extend_from_slice(bias);
+    }
+    if few_rows::applies(n) {
+        few_rows::forward(x, w, &mut y, [n, i, o]);
+        return y;
     }
     matmul(
         n,
@@ -59,16 +64,27 @@ impl Backward<Flex, 3> for LinearOp {
         let [n, i, o] = dims;
         let (dy, x, w) = (values(&dy), values(&x), values(&w));
         let par = linear_par(n * i * o);
+        let few = few_rows::applies(n);
         if let Some(node) = nx {
             // dX = dY · Wᵀ, reading W [i×o] as the transpose of a [o×i] operand.
-            let mut dx = vec![0f32; n * i];
-            matmul(n, i, o, &mut dx, false, dy, false, w, true, par);
+            let dx = if few {
+                few_rows::input_grad(dy, w, dims)
+            } else {
+                let mut dx = vec![0f32; n * i];
+                matmul(n, i, o, &mut dx, false, dy, false, w, true, par);
+                dx
+            };
             grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dx, [n, i])));
         }
         if let Some(node) = nw {
             // dW = Xᵀ · dY, reading X [n×i] as the transpose of a [i×n] operand.
-            let mut dw = vec![0f32; i * o];
-            matmul(i, o, n, &mut dw, false, x, true, dy, false, par);
+            let dw = if few {
+                few_rows::weight_grad(x, dy, dims)
+            } else {
+                let mut dw = vec![0f32; i * o];
+                matmul(i, o, n, &mut dw, false, x, true, dy, false, par);
+                dw
+            };
             grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dw, [i, o])));
         }
         if let Some(node) = nb {

@@ -44,6 +44,7 @@ use rayon::prelude::*;
 mod conv;
 mod conv_pool;
 mod direct;
+mod few_rows;
 mod gemm_glue;
 mod linear;
 mod pool;

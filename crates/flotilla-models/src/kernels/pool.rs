@@ -27,7 +27,7 @@ pub(super) fn window_max(v: [f32; 4]) -> (f32, u8) {
 pub(super) const NO_GRAD: u8 = 4;
 
 /// One plane `[h, w]` pooled into `o` (`[h/2, w/2]`) with its argmax in `a`; see
-/// [`pool_forward`].
+/// [`pool_forward`]. Sixteen windows at a time on AVX-512, with the same values and positions.
 #[inline]
 pub(super) fn pool_plane(xp: &[f32], o: &mut [f32], a: &mut [u8], h: usize, w: usize, relu: bool) {
     let (ho, wo) = (h / 2, w / 2);
@@ -36,28 +36,178 @@ pub(super) fn pool_plane(xp: &[f32], o: &mut [f32], a: &mut [u8], h: usize, w: u
         let r1 = &xp[(2 * i + 1) * w..(2 * i + 2) * w];
         let o = &mut o[i * wo..(i + 1) * wo];
         let a = &mut a[i * wo..(i + 1) * wo];
-        for j in 0..wo {
-            let (m, at) = window_max([r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1]]);
-            // A clamped window (and NaN, which stays NaN like burn's ReLU) takes no
-            // gradient. Arithmetic selects keep the loop free of branches.
-            let clamp = (relu & ((m <= 0.0) | m.is_nan())) as u8;
-            o[j] = if (clamp == 1) & !m.is_nan() { 0.0 } else { m };
-            a[j] = at + clamp * (NO_GRAD - at);
+        #[cfg(target_arch = "x86_64")]
+        if avx512::available() {
+            // SAFETY: AVX-512F is available; each row holds w ≥ 2·wo values, o and a wo each.
+            unsafe { avx512::pool_row(r0, r1, o, a, relu) };
+            continue;
         }
+        pool_row(r0, r1, o, a, relu);
+    }
+}
+
+/// One row of windows: input rows `r0` and `r1` into `o` and `a` (`o.len()` windows).
+#[inline]
+fn pool_row(r0: &[f32], r1: &[f32], o: &mut [f32], a: &mut [u8], relu: bool) {
+    for j in 0..o.len() {
+        let (m, at) = window_max([r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1]]);
+        // A clamped window (and NaN, which stays NaN like burn's ReLU) takes no
+        // gradient. Arithmetic selects keep the loop free of branches.
+        let clamp = (relu & ((m <= 0.0) | m.is_nan())) as u8;
+        o[j] = if (clamp == 1) & !m.is_nan() { 0.0 } else { m };
+        a[j] = at + clamp * (NO_GRAD - at);
     }
 }
 
 /// One plane's gradient `[h, w]` from the pooled gradient `g` and argmax `a`, into a zeroed
 /// `dxp`: a scatter without a branch on the winner (random for activations); a clamped
-/// window (NO_GRAD, q & 3 = 0) writes its zero to position 0.
+/// window (NO_GRAD, q & 3 = 0) writes its zero to position 0. On AVX-512, sixteen windows at
+/// a time, every position of each window written (the winner's gradient or zero).
 #[inline]
 pub(super) fn unpool_plane(g: &[f32], a: &[u8], h: usize, w: usize, dxp: &mut [f32]) {
     let (ho, wo) = (h / 2, w / 2);
+    #[cfg(target_arch = "x86_64")]
+    if avx512::available() {
+        for i in 0..ho {
+            let (top, bottom) = dxp[2 * i * w..(2 * i + 2) * w].split_at_mut(w);
+            let q = i * wo..(i + 1) * wo;
+            // SAFETY: AVX-512F is available; each row holds w ≥ 2·wo values, g and a wo each.
+            unsafe { avx512::unpool_row(&g[q.clone()], &a[q], top, bottom) };
+        }
+        return;
+    }
     for i in 0..ho {
         for j in 0..wo {
             let (q, v) = (a[i * wo + j], g[i * wo + j]);
             let r = (q & 3) as usize;
             dxp[(2 * i + (r >> 1)) * w + 2 * j + (r & 1)] = if q == NO_GRAD { 0.0 } else { v };
+        }
+    }
+}
+
+/// The pooling kernels on 512-bit vectors: 16 windows of one row at a time, the even and odd
+/// columns of two input rows separated by permutes.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::NO_GRAD;
+    use std::arch::x86_64::*;
+
+    pub(super) fn available() -> bool {
+        std::is_x86_feature_detected!("avx512f")
+    }
+
+    /// Lanes 0..n set.
+    fn first(n: usize) -> u16 {
+        if n >= 16 { u16::MAX } else { (1u16 << n) - 1 }
+    }
+
+    /// The even and odd values of `2n` (≤ 32) from `row`, and whether any is NaN.
+    ///
+    /// # Safety
+    /// AVX-512F is available; `row` starts 2n readable values.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn split(row: *const f32, n: usize) -> (__m512, __m512, bool) {
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+        // SAFETY: the masks cover the first 2n values from `row`, no more.
+        let (lo, hi) = unsafe {
+            (
+                _mm512_maskz_loadu_ps(first(2 * n), row),
+                _mm512_maskz_loadu_ps(first(2 * n.saturating_sub(8)), row.add(16)),
+            )
+        };
+        let nan =
+            _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(lo, lo) | _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(hi, hi);
+        (
+            _mm512_permutex2var_ps(lo, even, hi),
+            _mm512_permutex2var_ps(lo, odd, hi),
+            nan != 0,
+        )
+    }
+
+    /// `super::pool_row` sixteen windows at a time, with the same values and positions; a run
+    /// of windows holding a NaN takes the scalar path (NaN wins, the last one's position).
+    ///
+    /// # Safety
+    /// AVX-512F is available; `r0` and `r1` hold at least 2·`o.len()` values, `a` `o.len()`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn pool_row(r0: &[f32], r1: &[f32], o: &mut [f32], a: &mut [u8], relu: bool) {
+        let wo = o.len();
+        for j0 in (0..wo).step_by(16) {
+            let n = (wo - j0).min(16);
+            // SAFETY: windows j0..j0+n read values 2·j0..2·(j0+n) of each row.
+            let ((a0, b0, nan0), (c0, d0, nan1)) = unsafe {
+                (
+                    split(r0.as_ptr().add(2 * j0), n),
+                    split(r1.as_ptr().add(2 * j0), n),
+                )
+            };
+            if nan0 | nan1 {
+                let (r0, r1) = (&r0[2 * j0..], &r1[2 * j0..]);
+                super::pool_row(r0, r1, &mut o[j0..j0 + n], &mut a[j0..j0 + n], relu);
+                continue;
+            }
+            let m = _mm512_max_ps(_mm512_max_ps(a0, b0), _mm512_max_ps(c0, d0));
+            // The first position holding the maximum: later tests override earlier ones.
+            let is_max = |v| _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(v, m);
+            let mut at = _mm512_set1_epi32(3);
+            at = _mm512_mask_mov_epi32(at, is_max(c0), _mm512_set1_epi32(2));
+            at = _mm512_mask_mov_epi32(at, is_max(b0), _mm512_set1_epi32(1));
+            at = _mm512_mask_mov_epi32(at, is_max(a0), _mm512_setzero_si512());
+            let mut out = m;
+            if relu {
+                let clamped = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(m, _mm512_setzero_ps());
+                out = _mm512_mask_mov_ps(m, clamped, _mm512_setzero_ps());
+                let no_grad = _mm512_set1_epi32(i32::from(NO_GRAD));
+                at = _mm512_mask_mov_epi32(at, clamped, no_grad);
+            }
+            // SAFETY: n values of o and a from j0.
+            unsafe {
+                _mm512_mask_storeu_ps(o.as_mut_ptr().add(j0), first(n), out);
+                _mm512_mask_cvtepi32_storeu_epi8(a.as_mut_ptr().add(j0).cast(), first(n), at);
+            }
+        }
+    }
+
+    /// One row of windows' gradient: `g` and `a` (one value and position per window) into the
+    /// two input rows `top` and `bottom`, every position of the windows written.
+    ///
+    /// # Safety
+    /// AVX-512F is available; `top` and `bottom` hold at least 2·`g.len()` values, `a`
+    /// `g.len()`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn unpool_row(g: &[f32], a: &[u8], top: &mut [f32], bottom: &mut [f32]) {
+        let wo = g.len();
+        // Interleaving two registers of 16: the first and the second half of the 32.
+        let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        let hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
+        for j0 in (0..wo).step_by(16) {
+            let n = (wo - j0).min(16);
+            let mut bytes = [0u8; 16];
+            bytes[..n].copy_from_slice(&a[j0..j0 + n]);
+            // SAFETY: the 16 bytes of `bytes`; n values of g from j0.
+            let (pos, v) = unsafe {
+                (
+                    _mm512_cvtepu8_epi32(_mm_loadu_si128(bytes.as_ptr().cast())),
+                    _mm512_maskz_loadu_ps(first(n), g.as_ptr().add(j0)),
+                )
+            };
+            // The gradient where the window's winner is position p, else 0 (NO_GRAD: all 0).
+            let winner =
+                |p| _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(pos, _mm512_set1_epi32(p)), v);
+            for (row, p) in [(&mut *top, 0), (&mut *bottom, 2)] {
+                let (even, odd) = (winner(p), winner(p + 1));
+                // SAFETY: values 2·j0..2·(j0+n) of the row.
+                unsafe {
+                    let out = row.as_mut_ptr().add(2 * j0);
+                    let (first_half, second_half) = (
+                        _mm512_permutex2var_ps(even, lo, odd),
+                        _mm512_permutex2var_ps(even, hi, odd),
+                    );
+                    _mm512_mask_storeu_ps(out, first(2 * n), first_half);
+                    _mm512_mask_storeu_ps(out.add(16), first(2 * n.saturating_sub(8)), second_half);
+                }
+            }
         }
     }
 }
@@ -167,5 +317,60 @@ pub(super) fn pool(x: Tensor<4>, relu: bool) -> Tensor<4> {
     } else {
         let (y, _) = pool_forward(values(&untracked(x)), shape, relu);
         Tensor::from_primitive::<Flex>(flex(y, out_shape))
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// The vector rows against the scalar ones, bit for bit: ties, zeros, all-negative
+    /// windows and NaNs, at every width from 1 to 40 windows (partial and several registers).
+    #[test]
+    fn avx512_rows_match_scalar_rows() {
+        if !avx512::available() {
+            eprintln!("no AVX-512F on this CPU: the scalar rows run");
+            return;
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        for wo in 1..=40 {
+            for trial in 0..20 {
+                let mut row = |n: usize| -> Vec<f32> {
+                    (0..n)
+                        .map(|_| match rng.random_range(0..40) {
+                            0 if trial % 4 == 0 => f32::NAN,
+                            1 => -0.0,
+                            _ => (rng.random_range(-4.0f32..4.0)).round(),
+                        })
+                        .collect()
+                };
+                let (r0, r1) = (row(2 * wo + 1), row(2 * wo + 1));
+                for relu in [false, true] {
+                    let (mut o1, mut a1) = (vec![7f32; wo], vec![9u8; wo]);
+                    let (mut o2, mut a2) = (vec![7f32; wo], vec![9u8; wo]);
+                    pool_row(&r0, &r1, &mut o1, &mut a1, relu);
+                    // SAFETY: AVX-512F checked above; rows of 2·wo + 1 values.
+                    unsafe { avx512::pool_row(&r0, &r1, &mut o2, &mut a2, relu) };
+                    assert_eq!(a1, a2, "argmax, {wo} windows, relu {relu}");
+                    for (x, y) in o1.iter().zip(&o2) {
+                        // Equal, or both NaN; a zero's sign may differ (max of ±0).
+                        assert!(x == y || (x.is_nan() && y.is_nan()), "{x} vs {y}, {wo}");
+                    }
+                    // The gradient scattered back, against the scalar scatter.
+                    let g: Vec<f32> = (0..wo).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+                    let (h, w) = (2, 2 * wo + 1);
+                    let mut want = vec![0f32; h * w];
+                    for j in 0..wo {
+                        let (q, v) = (a1[j], g[j]);
+                        let r = (q & 3) as usize;
+                        want[(r >> 1) * w + 2 * j + (r & 1)] = if q == NO_GRAD { 0.0 } else { v };
+                    }
+                    let mut got = vec![0f32; h * w];
+                    unpool_plane(&g, &a1, h, w, &mut got);
+                    assert_eq!(got, want, "unpool, {wo} windows");
+                }
+            }
+        }
     }
 }

@@ -268,6 +268,8 @@ fn linear_matches_burn_values_and_gradients() {
         (1, 33, 17),
         (13, 9, 1),
         (64, 200, 180),
+        (16, 3136, 512),
+        (65, 40, 70),
     ] {
         let xv = rand_vec(&mut rng, n * i);
         let wv = rand_vec(&mut rng, i * o);
@@ -298,9 +300,13 @@ fn linear_matches_burn_values_and_gradients() {
                 vals(b.grad(&grads).expect("db")),
             ]
         };
-        let (fast, want) = (run(true), run(false));
-        for (k, (f, r)) in fast.iter().zip(&want).enumerate() {
-            assert_close(&format!("linear {n}x{i}x{o} part {k}"), f, r);
+        // On the pool's threads (GEMM), and on one thread as a micro-batch runs (the
+        // few-row kernels where the CPU has AVX-512).
+        let want = run(false);
+        for (how, fast) in [("pool", run(true)), ("serial", serial(|| run(true)))] {
+            for (k, (f, r)) in fast.iter().zip(&want).enumerate() {
+                assert_close(&format!("linear {n}x{i}x{o} {how} part {k}"), f, r);
+            }
         }
         let plain = |on: bool| {
             let d = Device::flex();
@@ -380,5 +386,89 @@ fn models_match_with_switch_on_and_off() {
         for (i, (f, r)) in fast.iter().zip(&reference).enumerate() {
             assert_close(&format!("{:?} tensor {i}", spec.arch), f, r);
         }
+    }
+}
+
+#[test]
+#[ignore]
+fn tmp_time_fc1() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    for n in [16usize, 32, 64, 128] {
+        let (i, o) = (3136, 512);
+        let x = rand_vec(&mut rng, n * i);
+        let w = rand_vec(&mut rng, i * o);
+        let dy = rand_vec(&mut rng, n * o);
+        let reps = 100;
+        let t = std::time::Instant::now();
+        for _ in 0..reps {
+            let mut y = vec![0f32; n * o];
+            matmul(
+                n,
+                o,
+                i,
+                &mut y,
+                true,
+                &x,
+                false,
+                &w,
+                false,
+                gemm::Parallelism::None,
+            );
+            std::hint::black_box(&y);
+        }
+        let a = t.elapsed() / reps;
+        let t = std::time::Instant::now();
+        for _ in 0..reps {
+            let mut y = vec![0f32; n * o];
+            super::few_rows::forward(&x, &w, &mut y, [n, i, o]);
+            std::hint::black_box(&y);
+        }
+        eprintln!("n {n} fwd {:?} vs {:?}", a, t.elapsed() / reps);
+        let t = std::time::Instant::now();
+        for _ in 0..reps {
+            let mut dx = vec![0f32; n * i];
+            matmul(
+                n,
+                i,
+                o,
+                &mut dx,
+                false,
+                &dy,
+                false,
+                &w,
+                true,
+                gemm::Parallelism::None,
+            );
+            std::hint::black_box(&dx);
+        }
+        let a = t.elapsed() / reps;
+        let t = std::time::Instant::now();
+        for _ in 0..reps {
+            std::hint::black_box(super::few_rows::input_grad(&dy, &w, [n, i, o]));
+        }
+        eprintln!("n {n} dx {:?} vs {:?}", a, t.elapsed() / reps);
+        let t = std::time::Instant::now();
+        for _ in 0..reps {
+            let mut dw = vec![0f32; i * o];
+            matmul(
+                i,
+                o,
+                n,
+                &mut dw,
+                false,
+                &x,
+                true,
+                &dy,
+                false,
+                gemm::Parallelism::None,
+            );
+            std::hint::black_box(&dw);
+        }
+        let a = t.elapsed() / reps;
+        let t = std::time::Instant::now();
+        for _ in 0..reps {
+            std::hint::black_box(super::few_rows::weight_grad(&x, &dy, [n, i, o]));
+        }
+        eprintln!("n {n} dw {:?} vs {:?}", a, t.elapsed() / reps);
     }
 }
