@@ -267,6 +267,19 @@ pub(super) fn conv_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geom)
     y
 }
 
+/// The sum of `v` over 16 running partial sums: a single running sum is a chain of dependent
+/// adds that the compiler may not reorder, which made the bias gradient of W1's first
+/// convolution (784 values per channel) cost 5% of a training step.
+pub(super) fn sum_lanes(v: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = v.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        acc.iter_mut().zip(c).for_each(|(a, x)| *a += x);
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// A raw output pointer shared by workers that write disjoint ranges.
 #[derive(Clone, Copy)]
 pub(super) struct SharedOut(pub(super) *mut f32);
@@ -351,7 +364,7 @@ pub(super) fn conv_backward(
         }
         if need_db {
             for (d, row) in db.iter_mut().zip(dyb.chunks(hw)) {
-                *d += row.iter().sum::<f32>();
+                *d += sum_lanes(row);
             }
         }
         if need_dx {

@@ -281,7 +281,7 @@ unsafe fn dot4x4(d: [*const f32; 4], w: [*const f32; 4], len: usize, sums: &mut 
     for s in 0..=full {
         let (off, m) = if s < full {
             (16 * s, u16::MAX)
-        } else if len % 16 > 0 {
+        } else if !len.is_multiple_of(16) {
             (16 * full, (1u16 << (len % 16)) - 1)
         } else {
             break;
