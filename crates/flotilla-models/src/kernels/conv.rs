@@ -1,7 +1,7 @@
 //! Square convolution (im2col + GEMM) forward and backward, and the fused convolution + ReLU +
 //! 2×2 max pooling, registered with burn's autodiff.
 
-use super::direct::{self, DirectWeights};
+use super::direct::{self, DirectWeights, Simd};
 use super::*;
 
 /// Shape of one convolution.
@@ -231,12 +231,15 @@ pub(super) fn conv_sample<'y>(
 /// The direct kernel's weights when it runs convolution `g` over a batch of `b`: its shapes
 /// and CPU, and each sample on one thread (it has no multi-threaded form).
 pub(super) fn direct_weights(w: &[f32], g: &Geom, b: usize) -> Option<DirectWeights> {
-    direct_runs(g, b).then(|| DirectWeights::new(w, g))
+    direct_runs(g, b).map(|simd| DirectWeights::new(w, g, simd))
 }
 
-fn direct_runs(g: &Geom, b: usize) -> bool {
+/// The instruction set of the direct kernel when it runs convolution `g` over a batch of `b`.
+fn direct_runs(g: &Geom, b: usize) -> Option<Simd> {
     let (split, threads) = split_batch(b);
-    (split || threads == 1) && direct::applies(g)
+    ((split || threads == 1) && direct::applies(g))
+        .then(Simd::chosen)
+        .flatten()
 }
 
 pub(super) fn conv_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geom) -> Vec<f32> {
@@ -324,10 +327,10 @@ pub(super) fn conv_backward(
     let direct_dx = need_dx
         .then(|| direct::input_gradient(g))
         .flatten()
-        .filter(|t| direct_runs(t, g.b))
-        .map(|t| (t, DirectWeights::transposed_flipped(w, g)));
+        .and_then(|t| direct_runs(&t, g.b).map(|simd| (t, simd)))
+        .map(|(t, simd)| (t, DirectWeights::transposed_flipped(w, g, simd)));
     // dW on the direct kernel: accumulated in its layout, converted once at the end.
-    let direct_dw = need_dw && direct_runs(g, g.b);
+    let direct_dw = need_dw.then(|| direct_runs(g, g.b)).flatten();
     // Per worker: (dW accumulator, bias accumulator, columns, column gradients, output
     // gradient of one sample when it is rebuilt from the pool's, dY transposed).
     type Acc = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
@@ -356,8 +359,8 @@ pub(super) fn conv_backward(
                 dy_buf
             }
         };
-        if direct_dw {
-            direct::sample_dw(xb, dyb, g, cols, dyt, dw);
+        if let Some(simd) = direct_dw {
+            direct::sample_dw(xb, dyb, g, simd, cols, dyt, dw);
         } else if need_dw {
             let cols = columns(xb, g, cols);
             matmul(g.cout, ckk, hw, dw, true, dyb, false, cols, true, par);
@@ -399,8 +402,8 @@ pub(super) fn conv_backward(
         (0..g.b).fold(new_acc(), |acc, i| sample(acc, i, gemm_par(threads)))
     };
     let dw = match (need_dw, direct_dw) {
-        (true, true) => Some(direct::standard_layout(&acc.0, g)),
-        (true, false) => Some(acc.0),
+        (true, Some(simd)) => Some(direct::standard_layout(&acc.0, g, simd)),
+        (true, None) => Some(acc.0),
         (false, _) => None,
     };
     ConvGrads {

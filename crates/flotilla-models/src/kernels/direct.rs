@@ -1,62 +1,122 @@
-//! Direct convolutions on AVX-512: the unfolded input (im2col) is never built.
+//! Direct convolutions on AVX-512 or AVX2: the unfolded input (im2col) is never built.
 //!
-//! - Forward ([`sample`]): for one output row and a run of up to 7 output columns, 16 or 32
-//!   output channels accumulate in registers over every (input channel, kernel row, kernel
-//!   column): a vector of weights times one input value broadcast from a zero-padded copy of
-//!   the sample.
+//! - Forward ([`sample`]): for one output row and a run of up to 7 (AVX2: 6) output columns,
+//!   one block of output channels (32 or 16; AVX2: 16) accumulates in registers over every
+//!   (input channel, kernel row, kernel column): a vector of weights times one input value
+//!   broadcast from a zero-padded copy of the sample.
 //! - Input gradient: the same kernel on dY, padded by k − 1 − p, with the weights transposed
 //!   and flipped ([`input_gradient`], [`DirectWeights::transposed_flipped`]).
-//! - Weight gradient ([`sample_dw`]): dY transposed to [position, channel]; 16 or 32 output
-//!   channels by up to 7 kernel columns accumulate over every output position.
+//! - Weight gradient ([`sample_dw`]): dY transposed to [position, channel]; a block of output
+//!   channels by up to 7 (AVX2: 5) kernel columns accumulates over every output position.
 //!
 //! im2col + GEMM copied each sample's 800×196 columns of W1's second convolution twice
 //! (unfold, then the GEMM's packing) in each pass; here the only copies are the padded input
 //! (18×18 per channel), dY's transpose and the weights, rearranged once per call.
 //!
-//! Used when the AVX-512 GEMM kernels are chosen for the CPU (`gemm_glue::gemm_kernels`), the
-//! stride is 1, the convolution is not pointwise and the output channels (for dX, the input
-//! channels) are a multiple of 16; otherwise im2col + GEMM.
+//! The kernels are written once over [`Vector`] and compiled for each instruction set. Used
+//! where the AVX-512 or AVX2 GEMM kernels are chosen for the CPU (`gemm_glue::gemm_kernels`),
+//! the stride is 1, the convolution is not pointwise and the output channels (for dX, the
+//! input channels) are a multiple of 16; otherwise im2col + GEMM.
 
 use super::conv::Geom;
 use super::gemm_glue::{GemmKernels, gemm_kernels};
 
-/// Output columns per register tile (14 or 7 accumulators of 16 channels).
-const TILE: usize = 7;
+/// The instruction set a direct kernel runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Simd {
+    /// 16 lanes, 32 registers.
+    Avx512,
+    /// 8 lanes, 16 registers (AVX2 + FMA).
+    Avx2,
+}
+
+impl Simd {
+    /// The set the direct kernels use in this process: that of the GEMM kernels, none where
+    /// the crate's own dispatch runs.
+    pub(super) fn chosen() -> Option<Self> {
+        match gemm_kernels() {
+            GemmKernels::Avx512 => Some(Simd::Avx512),
+            GemmKernels::Avx2 => Some(Simd::Avx2),
+            GemmKernels::Library => None,
+        }
+    }
+
+    fn available(self) -> bool {
+        match self {
+            Simd::Avx512 => GemmKernels::Avx512.available(),
+            Simd::Avx2 => GemmKernels::Avx2.available(),
+        }
+    }
+
+    /// Output channels per block of the weights' layout: two vectors.
+    fn block(self) -> usize {
+        match self {
+            Simd::Avx512 => 32,
+            Simd::Avx2 => 16,
+        }
+    }
+
+    /// The most output columns of a forward tile (with two vectors of channels, the
+    /// accumulators, the weights and one broadcast fill the registers).
+    fn max_columns(self) -> usize {
+        match self {
+            Simd::Avx512 => 7,
+            Simd::Avx2 => 6,
+        }
+    }
+
+    /// The most kernel columns of a weight-gradient tile.
+    fn max_kernel_columns(self) -> usize {
+        match self {
+            Simd::Avx512 => 7,
+            Simd::Avx2 => 5,
+        }
+    }
+
+    fn check(self) {
+        assert!(
+            self.available(),
+            "direct convolution on {self:?}, which this CPU lacks"
+        );
+    }
+}
 
 /// The weights of one convolution rearranged for [`sample`]: per block of output channels
-/// (32, and one of 16 when `cout` is an odd multiple of 16), for each (input channel, kernel
-/// row, kernel column) in that order, the block's weights contiguous.
+/// ([`Simd::block`], and one of 16 when AVX-512's `cout` is an odd multiple of 16), for each
+/// (input channel, kernel row, kernel column) in that order, the block's weights contiguous.
 pub(super) struct DirectWeights {
     data: Vec<f32>,
+    simd: Simd,
 }
 
 /// Whether the direct kernel runs this convolution (see the module docs).
 pub(super) fn applies(g: &Geom) -> bool {
-    gemm_kernels() == GemmKernels::Avx512 && supported(g)
+    Simd::chosen().is_some() && supported(g)
 }
 
 fn supported(g: &Geom) -> bool {
     g.s == 1 && !g.pointwise() && g.cout.is_multiple_of(16) && g.cout > 0 && g.ho > 0 && g.wo > 0
 }
 
-/// The blocks of output channels: (first channel, width 32 or 16).
-fn blocks(cout: usize) -> impl Iterator<Item = (usize, usize)> {
+/// The blocks of output channels: (first channel, width).
+fn blocks(cout: usize, simd: Simd) -> impl Iterator<Item = (usize, usize)> {
+    let full = simd.block();
     (0..cout)
-        .step_by(32)
-        .map(move |c| (c, if cout - c >= 32 { 32 } else { 16 }))
+        .step_by(full)
+        .map(move |c| (c, (cout - c).min(full)))
 }
 
 impl DirectWeights {
     /// `w` is `[cout, cin, k, k]`.
-    pub(super) fn new(w: &[f32], g: &Geom) -> Self {
+    pub(super) fn new(w: &[f32], g: &Geom, simd: Simd) -> Self {
         let ckk = g.ckk();
         let mut data = Vec::with_capacity(g.cout * ckk);
-        for (c0, width) in blocks(g.cout) {
+        for (c0, width) in blocks(g.cout, simd) {
             for r in 0..ckk {
                 data.extend((c0..c0 + width).map(|co| w[co * ckk + r]));
             }
         }
-        Self { data }
+        Self { data, simd }
     }
 }
 
@@ -79,7 +139,7 @@ pub(super) fn input_gradient(g: &Geom) -> Option<Geom> {
 impl DirectWeights {
     /// The weights of `g`'s [`input_gradient`] convolution: `w[co, ci, kh, kw]` as
     /// `[ci, co, k − 1 − kh, k − 1 − kw]`.
-    pub(super) fn transposed_flipped(w: &[f32], g: &Geom) -> Self {
+    pub(super) fn transposed_flipped(w: &[f32], g: &Geom, simd: Simd) -> Self {
         let k = g.k;
         let mut flipped = vec![0f32; w.len()];
         for co in 0..g.cout {
@@ -93,7 +153,7 @@ impl DirectWeights {
             }
         }
         let t = input_gradient(g).expect("a stride-1 convolution with p < k");
-        Self::new(&flipped, &t)
+        Self::new(&flipped, &t, simd)
     }
 }
 
@@ -114,10 +174,9 @@ pub(super) fn sample(
     scratch: &mut Vec<f32>,
     y: &mut [f32],
 ) {
-    assert!(
-        supported(g) && GemmKernels::Avx512.available(),
-        "direct convolution outside its shapes or CPU"
-    );
+    let simd = dw.simd;
+    simd.check();
+    assert!(supported(g), "direct convolution outside its shapes");
     let (hp, wp) = (g.h + 2 * g.p, g.w + 2 * g.p);
     let hw = g.hw_out();
     assert!(xb.len() >= g.in_len() && y.len() >= g.cout * hw);
@@ -125,11 +184,11 @@ pub(super) fn sample(
     assert!(hp >= g.ho + g.k - 1 && wp >= g.wo + g.k - 1);
     let padded = g.cin * hp * wp;
     scratch.clear();
-    scratch.resize(padded + hw * 32, 0.0);
+    scratch.resize(padded + hw * simd.block(), 0.0);
     let (xpad, block_out) = scratch.split_at_mut(padded);
     pad(xb, g, xpad);
     let (ckk, kk) = (g.ckk(), g.k * g.k);
-    for (c0, width) in blocks(g.cout) {
+    for (c0, width) in blocks(g.cout, simd) {
         let wblock = &dw.data[c0 * ckk..(c0 + width) * ckk];
         // The block's output as [position][channel], so that a tile loads and stores whole
         // vectors between chunks; it starts as the bias.
@@ -142,13 +201,14 @@ pub(super) fn sample(
         }
         let chunks = (g.cin * kk * width).div_ceil(WEIGHTS_PER_CHUNK);
         let per_chunk = g.cin.div_ceil(chunks);
+        let wide = width == simd.block();
         for ci0 in (0..g.cin).step_by(per_chunk) {
             let cin = per_chunk.min(g.cin - ci0);
             for oh in 0..g.ho {
                 let mut ow = 0;
                 while ow < g.wo {
                     let n = match g.wo - ow {
-                        n if n >= TILE => TILE,
+                        n if n >= simd.max_columns() => simd.max_columns(),
                         n if n >= 4 => 4,
                         n if n >= 2 => 2,
                         _ => 1,
@@ -162,17 +222,19 @@ pub(super) fn sample(
                         w: &wblock[ci0 * kk * width..],
                         out: &mut out[(oh * g.wo + ow) * width..],
                     };
-                    // SAFETY: AVX-512 is available (asserted); `Tile::run` checks its bounds.
+                    // SAFETY: the CPU runs `simd` (checked); `Tile::run` checks its bounds.
                     unsafe {
-                        match (width, n) {
-                            (32, 7) => at.run::<2, 7>(),
-                            (32, 4) => at.run::<2, 4>(),
-                            (32, 2) => at.run::<2, 2>(),
-                            (32, _) => at.run::<2, 1>(),
-                            (_, 7) => at.run::<1, 7>(),
-                            (_, 4) => at.run::<1, 4>(),
-                            (_, 2) => at.run::<1, 2>(),
-                            _ => at.run::<1, 1>(),
+                        match (wide, n) {
+                            (true, 7) => at.run::<2, 7>(simd),
+                            (true, 6) => at.run::<2, 6>(simd),
+                            (true, 4) => at.run::<2, 4>(simd),
+                            (true, 2) => at.run::<2, 2>(simd),
+                            (true, _) => at.run::<2, 1>(simd),
+                            (false, 7) => at.run::<1, 7>(simd),
+                            (false, 6) => at.run::<1, 6>(simd),
+                            (false, 4) => at.run::<1, 4>(simd),
+                            (false, 2) => at.run::<1, 2>(simd),
+                            (false, _) => at.run::<1, 1>(simd),
                         }
                     }
                     ow += n;
@@ -180,7 +242,7 @@ pub(super) fn sample(
             }
         }
         // [position][channel] back to the output's [channel][position].
-        transpose(out, width, hw, width, &mut y[c0 * hw..], hw);
+        transpose(out, width, hw, width, &mut y[c0 * hw..], hw, simd);
     }
 }
 
@@ -196,21 +258,20 @@ fn pad(xb: &[f32], g: &Geom, xpad: &mut [f32]) {
 }
 
 /// Adds one sample's weight gradient, Σ over output positions of dY[co, oh, ow] ·
-/// X[ci, oh + kh − p, ow + kw − p], to `dw` in the layout of [`DirectWeights`] (convert with
-/// [`standard_layout`]). `dyb` is the sample's `[cout, ho, wo]` output gradient; `xpad` and
-/// `dyt` are scratch (the padded input, dY transposed to `[ho·wo, cout]`).
+/// X[ci, oh + kh − p, ow + kw − p], to `dw` in the layout of [`DirectWeights`] on `simd`
+/// (convert with [`standard_layout`]). `dyb` is the sample's `[cout, ho, wo]` output gradient;
+/// `xpad` and `dyt` are scratch (the padded input, dY transposed to `[ho·wo, cout]`).
 pub(super) fn sample_dw(
     xb: &[f32],
     dyb: &[f32],
     g: &Geom,
+    simd: Simd,
     xpad: &mut Vec<f32>,
     dyt: &mut Vec<f32>,
     dw: &mut [f32],
 ) {
-    assert!(
-        supported(g) && GemmKernels::Avx512.available(),
-        "direct convolution outside its shapes or CPU"
-    );
+    simd.check();
+    assert!(supported(g), "direct convolution outside its shapes");
     let (hw, ckk, k) = (g.hw_out(), g.ckk(), g.k);
     assert!(xb.len() >= g.in_len() && dyb.len() >= g.cout * hw && dw.len() >= g.cout * ckk);
     xpad.clear();
@@ -218,17 +279,18 @@ pub(super) fn sample_dw(
     pad(xb, g, xpad);
     dyt.clear();
     dyt.resize(hw * g.cout, 0.0);
-    transpose(dyb, hw, g.cout, hw, dyt, g.cout);
+    transpose(dyb, hw, g.cout, hw, dyt, g.cout, simd);
     let (hp, wp) = (g.h + 2 * g.p, g.w + 2 * g.p);
-    for (c0, width) in blocks(g.cout) {
+    for (c0, width) in blocks(g.cout, simd) {
+        let wide = width == simd.block();
         let block = &mut dw[c0 * ckk..(c0 + width) * ckk];
         for ci in 0..g.cin {
             for kh in 0..k {
                 let mut kw = 0;
                 while kw < k {
                     let n = match k - kw {
-                        n if n >= 7 => 7,
-                        5 | 6 => 5,
+                        n if n >= simd.max_kernel_columns() => simd.max_kernel_columns(),
+                        n if n >= 5 => 5,
                         n => n,
                     };
                     let at = DwTile {
@@ -240,21 +302,21 @@ pub(super) fn sample_dw(
                         cout: g.cout,
                         out: &mut block[((ci * k + kh) * k + kw) * width..],
                     };
-                    // SAFETY: AVX-512 is available (asserted); `DwTile::run` checks its bounds.
+                    // SAFETY: the CPU runs `simd` (checked); `DwTile::run` checks its bounds.
                     unsafe {
-                        match (width, n) {
-                            (32, 7) => at.run::<2, 7>(),
-                            (32, 5) => at.run::<2, 5>(),
-                            (32, 4) => at.run::<2, 4>(),
-                            (32, 3) => at.run::<2, 3>(),
-                            (32, 2) => at.run::<2, 2>(),
-                            (32, _) => at.run::<2, 1>(),
-                            (_, 7) => at.run::<1, 7>(),
-                            (_, 5) => at.run::<1, 5>(),
-                            (_, 4) => at.run::<1, 4>(),
-                            (_, 3) => at.run::<1, 3>(),
-                            (_, 2) => at.run::<1, 2>(),
-                            _ => at.run::<1, 1>(),
+                        match (wide, n) {
+                            (true, 7) => at.run::<2, 7>(simd),
+                            (true, 5) => at.run::<2, 5>(simd),
+                            (true, 4) => at.run::<2, 4>(simd),
+                            (true, 3) => at.run::<2, 3>(simd),
+                            (true, 2) => at.run::<2, 2>(simd),
+                            (true, _) => at.run::<2, 1>(simd),
+                            (false, 7) => at.run::<1, 7>(simd),
+                            (false, 5) => at.run::<1, 5>(simd),
+                            (false, 4) => at.run::<1, 4>(simd),
+                            (false, 3) => at.run::<1, 3>(simd),
+                            (false, 2) => at.run::<1, 2>(simd),
+                            (false, _) => at.run::<1, 1>(simd),
                         }
                     }
                     kw += n;
@@ -265,9 +327,9 @@ pub(super) fn sample_dw(
 }
 
 /// `dst[c][r] = src[r][c]` for the `rows × cols` matrix at `src` (row stride `src_row`) into
-/// `dst` (row stride `dst_row`), in blocks of 16 × 16 transposed in registers. Both layouts
-/// the direct kernels switch between ([channel][position] and [position][channel]) are
-/// multiples of 16 on one side; a scalar loop took 6% of a training step.
+/// `dst` (row stride `dst_row`), in blocks of 16 × 16 (AVX2: 8 × 8) transposed in registers.
+/// The direct kernels switch layouts ([channel][position] and [position][channel]) in every
+/// pass; a scalar loop took 6% of a training step.
 fn transpose(
     src: &[f32],
     src_row: usize,
@@ -275,31 +337,40 @@ fn transpose(
     cols: usize,
     dst: &mut [f32],
     dst_row: usize,
+    simd: Simd,
 ) {
     if rows == 0 || cols == 0 {
         return;
     }
     assert!(cols <= src_row && rows <= dst_row);
     assert!(src.len() >= (rows - 1) * src_row + cols && dst.len() >= (cols - 1) * dst_row + rows);
-    assert!(
-        GemmKernels::Avx512.available(),
-        "AVX-512 transpose outside its CPU"
-    );
-    for r0 in (0..rows).step_by(16) {
-        for c0 in (0..cols).step_by(16) {
-            let (r, c) = ((rows - r0).min(16), (cols - c0).min(16));
-            // SAFETY: AVX-512 is available; the block's r rows of c values lie inside `src`
-            // and its c rows of r values inside `dst` (asserted above).
+    simd.check();
+    let step = match simd {
+        Simd::Avx512 => 16,
+        Simd::Avx2 => 8,
+    };
+    for r0 in (0..rows).step_by(step) {
+        for c0 in (0..cols).step_by(step) {
+            let (r, c) = ((rows - r0).min(step), (cols - c0).min(step));
+            let (s, d) = (r0 * src_row + c0, c0 * dst_row + r0);
+            if simd == Simd::Avx2 && (r < 8 || c < 8) {
+                // A partial block at the edge, value by value.
+                for i in 0..r {
+                    for j in 0..c {
+                        dst[d + j * dst_row + i] = src[s + i * src_row + j];
+                    }
+                }
+                continue;
+            }
+            // SAFETY: the CPU runs `simd` (checked); the block's r rows of c values lie inside
+            // `src` and its c rows of r values inside `dst` (asserted above).
             unsafe {
-                transpose16(
-                    src.as_ptr().add(r0 * src_row + c0),
-                    src_row,
-                    r,
-                    c,
-                    dst.as_mut_ptr().add(c0 * dst_row + r0),
-                    dst_row,
-                )
-            };
+                let (src, dst) = (src.as_ptr().add(s), dst.as_mut_ptr().add(d));
+                match simd {
+                    Simd::Avx512 => transpose16(src, src_row, r, c, dst, dst_row),
+                    Simd::Avx2 => transpose8(src, src_row, dst, dst_row),
+                }
+            }
         }
     }
 }
@@ -357,11 +428,59 @@ unsafe fn transpose16(_: *const f32, _: usize, _: usize, _: usize, _: *mut f32, 
     unreachable!("AVX-512 is x86-64 only")
 }
 
-/// A weight gradient in the layout of [`DirectWeights`] back in `[cout, cin, k, k]`.
-pub(super) fn standard_layout(direct: &[f32], g: &Geom) -> Vec<f32> {
+/// One full 8 × 8 block on AVX2.
+///
+/// # Safety
+/// AVX2 is available; `src` starts 8 rows of 8 readable values (stride `ss`), `dst` 8 rows
+/// of 8 writable ones (stride `ds`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn transpose8(src: *const f32, ss: usize, dst: *mut f32, ds: usize) {
+    use std::arch::x86_64::*;
+    // SAFETY: rows 0..8 of 8 values.
+    let v: [__m256; 8] = std::array::from_fn(|i| unsafe { _mm256_loadu_ps(src.add(i * ss)) });
+    // Per 128-bit half: [a0 b0 a1 b1] and [a2 b2 a3 b3] of row pairs.
+    let t: [__m256; 8] = std::array::from_fn(|i| {
+        let (a, b) = (v[i / 2 * 2], v[i / 2 * 2 + 1]);
+        if i % 2 == 0 {
+            _mm256_unpacklo_ps(a, b)
+        } else {
+            _mm256_unpackhi_ps(a, b)
+        }
+    });
+    // Columns j and j + 4 of rows 4q..4q + 4, for j = 0..4 (halves low and high).
+    let u: [__m256; 8] = std::array::from_fn(|i| {
+        let (q, j) = (i / 4, i % 4);
+        let (a, b) = (t[4 * q + j / 2], t[4 * q + 2 + j / 2]);
+        if j % 2 == 0 {
+            _mm256_shuffle_ps::<0x44>(a, b)
+        } else {
+            _mm256_shuffle_ps::<0xEE>(a, b)
+        }
+    });
+    for j in 0..4 {
+        let (lo, hi) = (
+            _mm256_permute2f128_ps::<0x20>(u[j], u[4 + j]),
+            _mm256_permute2f128_ps::<0x31>(u[j], u[4 + j]),
+        );
+        // SAFETY: rows j and j + 4 of 8 values.
+        unsafe {
+            _mm256_storeu_ps(dst.add(j * ds), lo);
+            _mm256_storeu_ps(dst.add((j + 4) * ds), hi);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn transpose8(_: *const f32, _: usize, _: *mut f32, _: usize) {
+    unreachable!("AVX2 is x86-64 only")
+}
+
+/// A weight gradient in the layout of [`DirectWeights`] on `simd` back in `[cout, cin, k, k]`.
+pub(super) fn standard_layout(direct: &[f32], g: &Geom, simd: Simd) -> Vec<f32> {
     let ckk = g.ckk();
     let mut out = vec![0f32; g.cout * ckk];
-    for (c0, width) in blocks(g.cout) {
+    for (c0, width) in blocks(g.cout, simd) {
         let block = &direct[c0 * ckk..(c0 + width) * ckk];
         for r in 0..ckk {
             for lane in 0..width {
@@ -372,8 +491,129 @@ pub(super) fn standard_layout(direct: &[f32], g: &Geom) -> Vec<f32> {
     out
 }
 
+/// A vector of f32 lanes: the direct kernels are written once over it and compiled for each
+/// instruction set by `run` (the methods inline into a function that enables the set).
+#[cfg(target_arch = "x86_64")]
+trait Vector: Copy {
+    const LANES: usize;
+    unsafe fn zero() -> Self;
+    unsafe fn load(p: *const f32) -> Self;
+    unsafe fn store(self, p: *mut f32);
+    unsafe fn splat(x: f32) -> Self;
+    /// `self · b + c`.
+    unsafe fn mul_add(self, b: Self, c: Self) -> Self;
+    unsafe fn add(self, b: Self) -> Self;
+}
+
+/// 16 lanes (AVX-512F).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct V16(std::arch::x86_64::__m512);
+
+/// 8 lanes (AVX2 + FMA).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct V8(std::arch::x86_64::__m256);
+
+// SAFETY (every method): only called from functions that enable the vector's instruction set,
+// on pointers the caller vouches for.
+#[cfg(target_arch = "x86_64")]
+impl Vector for V16 {
+    const LANES: usize = 16;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        V16(unsafe { std::arch::x86_64::_mm512_setzero_ps() })
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        V16(unsafe { std::arch::x86_64::_mm512_loadu_ps(p) })
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        unsafe { std::arch::x86_64::_mm512_storeu_ps(p, self.0) }
+    }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> Self {
+        V16(unsafe { std::arch::x86_64::_mm512_set1_ps(x) })
+    }
+    #[inline(always)]
+    unsafe fn mul_add(self, b: Self, c: Self) -> Self {
+        V16(unsafe { std::arch::x86_64::_mm512_fmadd_ps(self.0, b.0, c.0) })
+    }
+    #[inline(always)]
+    unsafe fn add(self, b: Self) -> Self {
+        V16(unsafe { std::arch::x86_64::_mm512_add_ps(self.0, b.0) })
+    }
+}
+
+// SAFETY: as for V16.
+#[cfg(target_arch = "x86_64")]
+impl Vector for V8 {
+    const LANES: usize = 8;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        V8(unsafe { std::arch::x86_64::_mm256_setzero_ps() })
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        V8(unsafe { std::arch::x86_64::_mm256_loadu_ps(p) })
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        unsafe { std::arch::x86_64::_mm256_storeu_ps(p, self.0) }
+    }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> Self {
+        V8(unsafe { std::arch::x86_64::_mm256_set1_ps(x) })
+    }
+    #[inline(always)]
+    unsafe fn mul_add(self, b: Self, c: Self) -> Self {
+        V8(unsafe { std::arch::x86_64::_mm256_fmadd_ps(self.0, b.0, c.0) })
+    }
+    #[inline(always)]
+    unsafe fn add(self, b: Self) -> Self {
+        V8(unsafe { std::arch::x86_64::_mm256_add_ps(self.0, b.0) })
+    }
+}
+
+/// `$tile.run::<CB, NW>(simd)`: the generic body compiled with the instruction set enabled.
+macro_rules! per_simd {
+    ($ty:ident) => {
+        impl $ty<'_> {
+            /// # Safety
+            /// The CPU runs `simd`.
+            unsafe fn run<const CB: usize, const NW: usize>(self, simd: Simd) {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: forwarded from the caller.
+                unsafe {
+                    match simd {
+                        Simd::Avx512 => self.run_avx512::<CB, NW>(),
+                        Simd::Avx2 => self.run_avx2::<CB, NW>(),
+                    }
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                unreachable!("the direct kernels are x86-64 only ({simd:?}, {})", CB * NW)
+            }
+
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f")]
+            unsafe fn run_avx512<const CB: usize, const NW: usize>(self) {
+                // SAFETY: AVX-512F is enabled here.
+                unsafe { self.body::<V16, CB, NW>() }
+            }
+
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn run_avx2<const CB: usize, const NW: usize>(self) {
+                // SAFETY: AVX2 and FMA are enabled here.
+                unsafe { self.body::<V8, CB, NW>() }
+            }
+        }
+    };
+}
+
 /// One register tile of the weight gradient: `NW` consecutive kernel columns of one (input
-/// channel, kernel row), `16·CB` output channels, summed over every output position.
+/// channel, kernel row), `CB` vectors of output channels, summed over every output position.
 struct DwTile<'a> {
     /// The padded input from (this channel, this kernel row, this kernel column).
     x: &'a [f32],
@@ -387,56 +627,51 @@ struct DwTile<'a> {
     out: &'a mut [f32],
 }
 
+per_simd!(DwTile);
+
 impl DwTile<'_> {
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn run<const CB: usize, const NW: usize>(self) {
-        use std::arch::x86_64::*;
-        let lanes = 16 * CB;
+    #[inline(always)]
+    unsafe fn body<V: Vector, const CB: usize, const NW: usize>(self) {
+        let lanes = V::LANES * CB;
         // Every access below stays inside these bounds.
         assert!(self.x.len() > (self.ho - 1) * self.row + self.wo - 1 + NW - 1);
         assert!(self.dyt.len() >= (self.ho * self.wo - 1) * self.cout + lanes);
         assert!(self.out.len() >= NW * lanes);
-        let mut acc = [[_mm512_setzero_ps(); CB]; NW];
+        // SAFETY (every vector operation below): the caller enabled V's instruction set, and
+        // every offset lies within the asserted bounds.
+        let mut acc = [[unsafe { V::zero() }; CB]; NW];
         let (x, dyt) = (self.x.as_ptr(), self.dyt.as_ptr());
         for oh in 0..self.ho {
-            // SAFETY (both pointers, every offset below): within the asserted bounds.
             let xr = unsafe { x.add(oh * self.row) };
             for ow in 0..self.wo {
-                let mut dv = [_mm512_setzero_ps(); CB];
+                let mut dv = [unsafe { V::zero() }; CB];
                 for (c, v) in dv.iter_mut().enumerate() {
-                    *v = unsafe {
-                        _mm512_loadu_ps(dyt.add((oh * self.wo + ow) * self.cout + c * 16))
-                    };
+                    *v =
+                        unsafe { V::load(dyt.add((oh * self.wo + ow) * self.cout + c * V::LANES)) };
                 }
                 for (j, a) in acc.iter_mut().enumerate() {
-                    let xv = _mm512_set1_ps(unsafe { *xr.add(ow + j) });
+                    let xv = unsafe { V::splat(*xr.add(ow + j)) };
                     for c in 0..CB {
-                        a[c] = _mm512_fmadd_ps(dv[c], xv, a[c]);
+                        a[c] = unsafe { dv[c].mul_add(xv, a[c]) };
                     }
                 }
             }
         }
+        let out = self.out.as_mut_ptr();
         for (j, a) in acc.iter().enumerate() {
             for (c, v) in a.iter().enumerate() {
-                let o = &mut self.out[j * lanes + c * 16..][..16];
-                // SAFETY: 16 floats of `o`.
                 unsafe {
-                    let sum = _mm512_add_ps(_mm512_loadu_ps(o.as_ptr()), *v);
-                    _mm512_storeu_ps(o.as_mut_ptr(), sum);
+                    let o = out.add(j * lanes + c * V::LANES);
+                    V::load(o).add(*v).store(o);
                 }
             }
         }
     }
-
-    #[cfg(not(target_arch = "x86_64"))]
-    unsafe fn run<const CB: usize, const NW: usize>(self) {
-        unreachable!("AVX-512 is x86-64 only")
-    }
 }
 
-/// One register tile: `NW` output columns of one row, `16·CB` output channels, over the input
-/// channels of one chunk.
+/// One register tile: `NW` output columns of one row, `CB` vectors of output channels, over
+/// the input channels of one chunk.
 struct Tile<'a> {
     /// The padded input from (the chunk's first channel, this output row, this column).
     x: &'a [f32],
@@ -450,39 +685,40 @@ struct Tile<'a> {
     out: &'a mut [f32],
 }
 
+per_simd!(Tile);
+
 impl Tile<'_> {
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn run<const CB: usize, const NW: usize>(self) {
-        use std::arch::x86_64::*;
-        let (k, lanes) = (self.k, 16 * CB);
+    #[inline(always)]
+    unsafe fn body<V: Vector, const CB: usize, const NW: usize>(self) {
+        let (k, lanes) = (self.k, V::LANES * CB);
         // Every access below stays inside these bounds.
         assert!(self.w.len() >= self.cin * k * k * lanes);
         assert!(self.x.len() > (self.cin - 1) * self.plane + (k - 1) * self.row + NW - 1 + k - 1);
         assert!(self.out.len() >= NW * lanes);
-        let mut acc = [[_mm512_setzero_ps(); CB]; NW];
         let out = self.out.as_mut_ptr();
+        // SAFETY (every vector operation below): the caller enabled V's instruction set, and
+        // every offset lies within the asserted bounds.
+        let mut acc = [[unsafe { V::zero() }; CB]; NW];
         for (j, a) in acc.iter_mut().enumerate() {
             for (c, v) in a.iter_mut().enumerate() {
-                // SAFETY: within the asserted bounds.
-                *v = unsafe { _mm512_loadu_ps(out.add(j * lanes + c * 16)) };
+                *v = unsafe { V::load(out.add(j * lanes + c * V::LANES)) };
             }
         }
         let (x, w) = (self.x.as_ptr(), self.w.as_ptr());
         for ci in 0..self.cin {
             for kh in 0..k {
-                // SAFETY (both pointers, every offset below): within the asserted bounds.
                 let xr = unsafe { x.add(ci * self.plane + kh * self.row) };
                 let wr = unsafe { w.add((ci * k + kh) * k * lanes) };
                 for kw in 0..k {
-                    let mut wv = [_mm512_setzero_ps(); CB];
+                    let mut wv = [unsafe { V::zero() }; CB];
                     for (c, v) in wv.iter_mut().enumerate() {
-                        *v = unsafe { _mm512_loadu_ps(wr.add(kw * lanes + c * 16)) };
+                        *v = unsafe { V::load(wr.add(kw * lanes + c * V::LANES)) };
                     }
                     for (j, a) in acc.iter_mut().enumerate() {
-                        let xv = _mm512_set1_ps(unsafe { *xr.add(j + kw) });
+                        let xv = unsafe { V::splat(*xr.add(j + kw)) };
                         for c in 0..CB {
-                            a[c] = _mm512_fmadd_ps(wv[c], xv, a[c]);
+                            a[c] = unsafe { wv[c].mul_add(xv, a[c]) };
                         }
                     }
                 }
@@ -490,15 +726,9 @@ impl Tile<'_> {
         }
         for (j, a) in acc.iter().enumerate() {
             for (c, v) in a.iter().enumerate() {
-                // SAFETY: within the asserted bounds.
-                unsafe { _mm512_storeu_ps(out.add(j * lanes + c * 16), *v) };
+                unsafe { v.store(out.add(j * lanes + c * V::LANES)) };
             }
         }
-    }
-
-    #[cfg(not(target_arch = "x86_64"))]
-    unsafe fn run<const CB: usize, const NW: usize>(self) {
-        unreachable!("AVX-512 is x86-64 only")
     }
 }
 
@@ -510,26 +740,25 @@ mod tests {
 
     #[test]
     fn transpose_matches_scalar() {
-        if !GemmKernels::Avx512.available() {
-            return;
-        }
-        for (rows, cols) in [
-            (1, 1),
-            (16, 16),
-            (196, 32),
-            (32, 196),
-            (17, 33),
-            (5, 40),
-            (64, 7),
-        ] {
-            let (sr, dr) = (cols + 3, rows + 1);
-            let src: Vec<f32> = (0..rows * sr).map(|v| v as f32).collect();
-            let mut dst = vec![-1f32; cols * dr];
-            transpose(&src, sr, rows, cols, &mut dst, dr);
-            for c in 0..cols {
-                for r in 0..dr {
-                    let want = if r < rows { src[r * sr + c] } else { -1.0 };
-                    assert_eq!(dst[c * dr + r], want, "{rows}×{cols} [{c}][{r}]");
+        for simd in sets() {
+            for (rows, cols) in [
+                (1, 1),
+                (16, 16),
+                (196, 32),
+                (32, 196),
+                (17, 33),
+                (5, 40),
+                (64, 7),
+            ] {
+                let (sr, dr) = (cols + 3, rows + 1);
+                let src: Vec<f32> = (0..rows * sr).map(|v| v as f32).collect();
+                let mut dst = vec![-1f32; cols * dr];
+                transpose(&src, sr, rows, cols, &mut dst, dr, simd);
+                for c in 0..cols {
+                    for r in 0..dr {
+                        let want = if r < rows { src[r * sr + c] } else { -1.0 };
+                        assert_eq!(dst[c * dr + r], want, "{simd:?} {rows}×{cols} [{c}][{r}]");
+                    }
                 }
             }
         }
@@ -537,10 +766,24 @@ mod tests {
 
     #[test]
     fn direct_matches_im2col_and_gemm() {
-        if !GemmKernels::Avx512.available() {
-            eprintln!("no AVX-512 on this CPU: the direct convolution is not used here");
-            return;
+        for simd in sets() {
+            direct_matches_on(simd);
         }
+    }
+
+    /// The instruction sets this CPU runs.
+    fn sets() -> Vec<Simd> {
+        let sets: Vec<Simd> = [Simd::Avx512, Simd::Avx2]
+            .into_iter()
+            .filter(|s| s.available())
+            .collect();
+        if sets.is_empty() {
+            eprintln!("neither AVX-512 nor AVX2 on this CPU: the direct convolution is not used");
+        }
+        sets
+    }
+
+    fn direct_matches_on(simd: Simd) {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
         // (cin, h, w, cout, k, p): W1's two convolutions, a tail block of 16 channels, odd
         // widths that take every tile size, no padding, a kernel as large as the input, and
@@ -587,16 +830,17 @@ mod tests {
                     &x,
                     &dy,
                     &g,
+                    simd,
                     &mut Vec::new(),
                     &mut Vec::new(),
                     &mut direct_dw,
                 );
             }
-            let got_dw = standard_layout(&direct_dw, &g);
+            let got_dw = standard_layout(&direct_dw, &g, simd);
             for (i, (a, e)) in got_dw.iter().zip(&want_dw).enumerate() {
                 assert!(
                     (a - 2.0 * e).abs() <= 1e-4 * e.abs().max(1.0) * g.hw_out() as f32,
-                    "dW {cin}×{h}×{w}→{cout} k{k} p{p}: [{i}] {a} vs 2×{e}"
+                    "{simd:?} dW {cin}×{h}×{w}→{cout} k{k} p{p}: [{i}] {a} vs 2×{e}"
                 );
             }
             for b in [Some(&bias[..]), None] {
@@ -615,7 +859,7 @@ mod tests {
                 let mut got = vec![f32::NAN; cout * g.hw_out()];
                 sample(
                     &x,
-                    &DirectWeights::new(&wt, &g),
+                    &DirectWeights::new(&wt, &g, simd),
                     b,
                     &g,
                     &mut Vec::new(),
@@ -624,7 +868,7 @@ mod tests {
                 for (i, (a, e)) in got.iter().zip(&want).enumerate() {
                     assert!(
                         (a - e).abs() <= 1e-4 * e.abs().max(1.0),
-                        "{cin}×{h}×{w}→{cout} k{k} p{p} bias {}: [{i}] {a} vs {e}",
+                        "{simd:?} {cin}×{h}×{w}→{cout} k{k} p{p} bias {}: [{i}] {a} vs {e}",
                         b.is_some()
                     );
                 }
