@@ -1,7 +1,8 @@
 //! Square convolution (im2col + GEMM) forward and backward, and the fused convolution + ReLU +
 //! 2×2 max pooling, registered with burn's autodiff.
 
-use super::direct::{self, DirectWeights, Simd};
+use super::direct::{self, DirectWeights};
+use super::simd::Simd;
 use super::*;
 
 /// Shape of one convolution.

@@ -19,65 +19,29 @@
 //! input channels) are a multiple of 16; otherwise im2col + GEMM.
 
 use super::conv::Geom;
-use super::gemm_glue::{GemmKernels, gemm_kernels};
+#[cfg(target_arch = "x86_64")]
+use super::simd::Vector;
+use super::simd::{Simd, per_simd};
 
-/// The instruction set a direct kernel runs on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Simd {
-    /// 16 lanes, 32 registers.
-    Avx512,
-    /// 8 lanes, 16 registers (AVX2 + FMA).
-    Avx2,
+/// Output channels per block of the weights' layout: two vectors.
+fn block(simd: Simd) -> usize {
+    2 * simd.lanes()
 }
 
-impl Simd {
-    /// The set the direct kernels use in this process: that of the GEMM kernels, none where
-    /// the crate's own dispatch runs.
-    pub(super) fn chosen() -> Option<Self> {
-        match gemm_kernels() {
-            GemmKernels::Avx512 => Some(Simd::Avx512),
-            GemmKernels::Avx2 => Some(Simd::Avx2),
-            GemmKernels::Library => None,
-        }
+/// The most output columns of a forward tile: with two vectors of channels, the accumulators,
+/// the weights and one broadcast fill the registers.
+fn max_columns(simd: Simd) -> usize {
+    match simd {
+        Simd::Avx512 => 7,
+        Simd::Avx2 => 6,
     }
+}
 
-    fn available(self) -> bool {
-        match self {
-            Simd::Avx512 => GemmKernels::Avx512.available(),
-            Simd::Avx2 => GemmKernels::Avx2.available(),
-        }
-    }
-
-    /// Output channels per block of the weights' layout: two vectors.
-    fn block(self) -> usize {
-        match self {
-            Simd::Avx512 => 32,
-            Simd::Avx2 => 16,
-        }
-    }
-
-    /// The most output columns of a forward tile (with two vectors of channels, the
-    /// accumulators, the weights and one broadcast fill the registers).
-    fn max_columns(self) -> usize {
-        match self {
-            Simd::Avx512 => 7,
-            Simd::Avx2 => 6,
-        }
-    }
-
-    /// The most kernel columns of a weight-gradient tile.
-    fn max_kernel_columns(self) -> usize {
-        match self {
-            Simd::Avx512 => 7,
-            Simd::Avx2 => 5,
-        }
-    }
-
-    fn check(self) {
-        assert!(
-            self.available(),
-            "direct convolution on {self:?}, which this CPU lacks"
-        );
+/// The most kernel columns of a weight-gradient tile.
+fn max_kernel_columns(simd: Simd) -> usize {
+    match simd {
+        Simd::Avx512 => 7,
+        Simd::Avx2 => 5,
     }
 }
 
@@ -100,7 +64,7 @@ fn supported(g: &Geom) -> bool {
 
 /// The blocks of output channels: (first channel, width).
 fn blocks(cout: usize, simd: Simd) -> impl Iterator<Item = (usize, usize)> {
-    let full = simd.block();
+    let full = block(simd);
     (0..cout)
         .step_by(full)
         .map(move |c| (c, (cout - c).min(full)))
@@ -184,7 +148,7 @@ pub(super) fn sample(
     assert!(hp >= g.ho + g.k - 1 && wp >= g.wo + g.k - 1);
     let padded = g.cin * hp * wp;
     scratch.clear();
-    scratch.resize(padded + hw * simd.block(), 0.0);
+    scratch.resize(padded + hw * block(simd), 0.0);
     let (xpad, block_out) = scratch.split_at_mut(padded);
     pad(xb, g, xpad);
     let (ckk, kk) = (g.ckk(), g.k * g.k);
@@ -201,14 +165,14 @@ pub(super) fn sample(
         }
         let chunks = (g.cin * kk * width).div_ceil(WEIGHTS_PER_CHUNK);
         let per_chunk = g.cin.div_ceil(chunks);
-        let wide = width == simd.block();
+        let wide = width == block(simd);
         for ci0 in (0..g.cin).step_by(per_chunk) {
             let cin = per_chunk.min(g.cin - ci0);
             for oh in 0..g.ho {
                 let mut ow = 0;
                 while ow < g.wo {
                     let n = match g.wo - ow {
-                        n if n >= simd.max_columns() => simd.max_columns(),
+                        n if n >= max_columns(simd) => max_columns(simd),
                         n if n >= 4 => 4,
                         n if n >= 2 => 2,
                         _ => 1,
@@ -282,14 +246,14 @@ pub(super) fn sample_dw(
     transpose(dyb, hw, g.cout, hw, dyt, g.cout, simd);
     let (hp, wp) = (g.h + 2 * g.p, g.w + 2 * g.p);
     for (c0, width) in blocks(g.cout, simd) {
-        let wide = width == simd.block();
+        let wide = width == block(simd);
         let block = &mut dw[c0 * ckk..(c0 + width) * ckk];
         for ci in 0..g.cin {
             for kh in 0..k {
                 let mut kw = 0;
                 while kw < k {
                     let n = match k - kw {
-                        n if n >= simd.max_kernel_columns() => simd.max_kernel_columns(),
+                        n if n >= max_kernel_columns(simd) => max_kernel_columns(simd),
                         n if n >= 5 => 5,
                         n => n,
                     };
@@ -491,127 +455,6 @@ pub(super) fn standard_layout(direct: &[f32], g: &Geom, simd: Simd) -> Vec<f32> 
     out
 }
 
-/// A vector of f32 lanes: the direct kernels are written once over it and compiled for each
-/// instruction set by `run` (the methods inline into a function that enables the set).
-#[cfg(target_arch = "x86_64")]
-trait Vector: Copy {
-    const LANES: usize;
-    unsafe fn zero() -> Self;
-    unsafe fn load(p: *const f32) -> Self;
-    unsafe fn store(self, p: *mut f32);
-    unsafe fn splat(x: f32) -> Self;
-    /// `self · b + c`.
-    unsafe fn mul_add(self, b: Self, c: Self) -> Self;
-    unsafe fn add(self, b: Self) -> Self;
-}
-
-/// 16 lanes (AVX-512F).
-#[cfg(target_arch = "x86_64")]
-#[derive(Clone, Copy)]
-struct V16(std::arch::x86_64::__m512);
-
-/// 8 lanes (AVX2 + FMA).
-#[cfg(target_arch = "x86_64")]
-#[derive(Clone, Copy)]
-struct V8(std::arch::x86_64::__m256);
-
-// SAFETY (every method): only called from functions that enable the vector's instruction set,
-// on pointers the caller vouches for.
-#[cfg(target_arch = "x86_64")]
-impl Vector for V16 {
-    const LANES: usize = 16;
-    #[inline(always)]
-    unsafe fn zero() -> Self {
-        V16(unsafe { std::arch::x86_64::_mm512_setzero_ps() })
-    }
-    #[inline(always)]
-    unsafe fn load(p: *const f32) -> Self {
-        V16(unsafe { std::arch::x86_64::_mm512_loadu_ps(p) })
-    }
-    #[inline(always)]
-    unsafe fn store(self, p: *mut f32) {
-        unsafe { std::arch::x86_64::_mm512_storeu_ps(p, self.0) }
-    }
-    #[inline(always)]
-    unsafe fn splat(x: f32) -> Self {
-        V16(unsafe { std::arch::x86_64::_mm512_set1_ps(x) })
-    }
-    #[inline(always)]
-    unsafe fn mul_add(self, b: Self, c: Self) -> Self {
-        V16(unsafe { std::arch::x86_64::_mm512_fmadd_ps(self.0, b.0, c.0) })
-    }
-    #[inline(always)]
-    unsafe fn add(self, b: Self) -> Self {
-        V16(unsafe { std::arch::x86_64::_mm512_add_ps(self.0, b.0) })
-    }
-}
-
-// SAFETY: as for V16.
-#[cfg(target_arch = "x86_64")]
-impl Vector for V8 {
-    const LANES: usize = 8;
-    #[inline(always)]
-    unsafe fn zero() -> Self {
-        V8(unsafe { std::arch::x86_64::_mm256_setzero_ps() })
-    }
-    #[inline(always)]
-    unsafe fn load(p: *const f32) -> Self {
-        V8(unsafe { std::arch::x86_64::_mm256_loadu_ps(p) })
-    }
-    #[inline(always)]
-    unsafe fn store(self, p: *mut f32) {
-        unsafe { std::arch::x86_64::_mm256_storeu_ps(p, self.0) }
-    }
-    #[inline(always)]
-    unsafe fn splat(x: f32) -> Self {
-        V8(unsafe { std::arch::x86_64::_mm256_set1_ps(x) })
-    }
-    #[inline(always)]
-    unsafe fn mul_add(self, b: Self, c: Self) -> Self {
-        V8(unsafe { std::arch::x86_64::_mm256_fmadd_ps(self.0, b.0, c.0) })
-    }
-    #[inline(always)]
-    unsafe fn add(self, b: Self) -> Self {
-        V8(unsafe { std::arch::x86_64::_mm256_add_ps(self.0, b.0) })
-    }
-}
-
-/// `$tile.run::<CB, NW>(simd)`: the generic body compiled with the instruction set enabled.
-macro_rules! per_simd {
-    ($ty:ident) => {
-        impl $ty<'_> {
-            /// # Safety
-            /// The CPU runs `simd`.
-            unsafe fn run<const CB: usize, const NW: usize>(self, simd: Simd) {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: forwarded from the caller.
-                unsafe {
-                    match simd {
-                        Simd::Avx512 => self.run_avx512::<CB, NW>(),
-                        Simd::Avx2 => self.run_avx2::<CB, NW>(),
-                    }
-                }
-                #[cfg(not(target_arch = "x86_64"))]
-                unreachable!("the direct kernels are x86-64 only ({simd:?}, {})", CB * NW)
-            }
-
-            #[cfg(target_arch = "x86_64")]
-            #[target_feature(enable = "avx512f")]
-            unsafe fn run_avx512<const CB: usize, const NW: usize>(self) {
-                // SAFETY: AVX-512F is enabled here.
-                unsafe { self.body::<V16, CB, NW>() }
-            }
-
-            #[cfg(target_arch = "x86_64")]
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn run_avx2<const CB: usize, const NW: usize>(self) {
-                // SAFETY: AVX2 and FMA are enabled here.
-                unsafe { self.body::<V8, CB, NW>() }
-            }
-        }
-    };
-}
-
 /// One register tile of the weight gradient: `NW` consecutive kernel columns of one (input
 /// channel, kernel row), `CB` vectors of output channels, summed over every output position.
 struct DwTile<'a> {
@@ -627,7 +470,7 @@ struct DwTile<'a> {
     out: &'a mut [f32],
 }
 
-per_simd!(DwTile);
+per_simd!(DwTile<'_>);
 
 impl DwTile<'_> {
     #[cfg(target_arch = "x86_64")]
@@ -685,7 +528,7 @@ struct Tile<'a> {
     out: &'a mut [f32],
 }
 
-per_simd!(Tile);
+per_simd!(Tile<'_>);
 
 impl Tile<'_> {
     #[cfg(target_arch = "x86_64")]

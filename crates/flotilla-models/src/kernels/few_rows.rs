@@ -1,5 +1,5 @@
-//! Linear layers of a micro-batch (a product with few rows) on AVX-512, reading the weights in
-//! place.
+//! Linear layers of a micro-batch (a product with few rows) on AVX-512 or AVX2, reading the
+//! weights in place.
 //!
 //! A micro-batch of 16 samples through W1's first linear layer (3136 → 512) is a product with
 //! 16 rows against a 6.4 MB weight matrix. The gemm crate packs that matrix into its tile
@@ -7,52 +7,55 @@
 //! cost more than the arithmetic: on the Intel Xeon a micro-batch of 16 took 0.48 ms forward,
 //! 1.25 ms for dX and 0.68 ms for dW (with its zeroed buffer), where the FMAs alone take about
 //! 0.25 ms each at one core's peak. Here each product reads W once, where it lies:
-//! - forward, `y += x · W` ([`forward`]): 64 columns by up to 6 rows in registers; W is read
-//!   in chunks of 128 rows, each staying in L1 while every row tile of `x` passes over it;
-//! - dX = dY · Wᵀ ([`input_grad`]): dot products of 4 rows of dY with 4 rows of W at a time,
-//!   the 16 sums reduced across lanes together by a shuffle tree ([`reduce16`]);
-//! - dW = Xᵀ · dY ([`weight_grad`]): 6 rows of dW by 64 columns in registers, summed over the
-//!   micro-batch and written once (no zeroed buffer first).
+//! - forward, `y += x · W` ([`forward`]): up to 6 rows by 4 vectors of columns (AVX2: 2) in
+//!   registers; W is read in chunks of 128 rows, each staying in L1 while every row tile of
+//!   `x` passes over it;
+//! - dX = dY · Wᵀ ([`input_grad`]): dot products of 4 rows of dY with 4 rows of W (AVX2: 2)
+//!   at a time, their sums reduced across lanes together (`Vector::sum_each`);
+//! - dW = Xᵀ · dY ([`weight_grad`]): 6 rows of dW by 4 vectors of columns (AVX2: 2) in
+//!   registers, summed over the micro-batch and written once (no zeroed buffer first).
 //!
 //! Used for products of at most [`MAX_ROWS`] rows on one thread (a micro-batch's own thread,
-//! see `local::micro` in the engine) where the AVX-512 GEMM kernels are chosen for the CPU;
-//! the gemm crate otherwise.
+//! see `local::micro` in the engine) where the AVX-512 or AVX2 GEMM kernels are chosen for
+//! the CPU; the gemm crate otherwise.
 
-use super::gemm_glue::{GemmKernels, gemm_kernels};
+#[cfg(target_arch = "x86_64")]
+use super::simd::Vector;
+use super::simd::{Simd, per_simd};
 use super::threads;
 
 /// The most rows for which these kernels replace the GEMM: a micro-batch of batch 128 on two
 /// threads (64) is the largest measured faster (docs/performance.md).
 pub(super) const MAX_ROWS: usize = 64;
 
-/// Calls `$tile.run::<R, CB>()` for `$rows` rows (1..=`$max`) and `$cb` vectors (1..=4).
+/// Calls `$tile.run::<R, CB>($simd)` for `$rows` rows (1..=6) and `$cb` vectors (1..=4).
 macro_rules! by_shape {
-    ($tile:expr, $rows:expr, $cb:expr, 6) => {
+    ($tile:expr, $simd:expr, $rows:expr, $cb:expr) => {
         match ($rows, $cb) {
-            (6, 4) => $tile.run::<6, 4>(),
-            (6, 3) => $tile.run::<6, 3>(),
-            (6, 2) => $tile.run::<6, 2>(),
-            (6, _) => $tile.run::<6, 1>(),
-            (5, 4) => $tile.run::<5, 4>(),
-            (5, 3) => $tile.run::<5, 3>(),
-            (5, 2) => $tile.run::<5, 2>(),
-            (5, _) => $tile.run::<5, 1>(),
-            (4, 4) => $tile.run::<4, 4>(),
-            (4, 3) => $tile.run::<4, 3>(),
-            (4, 2) => $tile.run::<4, 2>(),
-            (4, _) => $tile.run::<4, 1>(),
-            (3, 4) => $tile.run::<3, 4>(),
-            (3, 3) => $tile.run::<3, 3>(),
-            (3, 2) => $tile.run::<3, 2>(),
-            (3, _) => $tile.run::<3, 1>(),
-            (2, 4) => $tile.run::<2, 4>(),
-            (2, 3) => $tile.run::<2, 3>(),
-            (2, 2) => $tile.run::<2, 2>(),
-            (2, _) => $tile.run::<2, 1>(),
-            (_, 4) => $tile.run::<1, 4>(),
-            (_, 3) => $tile.run::<1, 3>(),
-            (_, 2) => $tile.run::<1, 2>(),
-            (_, _) => $tile.run::<1, 1>(),
+            (6, 4) => $tile.run::<6, 4>($simd),
+            (6, 3) => $tile.run::<6, 3>($simd),
+            (6, 2) => $tile.run::<6, 2>($simd),
+            (6, _) => $tile.run::<6, 1>($simd),
+            (5, 4) => $tile.run::<5, 4>($simd),
+            (5, 3) => $tile.run::<5, 3>($simd),
+            (5, 2) => $tile.run::<5, 2>($simd),
+            (5, _) => $tile.run::<5, 1>($simd),
+            (4, 4) => $tile.run::<4, 4>($simd),
+            (4, 3) => $tile.run::<4, 3>($simd),
+            (4, 2) => $tile.run::<4, 2>($simd),
+            (4, _) => $tile.run::<4, 1>($simd),
+            (3, 4) => $tile.run::<3, 4>($simd),
+            (3, 3) => $tile.run::<3, 3>($simd),
+            (3, 2) => $tile.run::<3, 2>($simd),
+            (3, _) => $tile.run::<3, 1>($simd),
+            (2, 4) => $tile.run::<2, 4>($simd),
+            (2, 3) => $tile.run::<2, 3>($simd),
+            (2, 2) => $tile.run::<2, 2>($simd),
+            (2, _) => $tile.run::<2, 1>($simd),
+            (_, 4) => $tile.run::<1, 4>($simd),
+            (_, 3) => $tile.run::<1, 3>($simd),
+            (_, 2) => $tile.run::<1, 2>($simd),
+            (_, _) => $tile.run::<1, 1>($simd),
         }
     };
 }
@@ -60,26 +63,32 @@ macro_rules! by_shape {
 /// Rows of W per forward chunk: 128 × 64 columns × 4 bytes = 32 KiB, within L1.
 const CHUNK: usize = 128;
 
-/// Whether a linear layer over `n` rows runs on these kernels (see the module docs).
-pub(super) fn applies(n: usize) -> bool {
-    (1..=MAX_ROWS).contains(&n) && threads() == 1 && gemm_kernels() == GemmKernels::Avx512
+/// The instruction set these kernels run a linear layer over `n` rows on, if they do (see
+/// the module docs).
+pub(super) fn applies(n: usize) -> Option<Simd> {
+    ((1..=MAX_ROWS).contains(&n) && threads() == 1)
+        .then(Simd::chosen)
+        .flatten()
 }
 
-fn check_cpu() {
-    assert!(
-        GemmKernels::Avx512.available(),
-        "few-row linear kernels outside their CPU"
-    );
+/// Vectors of columns per forward and weight-gradient tile: with 6 rows, the accumulators,
+/// the loaded vectors and a broadcast fill the registers (32 on AVX-512, 16 on AVX2).
+fn column_vectors(simd: Simd) -> usize {
+    match simd {
+        Simd::Avx512 => 4,
+        Simd::Avx2 => 2,
+    }
 }
 
 /// `y[n×o] += x[n×i] · w[i×o]`, all row-major (`y` holds the bias rows).
-pub(super) fn forward(x: &[f32], w: &[f32], y: &mut [f32], [n, i, o]: [usize; 3]) {
-    check_cpu();
+pub(super) fn forward(x: &[f32], w: &[f32], y: &mut [f32], [n, i, o]: [usize; 3], simd: Simd) {
+    simd.check();
     assert!(x.len() >= n * i && w.len() >= i * o && y.len() >= n * o);
+    let (lanes, width) = (simd.lanes(), column_vectors(simd) * simd.lanes());
     for i0 in (0..i).step_by(CHUNK) {
         let depth = (i - i0).min(CHUNK);
-        for c0 in (0..o).step_by(64) {
-            let cols = (o - c0).min(64);
+        for c0 in (0..o).step_by(width) {
+            let cols = (o - c0).min(width);
             for r0 in (0..n).step_by(6) {
                 let tile = FwdTile {
                     // In bounds: r0 < n, i0 < i, c0 < o (the asserts above).
@@ -91,31 +100,47 @@ pub(super) fn forward(x: &[f32], w: &[f32], y: &mut [f32], [n, i, o]: [usize; 3]
                     depth,
                     cols,
                 };
-                // SAFETY: AVX-512 is available (checked); the tile reads rows r0..r0+rows of
-                // x at columns i0..i0+depth, rows i0..i0+depth of w and rows r0..r0+rows of y
-                // at columns c0..c0+cols, all inside the slices (asserted above).
-                unsafe { by_shape!(tile, (n - r0).min(6), cols.div_ceil(16), 6) };
+                // SAFETY: the CPU runs `simd` (checked); the tile reads rows r0..r0+rows of x
+                // at columns i0..i0+depth, rows i0..i0+depth of w and rows r0..r0+rows of y at
+                // columns c0..c0+cols, all inside the slices (asserted above).
+                unsafe { by_shape!(tile, simd, (n - r0).min(6), cols.div_ceil(lanes)) };
             }
         }
     }
 }
 
 /// `dX[n×i] = dY[n×o] · w[i×o]ᵀ`, row-major.
-pub(super) fn input_grad(dy: &[f32], w: &[f32], [n, i, o]: [usize; 3]) -> Vec<f32> {
-    check_cpu();
+pub(super) fn input_grad(dy: &[f32], w: &[f32], [n, i, o]: [usize; 3], simd: Simd) -> Vec<f32> {
+    simd.check();
     assert!(dy.len() >= n * o && w.len() >= i * o && n > 0 && i > 0);
+    // 4 rows of dY by `step` rows of W: one vector's lanes of sums.
+    let step = simd.lanes() / 4;
     let mut dx = vec![0f32; n * i];
-    for a0 in (0..i).step_by(4) {
-        let acount = (i - a0).min(4);
+    for a0 in (0..i).step_by(step) {
+        let acount = (i - a0).min(step);
         // Rows past the edge repeat the last one: valid memory whose sums are not stored.
-        let wrows = [0, 1, 2, 3].map(|j| w[(a0 + j.min(acount - 1)) * o..][..o].as_ptr());
+        let mut wrows = [std::ptr::null(); 4];
+        for (j, p) in wrows.iter_mut().enumerate().take(step) {
+            *p = w[(a0 + j.min(acount - 1)) * o..][..o].as_ptr();
+        }
         for r0 in (0..n).step_by(4) {
             let rcount = (n - r0).min(4);
             let drows = [0, 1, 2, 3].map(|j| dy[(r0 + j.min(rcount - 1)) * o..][..o].as_ptr());
             let mut sums = [0f32; 16];
-            // SAFETY: AVX-512 is available (checked); each pointer starts o valid values.
-            unsafe { dot4x4(drows, wrows, o, &mut sums) };
-            for (ri, s) in sums.chunks(4).take(rcount).enumerate() {
+            let tile = DotTile {
+                d: drows,
+                w: wrows,
+                len: o,
+                sums: &mut sums,
+            };
+            // SAFETY: the CPU runs `simd` (checked); each pointer starts o valid values.
+            unsafe {
+                match simd {
+                    Simd::Avx512 => tile.run::<4, 4>(simd),
+                    Simd::Avx2 => tile.run::<4, 2>(simd),
+                }
+            };
+            for (ri, s) in sums.chunks(step).take(rcount).enumerate() {
                 dx[(r0 + ri) * i + a0..][..acount].copy_from_slice(&s[..acount]);
             }
         }
@@ -124,14 +149,15 @@ pub(super) fn input_grad(dy: &[f32], w: &[f32], [n, i, o]: [usize; 3]) -> Vec<f3
 }
 
 /// `dW[i×o] = x[n×i]ᵀ · dY[n×o]`, row-major.
-pub(super) fn weight_grad(x: &[f32], dy: &[f32], [n, i, o]: [usize; 3]) -> Vec<f32> {
-    check_cpu();
+pub(super) fn weight_grad(x: &[f32], dy: &[f32], [n, i, o]: [usize; 3], simd: Simd) -> Vec<f32> {
+    simd.check();
     assert!(x.len() >= n * i && dy.len() >= n * o);
+    let (lanes, width) = (simd.lanes(), column_vectors(simd) * simd.lanes());
     let mut dw: Vec<f32> = Vec::with_capacity(i * o);
     let out = dw.spare_capacity_mut().as_mut_ptr().cast::<f32>();
     for a0 in (0..i).step_by(6) {
-        for c0 in (0..o).step_by(64) {
-            let cols = (o - c0).min(64);
+        for c0 in (0..o).step_by(width) {
+            let cols = (o - c0).min(width);
             let tile = DwTile {
                 x: x[a0..].as_ptr(),
                 x_row: i,
@@ -142,33 +168,19 @@ pub(super) fn weight_grad(x: &[f32], dy: &[f32], [n, i, o]: [usize; 3]) -> Vec<f
                 dw: unsafe { out.add(a0 * o + c0) },
                 cols,
             };
-            // SAFETY: AVX-512 is available (checked); the tile reads columns a0..a0+rows of
+            // SAFETY: the CPU runs `simd` (checked); the tile reads columns a0..a0+rows of
             // the n rows of x, columns c0..c0+cols of the n rows of dY, and writes rows
             // a0..a0+rows, columns c0..c0+cols of the i·o capacity of dw.
-            unsafe { by_shape!(tile, (i - a0).min(6), cols.div_ceil(16), 6) };
+            unsafe { by_shape!(tile, simd, (i - a0).min(6), cols.div_ceil(lanes)) };
         }
     }
-    // SAFETY: the tiles cover every row (a0 steps over 0..i) and column (c0 over 0..o, masked
-    // stores of exactly `cols` values) of the i·o values.
+    // SAFETY: the tiles cover every row (a0 steps over 0..i) and column (c0 over 0..o, the
+    // last vector of a tile storing exactly the columns left) of the i·o values.
     unsafe { dw.set_len(i * o) };
     dw
 }
 
-/// The load masks of `CB` vectors covering `cols` (≤ 16·CB) columns: full but for the last.
-#[cfg(target_arch = "x86_64")]
-fn masks<const CB: usize>(cols: usize) -> [u16; CB] {
-    let mut m = [u16::MAX; CB];
-    let last = cols - 16 * (CB - 1);
-    debug_assert!((1..=16).contains(&last));
-    m[CB - 1] = if last >= 16 {
-        u16::MAX
-    } else {
-        (1u16 << last) - 1
-    };
-    m
-}
-
-/// One register tile of the forward product: `R` rows by `cols` (≤ 16·CB) columns, over
+/// One register tile of the forward product: `R` rows by `cols` (≤ CB vectors) columns, over
 /// `depth` rows of W.
 struct FwdTile {
     x: *const f32,
@@ -181,47 +193,47 @@ struct FwdTile {
     cols: usize,
 }
 
+per_simd!(FwdTile);
+
 impl FwdTile {
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn run<const R: usize, const CB: usize>(&self) {
-        use std::arch::x86_64::*;
-        let m = masks::<CB>(self.cols);
-        let mut acc = [[_mm512_setzero_ps(); CB]; R];
-        // SAFETY (every offset below): within the tile the caller vouches for.
+    #[inline(always)]
+    unsafe fn body<V: Vector, const R: usize, const CB: usize>(self) {
+        // Values in the last vector of columns (the others are full).
+        let last = self.cols - (CB - 1) * V::LANES;
+        // Values in vector c of a row.
+        let count = |c: usize| if c + 1 < CB { V::LANES } else { last };
+        // SAFETY (every vector operation below): the caller enabled V's instruction set, and
+        // every offset lies within the tile it vouches for.
+        let mut acc = [[unsafe { V::zero() }; CB]; R];
         for (r, a) in acc.iter_mut().enumerate() {
             for (c, v) in a.iter_mut().enumerate() {
-                *v = unsafe { _mm512_maskz_loadu_ps(m[c], self.y.add(r * self.o + 16 * c)) };
+                *v = unsafe { V::load_n(self.y.add(r * self.o + c * V::LANES), count(c)) };
             }
         }
         for k in 0..self.depth {
             let wr = unsafe { self.w.add(k * self.o) };
-            let mut wv = [_mm512_setzero_ps(); CB];
+            let mut wv = [unsafe { V::zero() }; CB];
             for (c, v) in wv.iter_mut().enumerate() {
-                *v = unsafe { _mm512_maskz_loadu_ps(m[c], wr.add(16 * c)) };
+                *v = unsafe { V::load_n(wr.add(c * V::LANES), count(c)) };
             }
             for (r, a) in acc.iter_mut().enumerate() {
-                let xv = _mm512_set1_ps(unsafe { *self.x.add(r * self.x_row + k) });
+                let xv = unsafe { V::splat(*self.x.add(r * self.x_row + k)) };
                 for c in 0..CB {
-                    a[c] = _mm512_fmadd_ps(wv[c], xv, a[c]);
+                    a[c] = unsafe { wv[c].mul_add(xv, a[c]) };
                 }
             }
         }
         for (r, a) in acc.iter().enumerate() {
             for (c, v) in a.iter().enumerate() {
-                unsafe { _mm512_mask_storeu_ps(self.y.add(r * self.o + 16 * c), m[c], *v) };
+                unsafe { v.store_n(self.y.add(r * self.o + c * V::LANES), count(c)) };
             }
         }
-    }
-
-    #[cfg(not(target_arch = "x86_64"))]
-    unsafe fn run<const R: usize, const CB: usize>(&self) {
-        unreachable!("AVX-512 is x86-64 only")
     }
 }
 
 /// One register tile of the weight gradient: `R` rows of dW (columns of x) by `cols`
-/// (≤ 16·CB) columns, summed over the `n` rows of the micro-batch.
+/// (≤ CB vectors) columns, summed over the `n` rows of the micro-batch.
 struct DwTile {
     x: *const f32,
     x_row: usize,
@@ -233,116 +245,85 @@ struct DwTile {
     cols: usize,
 }
 
+per_simd!(DwTile);
+
 impl DwTile {
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn run<const R: usize, const CB: usize>(&self) {
-        use std::arch::x86_64::*;
-        let m = masks::<CB>(self.cols);
-        let mut acc = [[_mm512_setzero_ps(); CB]; R];
-        // SAFETY (every offset below): within the tile the caller vouches for.
+    #[inline(always)]
+    unsafe fn body<V: Vector, const R: usize, const CB: usize>(self) {
+        let last = self.cols - (CB - 1) * V::LANES;
+        // SAFETY (every vector operation below): the caller enabled V's instruction set, and
+        // every offset lies within the tile it vouches for.
+        let mut acc = [[unsafe { V::zero() }; CB]; R];
         for s in 0..self.n {
             let dr = unsafe { self.dy.add(s * self.o) };
-            let mut dv = [_mm512_setzero_ps(); CB];
+            let mut dv = [unsafe { V::zero() }; CB];
             for (c, v) in dv.iter_mut().enumerate() {
-                *v = unsafe { _mm512_maskz_loadu_ps(m[c], dr.add(16 * c)) };
+                *v = unsafe {
+                    if c + 1 < CB {
+                        V::load(dr.add(c * V::LANES))
+                    } else {
+                        V::load_n(dr.add(c * V::LANES), last)
+                    }
+                };
             }
             let xr = unsafe { self.x.add(s * self.x_row) };
             for (r, a) in acc.iter_mut().enumerate() {
-                let xv = _mm512_set1_ps(unsafe { *xr.add(r) });
+                let xv = unsafe { V::splat(*xr.add(r)) };
                 for c in 0..CB {
-                    a[c] = _mm512_fmadd_ps(dv[c], xv, a[c]);
+                    a[c] = unsafe { dv[c].mul_add(xv, a[c]) };
                 }
             }
         }
         for (r, a) in acc.iter().enumerate() {
             for (c, v) in a.iter().enumerate() {
-                unsafe { _mm512_mask_storeu_ps(self.dw.add(r * self.o + 16 * c), m[c], *v) };
+                let n = if c + 1 < CB { V::LANES } else { last };
+                unsafe { v.store_n(self.dw.add(r * self.o + c * V::LANES), n) };
             }
         }
     }
-
-    #[cfg(not(target_arch = "x86_64"))]
-    unsafe fn run<const R: usize, const CB: usize>(&self) {
-        unreachable!("AVX-512 is x86-64 only")
-    }
 }
 
-/// `sums[4·r + a] = Σ_j d[r][j] · w[a][j]` over `len` values: 16 dot products at once.
-///
-/// # Safety
-/// AVX-512F is available and every pointer starts `len` readable values.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn dot4x4(d: [*const f32; 4], w: [*const f32; 4], len: usize, sums: &mut [f32; 16]) {
-    use std::arch::x86_64::*;
-    let mut acc = [_mm512_setzero_ps(); 16];
-    let full = len / 16;
-    for s in 0..=full {
-        let (off, m) = if s < full {
-            (16 * s, u16::MAX)
-        } else if !len.is_multiple_of(16) {
-            (16 * full, (1u16 << (len % 16)) - 1)
-        } else {
-            break;
-        };
-        // SAFETY: off + 16 ≤ len, or the mask covers only the values below len.
-        let mut wv = [_mm512_setzero_ps(); 4];
-        for (v, p) in wv.iter_mut().zip(w) {
-            *v = unsafe { _mm512_maskz_loadu_ps(m, p.add(off)) };
-        }
-        for (r, p) in d.iter().enumerate() {
-            let dv = unsafe { _mm512_maskz_loadu_ps(m, p.add(off)) };
-            for (a, v) in wv.iter().enumerate() {
-                acc[4 * r + a] = _mm512_fmadd_ps(dv, *v, acc[4 * r + a]);
+/// `sums[RW·r + a] = Σ_j d[r][j] · w[a][j]` over `len` values, for `RD` rows of dY and `RW`
+/// rows of W: RD·RW = one vector's lanes of dot products at once.
+struct DotTile<'a> {
+    d: [*const f32; 4],
+    w: [*const f32; 4],
+    len: usize,
+    sums: &'a mut [f32; 16],
+}
+
+per_simd!(DotTile<'_>);
+
+impl DotTile<'_> {
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn body<V: Vector, const RD: usize, const RW: usize>(self) {
+        assert!(RD * RW == V::LANES && RD <= 4 && RW <= 4);
+        // SAFETY (every vector operation below): the caller enabled V's instruction set, and
+        // every pointer starts `len` readable values.
+        let mut acc = [[unsafe { V::zero() }; RW]; RD];
+        let full = self.len / V::LANES;
+        let tail = self.len % V::LANES;
+        for s in 0..full + usize::from(tail > 0) {
+            let (off, n) = (s * V::LANES, if s < full { V::LANES } else { tail });
+            let mut wv = [unsafe { V::zero() }; RW];
+            for (v, p) in wv.iter_mut().zip(&self.w) {
+                *v = unsafe { V::load_n(p.add(off), n) };
+            }
+            for (a, p) in acc.iter_mut().zip(&self.d) {
+                let dv = unsafe { V::load_n(p.add(off), n) };
+                for (x, w) in a.iter_mut().zip(&wv) {
+                    *x = unsafe { dv.mul_add(*w, *x) };
+                }
             }
         }
+        let mut flat = [unsafe { V::zero() }; 16];
+        for (r, a) in acc.iter().enumerate() {
+            flat[r * RW..(r + 1) * RW].copy_from_slice(a);
+        }
+        unsafe { V::sum_each(&flat[..V::LANES]).store(self.sums.as_mut_ptr()) };
     }
-    // SAFETY: 16 floats.
-    unsafe { _mm512_storeu_ps(sums.as_mut_ptr(), reduce16(acc)) };
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn dot4x4(_: [*const f32; 4], _: [*const f32; 4], _: usize, _: &mut [f32; 16]) {
-    unreachable!("AVX-512 is x86-64 only")
-}
-
-/// The lane sums of 16 vectors as one vector (lane j = Σ v[j]), in 45 shuffles and adds
-/// rather than 16 separate reductions of 8 each. Each level halves the vectors: pairs of
-/// lanes within 128-bit groups, then pairs of pairs, then 128-bit groups across the register.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn reduce16(v: [std::arch::x86_64::__m512; 16]) -> std::arch::x86_64::__m512 {
-    use std::arch::x86_64::*;
-    // [a0+a2, b0+b2, a1+a3, b1+b3] per 128-bit group, for a, b = v[2k], v[2k+1].
-    let mut s1 = [_mm512_setzero_ps(); 8];
-    for (k, s) in s1.iter_mut().enumerate() {
-        let (a, b) = (v[2 * k], v[2 * k + 1]);
-        *s = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-    }
-    // [Σa, Σb, Σc, Σd] per 128-bit group, for v[4k..4k+4].
-    let mut s2 = [_mm512_setzero_ps(); 4];
-    for (k, s) in s2.iter_mut().enumerate() {
-        let (c, d) = (_mm512_castps_pd(s1[2 * k]), _mm512_castps_pd(s1[2 * k + 1]));
-        *s = _mm512_add_ps(
-            _mm512_castpd_ps(_mm512_unpacklo_pd(c, d)),
-            _mm512_castpd_ps(_mm512_unpackhi_pd(c, d)),
-        );
-    }
-    // 128-bit groups 0+1 and 2+3 of two such vectors, side by side.
-    let s3 = [halves(s2[0], s2[1]), halves(s2[2], s2[3])];
-    halves(s3[0], s3[1])
-}
-
-/// `[e0+e1, e2+e3, f0+f1, f2+f3]` in 128-bit groups.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn halves(e: std::arch::x86_64::__m512, f: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
-    use std::arch::x86_64::*;
-    _mm512_add_ps(
-        _mm512_shuffle_f32x4::<0b10_00_10_00>(e, f),
-        _mm512_shuffle_f32x4::<0b11_01_11_01>(e, f),
-    )
 }
 
 #[cfg(test)]
@@ -355,10 +336,19 @@ mod tests {
     /// tiles, a single row, a single column).
     #[test]
     fn products_match_f64() {
-        if !GemmKernels::Avx512.available() {
-            eprintln!("no AVX-512 on this CPU: the few-row kernels are not used here");
-            return;
+        let sets: Vec<Simd> = [Simd::Avx512, Simd::Avx2]
+            .into_iter()
+            .filter(|s| s.available())
+            .collect();
+        if sets.is_empty() {
+            eprintln!("neither AVX-512 nor AVX2 on this CPU: the few-row kernels are not used");
         }
+        for simd in sets {
+            products_match_on(simd);
+        }
+    }
+
+    fn products_match_on(simd: Simd) {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
         let shapes = [
             [16, 3136, 512],
@@ -380,12 +370,12 @@ mod tests {
                 for (k, (g, e)) in got.iter().zip(want).enumerate() {
                     assert!(
                         (f64::from(*g) - e).abs() <= tol.max(1e-6),
-                        "{what} {n}×{i}×{o} [{k}]: {g} vs {e}"
+                        "{simd:?} {what} {n}×{i}×{o} [{k}]: {g} vs {e}"
                     );
                 }
             };
             let mut y: Vec<f32> = (0..n).flat_map(|_| bias.iter().copied()).collect();
-            forward(&x, &w, &mut y, [n, i, o]);
+            forward(&x, &w, &mut y, [n, i, o], simd);
             let want: Vec<f64> = (0..n * o)
                 .map(|e| {
                     let (r, c) = (e / o, e % o);
@@ -404,7 +394,7 @@ mod tests {
                         .sum()
                 })
                 .collect();
-            close("dX", &input_grad(&dy, &w, [n, i, o]), &want, o);
+            close("dX", &input_grad(&dy, &w, [n, i, o], simd), &want, o);
             let want: Vec<f64> = (0..i * o)
                 .map(|e| {
                     let (a, c) = (e / o, e % o);
@@ -413,7 +403,7 @@ mod tests {
                         .sum()
                 })
                 .collect();
-            close("dW", &weight_grad(&x, &dy, [n, i, o]), &want, n);
+            close("dW", &weight_grad(&x, &dy, [n, i, o], simd), &want, n);
         }
     }
 }

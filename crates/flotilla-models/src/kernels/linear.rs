@@ -25,8 +25,8 @@ pub(super) fn linear_forward(
     for _ in 0..n {
         y.extend_from_slice(bias);
     }
-    if few_rows::applies(n) {
-        few_rows::forward(x, w, &mut y, [n, i, o]);
+    if let Some(simd) = few_rows::applies(n) {
+        few_rows::forward(x, w, &mut y, [n, i, o], simd);
         return y;
     }
     matmul(
@@ -67,8 +67,8 @@ impl Backward<Flex, 3> for LinearOp {
         let few = few_rows::applies(n);
         if let Some(node) = nx {
             // dX = dY · Wᵀ, reading W [i×o] as the transpose of a [o×i] operand.
-            let dx = if few {
-                few_rows::input_grad(dy, w, dims)
+            let dx = if let Some(simd) = few {
+                few_rows::input_grad(dy, w, dims, simd)
             } else {
                 let mut dx = vec![0f32; n * i];
                 matmul(n, i, o, &mut dx, false, dy, false, w, true, par);
@@ -78,8 +78,8 @@ impl Backward<Flex, 3> for LinearOp {
         }
         if let Some(node) = nw {
             // dW = Xᵀ · dY, reading X [n×i] as the transpose of a [i×n] operand.
-            let dw = if few {
-                few_rows::weight_grad(x, dy, dims)
+            let dw = if let Some(simd) = few {
+                few_rows::weight_grad(x, dy, dims, simd)
             } else {
                 let mut dw = vec![0f32; i * o];
                 matmul(i, o, n, &mut dw, false, x, true, dy, false, par);

@@ -48,6 +48,7 @@ mod few_rows;
 mod gemm_glue;
 mod linear;
 mod pool;
+mod simd;
 #[cfg(test)]
 mod tests;
 
