@@ -1,6 +1,8 @@
 //! 2×2 stride-2 max pooling (with a fused ReLU) forward and backward, with a one-byte argmax
 //! per output.
 
+#[cfg(target_arch = "x86_64")]
+use super::simd::Simd;
 use super::*;
 
 /// Planes per pooling task: a whole tensor on one thread under [`serial`].
@@ -27,7 +29,8 @@ pub(super) fn window_max(v: [f32; 4]) -> (f32, u8) {
 pub(super) const NO_GRAD: u8 = 4;
 
 /// One plane `[h, w]` pooled into `o` (`[h/2, w/2]`) with its argmax in `a`; see
-/// [`pool_forward`]. Sixteen windows at a time on AVX-512, with the same values and positions.
+/// [`pool_forward`]. Sixteen windows at a time on AVX-512, eight on AVX2 (the set of
+/// [`Simd::chosen`]), with the same values and positions.
 #[inline]
 pub(super) fn pool_plane(xp: &[f32], o: &mut [f32], a: &mut [u8], h: usize, w: usize, relu: bool) {
     let (ho, wo) = (h / 2, w / 2);
@@ -36,12 +39,15 @@ pub(super) fn pool_plane(xp: &[f32], o: &mut [f32], a: &mut [u8], h: usize, w: u
         let r1 = &xp[(2 * i + 1) * w..(2 * i + 2) * w];
         let o = &mut o[i * wo..(i + 1) * wo];
         let a = &mut a[i * wo..(i + 1) * wo];
+        // SAFETY: the CPU runs the chosen set; each row holds w ≥ 2·wo values, o and a wo
+        // each.
         #[cfg(target_arch = "x86_64")]
-        if avx512::available() {
-            // SAFETY: AVX-512F is available; each row holds w ≥ 2·wo values, o and a wo each.
-            unsafe { avx512::pool_row(r0, r1, o, a, relu) };
-            continue;
+        match Simd::chosen() {
+            Some(Simd::Avx512) => unsafe { avx512::pool_row(r0, r1, o, a, relu) },
+            Some(Simd::Avx2) => unsafe { avx2::pool_row(r0, r1, o, a, relu) },
+            None => pool_row(r0, r1, o, a, relu),
         }
+        #[cfg(not(target_arch = "x86_64"))]
         pool_row(r0, r1, o, a, relu);
     }
 }
@@ -61,18 +67,24 @@ fn pool_row(r0: &[f32], r1: &[f32], o: &mut [f32], a: &mut [u8], relu: bool) {
 
 /// One plane's gradient `[h, w]` from the pooled gradient `g` and argmax `a`, into a zeroed
 /// `dxp`: a scatter without a branch on the winner (random for activations); a clamped
-/// window (NO_GRAD, q & 3 = 0) writes its zero to position 0. On AVX-512, sixteen windows at
-/// a time, every position of each window written (the winner's gradient or zero).
+/// window (NO_GRAD, q & 3 = 0) writes its zero to position 0. On AVX-512 (AVX2), sixteen
+/// (eight) windows at a time, every position of each window written (the winner's gradient or
+/// zero).
 #[inline]
 pub(super) fn unpool_plane(g: &[f32], a: &[u8], h: usize, w: usize, dxp: &mut [f32]) {
     let (ho, wo) = (h / 2, w / 2);
     #[cfg(target_arch = "x86_64")]
-    if avx512::available() {
+    if let Some(simd) = Simd::chosen() {
         for i in 0..ho {
             let (top, bottom) = dxp[2 * i * w..(2 * i + 2) * w].split_at_mut(w);
             let q = i * wo..(i + 1) * wo;
-            // SAFETY: AVX-512F is available; each row holds w ≥ 2·wo values, g and a wo each.
-            unsafe { avx512::unpool_row(&g[q.clone()], &a[q], top, bottom) };
+            let (g, a) = (&g[q.clone()], &a[q]);
+            // SAFETY: the CPU runs the chosen set; each row holds w ≥ 2·wo values, g and a
+            // wo each.
+            match simd {
+                Simd::Avx512 => unsafe { avx512::unpool_row(g, a, top, bottom) },
+                Simd::Avx2 => unsafe { avx2::unpool_row(g, a, top, bottom) },
+            }
         }
         return;
     }
@@ -91,10 +103,6 @@ pub(super) fn unpool_plane(g: &[f32], a: &[u8], h: usize, w: usize, dxp: &mut [f
 mod avx512 {
     use super::NO_GRAD;
     use std::arch::x86_64::*;
-
-    pub(super) fn available() -> bool {
-        std::is_x86_feature_detected!("avx512f")
-    }
 
     /// Lanes 0..n set.
     fn first(n: usize) -> u16 {
@@ -206,6 +214,139 @@ mod avx512 {
                     );
                     _mm512_mask_storeu_ps(out, first(2 * n), first_half);
                     _mm512_mask_storeu_ps(out.add(16), first(2 * n.saturating_sub(8)), second_half);
+                }
+            }
+        }
+    }
+}
+
+/// The pooling kernels on 256-bit vectors (AVX2): 8 windows of one row at a time, as
+/// [`avx512`] does 16.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::NO_GRAD;
+    use std::arch::x86_64::*;
+
+    /// Lanes 0..n of a mask vector set.
+    #[target_feature(enable = "avx2")]
+    fn first(n: usize) -> __m256i {
+        _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(n as i32),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        )
+    }
+
+    /// The even and odd values of `2n` (≤ 16) from `row`, and whether any is NaN.
+    ///
+    /// # Safety
+    /// AVX2 is available; `row` starts 2n readable values.
+    #[target_feature(enable = "avx2")]
+    unsafe fn split(row: *const f32, n: usize) -> (__m256, __m256, bool) {
+        // SAFETY: the masks cover the first 2n values from `row`, no more.
+        let (lo, hi) = unsafe {
+            (
+                _mm256_maskload_ps(row, first(2 * n)),
+                _mm256_maskload_ps(row.add(8), first(2 * n.saturating_sub(4))),
+            )
+        };
+        let nan = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_UNORD_Q>(lo, lo))
+            | _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_UNORD_Q>(hi, hi));
+        // Per 128-bit half [lo0 lo2 hi0 hi2 | lo4 lo6 hi4 hi6], then the 64-bit pairs in order.
+        let order = |v: __m256| {
+            _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(v)))
+        };
+        (
+            order(_mm256_shuffle_ps::<0b10_00_10_00>(lo, hi)),
+            order(_mm256_shuffle_ps::<0b11_01_11_01>(lo, hi)),
+            nan != 0,
+        )
+    }
+
+    /// `super::pool_row` eight windows at a time, with the same values and positions; a run
+    /// of windows holding a NaN takes the scalar path.
+    ///
+    /// # Safety
+    /// AVX2 is available; `r0` and `r1` hold at least 2·`o.len()` values, `a` `o.len()`.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn pool_row(r0: &[f32], r1: &[f32], o: &mut [f32], a: &mut [u8], relu: bool) {
+        let wo = o.len();
+        for j0 in (0..wo).step_by(8) {
+            let n = (wo - j0).min(8);
+            // SAFETY: windows j0..j0+n read values 2·j0..2·(j0+n) of each row.
+            let ((a0, b0, nan0), (c0, d0, nan1)) = unsafe {
+                (
+                    split(r0.as_ptr().add(2 * j0), n),
+                    split(r1.as_ptr().add(2 * j0), n),
+                )
+            };
+            if nan0 | nan1 {
+                let (r0, r1) = (&r0[2 * j0..], &r1[2 * j0..]);
+                super::pool_row(r0, r1, &mut o[j0..j0 + n], &mut a[j0..j0 + n], relu);
+                continue;
+            }
+            let m = _mm256_max_ps(_mm256_max_ps(a0, b0), _mm256_max_ps(c0, d0));
+            // The first position holding the maximum: later tests override earlier ones.
+            let is_max = |v| _mm256_castps_si256(_mm256_cmp_ps::<_CMP_EQ_OQ>(v, m));
+            let mut at = _mm256_set1_epi32(3);
+            at = _mm256_blendv_epi8(at, _mm256_set1_epi32(2), is_max(c0));
+            at = _mm256_blendv_epi8(at, _mm256_set1_epi32(1), is_max(b0));
+            at = _mm256_blendv_epi8(at, _mm256_setzero_si256(), is_max(a0));
+            let mut out = m;
+            if relu {
+                let clamped = _mm256_cmp_ps::<_CMP_LE_OQ>(m, _mm256_setzero_ps());
+                out = _mm256_blendv_ps(m, _mm256_setzero_ps(), clamped);
+                let no_grad = _mm256_set1_epi32(i32::from(NO_GRAD));
+                at = _mm256_blendv_epi8(at, no_grad, _mm256_castps_si256(clamped));
+            }
+            let mut positions = [0i32; 8];
+            // SAFETY: n values of o from j0; the 8 of `positions`.
+            unsafe {
+                _mm256_maskstore_ps(o.as_mut_ptr().add(j0), first(n), out);
+                _mm256_storeu_si256(positions.as_mut_ptr().cast(), at);
+            }
+            for (d, p) in a[j0..j0 + n].iter_mut().zip(positions) {
+                *d = p as u8;
+            }
+        }
+    }
+
+    /// One row of windows' gradient, as `avx512::unpool_row`, eight windows at a time.
+    ///
+    /// # Safety
+    /// AVX2 is available; `top` and `bottom` hold at least 2·`g.len()` values, `a`
+    /// `g.len()`.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn unpool_row(g: &[f32], a: &[u8], top: &mut [f32], bottom: &mut [f32]) {
+        let wo = g.len();
+        for j0 in (0..wo).step_by(8) {
+            let n = (wo - j0).min(8);
+            let mut bytes = [0u8; 16];
+            bytes[..n].copy_from_slice(&a[j0..j0 + n]);
+            // SAFETY: the first 8 of the 16 bytes of `bytes`; n values of g from j0.
+            let (pos, v) = unsafe {
+                (
+                    _mm256_cvtepu8_epi32(_mm_loadl_epi64(bytes.as_ptr().cast())),
+                    _mm256_maskload_ps(g.as_ptr().add(j0), first(n)),
+                )
+            };
+            // The gradient where the window's winner is position p, else 0 (NO_GRAD: all 0).
+            let winner = |p| {
+                let hit = _mm256_cmpeq_epi32(pos, _mm256_set1_epi32(p));
+                _mm256_and_ps(_mm256_castsi256_ps(hit), v)
+            };
+            for (row, p) in [(&mut *top, 0), (&mut *bottom, 2)] {
+                let (even, odd) = (winner(p), winner(p + 1));
+                // Per half [e0 o0 e1 o1 | e4 o4 e5 o5] and [e2 o2 e3 o3 | e6 o6 e7 o7].
+                let (lo, hi) = (_mm256_unpacklo_ps(even, odd), _mm256_unpackhi_ps(even, odd));
+                let (first_half, second_half) = (
+                    _mm256_permute2f128_ps::<0x20>(lo, hi),
+                    _mm256_permute2f128_ps::<0x31>(lo, hi),
+                );
+                // SAFETY: values 2·j0..2·(j0+n) of the row.
+                unsafe {
+                    let out = row.as_mut_ptr().add(2 * j0);
+                    _mm256_maskstore_ps(out, first(2 * n), first_half);
+                    _mm256_maskstore_ps(out.add(8), first(2 * n.saturating_sub(4)), second_half);
                 }
             }
         }
@@ -328,11 +469,15 @@ mod tests {
     /// The vector rows against the scalar ones, bit for bit: ties, zeros, all-negative
     /// windows and NaNs, at every width from 1 to 40 windows (partial and several registers).
     #[test]
-    fn avx512_rows_match_scalar_rows() {
-        if !avx512::available() {
-            eprintln!("no AVX-512F on this CPU: the scalar rows run");
-            return;
+    fn vector_rows_match_scalar_rows() {
+        for simd in [Simd::Avx512, Simd::Avx2] {
+            if simd.available() {
+                rows_match_on(simd);
+            }
         }
+    }
+
+    fn rows_match_on(simd: Simd) {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
         for wo in 1..=40 {
             for trial in 0..20 {
@@ -350,9 +495,15 @@ mod tests {
                     let (mut o1, mut a1) = (vec![7f32; wo], vec![9u8; wo]);
                     let (mut o2, mut a2) = (vec![7f32; wo], vec![9u8; wo]);
                     pool_row(&r0, &r1, &mut o1, &mut a1, relu);
-                    // SAFETY: AVX-512F checked above; rows of 2·wo + 1 values.
-                    unsafe { avx512::pool_row(&r0, &r1, &mut o2, &mut a2, relu) };
-                    assert_eq!(a1, a2, "argmax, {wo} windows, relu {relu}");
+                    // SAFETY: the CPU runs `simd` (checked by the caller); rows of 2·wo + 1
+                    // values.
+                    match simd {
+                        Simd::Avx512 => unsafe {
+                            avx512::pool_row(&r0, &r1, &mut o2, &mut a2, relu)
+                        },
+                        Simd::Avx2 => unsafe { avx2::pool_row(&r0, &r1, &mut o2, &mut a2, relu) },
+                    }
+                    assert_eq!(a1, a2, "{simd:?} argmax, {wo} windows, relu {relu}");
                     for (x, y) in o1.iter().zip(&o2) {
                         // Equal, or both NaN; a zero's sign may differ (max of ±0).
                         assert!(x == y || (x.is_nan() && y.is_nan()), "{x} vs {y}, {wo}");
@@ -367,8 +518,13 @@ mod tests {
                         want[(r >> 1) * w + 2 * j + (r & 1)] = if q == NO_GRAD { 0.0 } else { v };
                     }
                     let mut got = vec![0f32; h * w];
-                    unpool_plane(&g, &a1, h, w, &mut got);
-                    assert_eq!(got, want, "unpool, {wo} windows");
+                    let (top, bottom) = got.split_at_mut(w);
+                    // SAFETY: as above; rows of 2·wo + 1 values.
+                    match simd {
+                        Simd::Avx512 => unsafe { avx512::unpool_row(&g, &a1, top, bottom) },
+                        Simd::Avx2 => unsafe { avx2::unpool_row(&g, &a1, top, bottom) },
+                    }
+                    assert_eq!(got, want, "{simd:?} unpool, {wo} windows");
                 }
             }
         }
