@@ -181,8 +181,11 @@ fn estimate_tracks_measurement() {
 }
 
 /// A client on two threads trains one micro-batch per thread; the measurement counts what both
-/// threads allocate: the one-thread peak with the activations split in two, plus the second
-/// micro-batch's gradient buffer.
+/// threads allocate: above the one-thread peak by a good part of the second micro-batch's
+/// gradient buffer (the threads' peaks do not coincide exactly: measured 0.57 of it on the
+/// few-row linear kernels, 0.89 on the GEMM), at most by that buffer. Uncounted, the second
+/// thread would leave the measurement at or below the one-thread peak (the halved batch's
+/// activations are not part of it).
 #[test]
 fn measurement_counts_every_micro_batch_thread() {
     let spec = ModelSpec::fedavg_cnn();
@@ -197,7 +200,7 @@ fn measurement_counts_every_micro_batch_thread() {
         gradients as f64 / 1048576.0
     );
     assert!(
-        two as f64 >= one as f64 + 0.7 * gradients as f64,
+        two as f64 >= one as f64 + 0.4 * gradients as f64,
         "two threads measured {two} bytes, one thread {one}: a thread went uncounted"
     );
     assert!(
@@ -371,8 +374,10 @@ fn frozen_bases_hold_no_gradient_or_optimizer_state() {
                 "estimate off by a factor of {ratio}"
             );
         }
+        // (0.35: about 2.4 MiB of batch and runtime sit in both peaks, and the dense step's
+        // linear layers allocate no packing buffer on the few-row kernels.)
         assert!(
-            (mf as f64) < 0.3 * md as f64,
+            (mf as f64) < 0.35 * md as f64,
             "{name}: the factored coefficient step measured {mf} bytes, the dense model {md}"
         );
         // Training U and V as well adds their gradient and optimizer state; frozen, they had

@@ -15,10 +15,11 @@
 //! - dW = Xᵀ · dY ([`weight_grad`]): 6 rows of dW by 4 vectors of columns (AVX2: 2) in
 //!   registers, summed over the micro-batch and written once (no zeroed buffer first).
 //!
-//! Used for products of at most [`MAX_ROWS`] rows on one thread (a micro-batch's own thread,
-//! see `local::micro` in the engine) where the AVX-512 or AVX2 GEMM kernels are chosen for
-//! the CPU; the gemm crate otherwise.
+//! Used for products of at most [`MAX_ROWS`] rows (a micro-batch on its own thread, see
+//! `local::micro` in the engine, or a small batch split over the pool by blocks of columns)
+//! where the AVX-512 or AVX2 GEMM kernels are chosen for the CPU; the gemm crate otherwise.
 
+use super::conv::SharedOut;
 #[cfg(target_arch = "x86_64")]
 use super::simd::Vector;
 use super::simd::{Simd, per_simd};
@@ -66,9 +67,7 @@ const CHUNK: usize = 128;
 /// The instruction set these kernels run a linear layer over `n` rows on, if they do (see
 /// the module docs).
 pub(super) fn applies(n: usize) -> Option<Simd> {
-    ((1..=MAX_ROWS).contains(&n) && threads() == 1)
-        .then(Simd::chosen)
-        .flatten()
+    (1..=MAX_ROWS).contains(&n).then(Simd::chosen).flatten()
 }
 
 /// Vectors of columns per forward and weight-gradient tile: with 6 rows, the accumulators,
@@ -80,34 +79,54 @@ fn column_vectors(simd: Simd) -> usize {
     }
 }
 
+/// Runs `f(b)` for every block `b` in `0..blocks`: on the pool's threads when the caller may
+/// use several (a batch that is not split into micro-batches), in order on this one
+/// otherwise. No sum crosses blocks, so the values do not depend on the thread count.
+fn each_block(blocks: usize, f: impl Fn(usize) + Sync + Send) {
+    if threads() > 1 && blocks > 1 {
+        use rayon::prelude::*;
+        (0..blocks).into_par_iter().for_each(f);
+    } else {
+        (0..blocks).for_each(f);
+    }
+}
+
 /// `y[n×o] += x[n×i] · w[i×o]`, all row-major (`y` holds the bias rows).
 pub(super) fn forward(x: &[f32], w: &[f32], y: &mut [f32], [n, i, o]: [usize; 3], simd: Simd) {
     simd.check();
     assert!(x.len() >= n * i && w.len() >= i * o && y.len() >= n * o);
     let (lanes, width) = (simd.lanes(), column_vectors(simd) * simd.lanes());
-    for i0 in (0..i).step_by(CHUNK) {
-        let depth = (i - i0).min(CHUNK);
-        for c0 in (0..o).step_by(width) {
-            let cols = (o - c0).min(width);
+    let y_out = SharedOut(y.as_mut_ptr());
+    // One block per `width` columns of y: every row, every chunk of W's rows in order.
+    each_block(o.div_ceil(width), |b| {
+        let (c0, y_out) = (b * width, &y_out);
+        let cols = (o - c0).min(width);
+        for i0 in (0..i).step_by(CHUNK) {
+            let depth = (i - i0).min(CHUNK);
             for r0 in (0..n).step_by(6) {
                 let tile = FwdTile {
                     // In bounds: r0 < n, i0 < i, c0 < o (the asserts above).
                     x: x[r0 * i + i0..].as_ptr(),
                     x_row: i,
                     w: w[i0 * o + c0..].as_ptr(),
-                    y: y[r0 * o + c0..].as_mut_ptr(),
+                    // SAFETY: r0 < n and c0 < o: inside y's n·o values.
+                    y: unsafe { y_out.0.add(r0 * o + c0) },
                     o,
                     depth,
                     cols,
                 };
                 // SAFETY: the CPU runs `simd` (checked); the tile reads rows r0..r0+rows of x
-                // at columns i0..i0+depth, rows i0..i0+depth of w and rows r0..r0+rows of y at
-                // columns c0..c0+cols, all inside the slices (asserted above).
+                // at columns i0..i0+depth, rows i0..i0+depth of w, and rows r0..r0+rows of y
+                // at columns c0..c0+cols, all inside the slices (asserted above); only this
+                // block touches those columns of y.
                 unsafe { by_shape!(tile, simd, (n - r0).min(6), cols.div_ceil(lanes)) };
             }
         }
-    }
+    });
 }
+
+/// Rows of W per block of [`input_grad`] and [`weight_grad`] (a multiple of 4 and of 6).
+const ROWS_PER_BLOCK: usize = 48;
 
 /// `dX[n×i] = dY[n×o] · w[i×o]ᵀ`, row-major.
 pub(super) fn input_grad(dy: &[f32], w: &[f32], [n, i, o]: [usize; 3], simd: Simd) -> Vec<f32> {
@@ -116,35 +135,45 @@ pub(super) fn input_grad(dy: &[f32], w: &[f32], [n, i, o]: [usize; 3], simd: Sim
     // 4 rows of dY by `step` rows of W: one vector's lanes of sums.
     let step = simd.lanes() / 4;
     let mut dx = vec![0f32; n * i];
-    for a0 in (0..i).step_by(step) {
-        let acount = (i - a0).min(step);
-        // Rows past the edge repeat the last one: valid memory whose sums are not stored.
-        let mut wrows = [std::ptr::null(); 4];
-        for (j, p) in wrows.iter_mut().enumerate().take(step) {
-            *p = w[(a0 + j.min(acount - 1)) * o..][..o].as_ptr();
-        }
-        for r0 in (0..n).step_by(4) {
-            let rcount = (n - r0).min(4);
-            let drows = [0, 1, 2, 3].map(|j| dy[(r0 + j.min(rcount - 1)) * o..][..o].as_ptr());
-            let mut sums = [0f32; 16];
-            let tile = DotTile {
-                d: drows,
-                w: wrows,
-                len: o,
-                sums: &mut sums,
-            };
-            // SAFETY: the CPU runs `simd` (checked); each pointer starts o valid values.
-            unsafe {
-                match simd {
-                    Simd::Avx512 => tile.run::<4, 4>(simd),
-                    Simd::Avx2 => tile.run::<4, 2>(simd),
+    let dx_out = SharedOut(dx.as_mut_ptr());
+    each_block(i.div_ceil(ROWS_PER_BLOCK), |b| {
+        let dx_out = &dx_out;
+        let end = ((b + 1) * ROWS_PER_BLOCK).min(i);
+        for a0 in (b * ROWS_PER_BLOCK..end).step_by(step) {
+            let acount = (i - a0).min(step);
+            // Rows past the edge repeat the last one: valid memory whose sums are not stored.
+            let mut wrows = [std::ptr::null(); 4];
+            for (j, p) in wrows.iter_mut().enumerate().take(step) {
+                *p = w[(a0 + j.min(acount - 1)) * o..][..o].as_ptr();
+            }
+            for r0 in (0..n).step_by(4) {
+                let rcount = (n - r0).min(4);
+                let drows = [0, 1, 2, 3].map(|j| dy[(r0 + j.min(rcount - 1)) * o..][..o].as_ptr());
+                let mut sums = [0f32; 16];
+                let tile = DotTile {
+                    d: drows,
+                    w: wrows,
+                    len: o,
+                    sums: &mut sums,
+                };
+                // SAFETY: the CPU runs `simd` (checked); each pointer starts o valid values.
+                unsafe {
+                    match simd {
+                        Simd::Avx512 => tile.run::<4, 4>(simd),
+                        Simd::Avx2 => tile.run::<4, 2>(simd),
+                    }
+                };
+                for (ri, s) in sums.chunks(step).take(rcount).enumerate() {
+                    // SAFETY: row r0 + ri < n, columns a0..a0+acount ≤ i of dx's n·i
+                    // values; only this block writes those columns.
+                    let row = unsafe {
+                        std::slice::from_raw_parts_mut(dx_out.0.add((r0 + ri) * i + a0), acount)
+                    };
+                    row.copy_from_slice(&s[..acount]);
                 }
-            };
-            for (ri, s) in sums.chunks(step).take(rcount).enumerate() {
-                dx[(r0 + ri) * i + a0..][..acount].copy_from_slice(&s[..acount]);
             }
         }
-    }
+    });
     dx
 }
 
@@ -154,27 +183,31 @@ pub(super) fn weight_grad(x: &[f32], dy: &[f32], [n, i, o]: [usize; 3], simd: Si
     assert!(x.len() >= n * i && dy.len() >= n * o);
     let (lanes, width) = (simd.lanes(), column_vectors(simd) * simd.lanes());
     let mut dw: Vec<f32> = Vec::with_capacity(i * o);
-    let out = dw.spare_capacity_mut().as_mut_ptr().cast::<f32>();
-    for a0 in (0..i).step_by(6) {
-        for c0 in (0..o).step_by(width) {
-            let cols = (o - c0).min(width);
-            let tile = DwTile {
-                x: x[a0..].as_ptr(),
-                x_row: i,
-                dy: dy[c0..].as_ptr(),
-                n,
-                o,
-                // SAFETY: a0 < i and c0 < o, so the offset lies inside the i·o capacity.
-                dw: unsafe { out.add(a0 * o + c0) },
-                cols,
-            };
-            // SAFETY: the CPU runs `simd` (checked); the tile reads columns a0..a0+rows of
-            // the n rows of x, columns c0..c0+cols of the n rows of dY, and writes rows
-            // a0..a0+rows, columns c0..c0+cols of the i·o capacity of dw.
-            unsafe { by_shape!(tile, simd, (i - a0).min(6), cols.div_ceil(lanes)) };
+    let out = SharedOut(dw.spare_capacity_mut().as_mut_ptr().cast::<f32>());
+    each_block(i.div_ceil(ROWS_PER_BLOCK), |b| {
+        let out = &out;
+        let end = ((b + 1) * ROWS_PER_BLOCK).min(i);
+        for a0 in (b * ROWS_PER_BLOCK..end).step_by(6) {
+            for c0 in (0..o).step_by(width) {
+                let cols = (o - c0).min(width);
+                let tile = DwTile {
+                    x: x[a0..].as_ptr(),
+                    x_row: i,
+                    dy: dy[c0..].as_ptr(),
+                    n,
+                    o,
+                    // SAFETY: a0 < i and c0 < o, so the offset lies inside the i·o capacity.
+                    dw: unsafe { out.0.add(a0 * o + c0) },
+                    cols,
+                };
+                // SAFETY: the CPU runs `simd` (checked); the tile reads columns a0..a0+rows of
+                // the n rows of x, columns c0..c0+cols of the n rows of dY, and writes rows
+                // a0..a0+rows (within this block's), columns c0..c0+cols of dw's capacity.
+                unsafe { by_shape!(tile, simd, (end - a0).min(6), cols.div_ceil(lanes)) };
+            }
         }
-    }
-    // SAFETY: the tiles cover every row (a0 steps over 0..i) and column (c0 over 0..o, the
+    });
+    // SAFETY: the blocks' tiles cover every row (a0 over 0..i) and column (c0 over 0..o, the
     // last vector of a tile storing exactly the columns left) of the i·o values.
     unsafe { dw.set_len(i * o) };
     dw
