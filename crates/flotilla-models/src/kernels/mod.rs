@@ -19,14 +19,17 @@
 //!
 //! [`use_flotilla_kernels`] switches back to burn's own ops process-wide (for comparisons and tests).
 //!
-//! On CPUs given the AVX-512 GEMM kernels (`gemm_glue` chooses the micro-kernels per CPU),
-//! convolutions of stride 1 with multiples of 16 channels run on direct kernels instead
-//! (`direct`): forward, dX and dW without im2col.
+//! On CPUs given the AVX-512 or AVX2 GEMM kernels (`gemm_glue` chooses the micro-kernels per
+//! CPU), convolutions of stride 1 with multiples of 16 channels run on direct kernels instead
+//! (`direct`): forward, dX and dW without im2col; linear layers over at most 64 rows (a
+//! micro-batch) read their weights in place (`few_rows`) instead of having the GEMM pack them;
+//! pooling runs 16 or 8 windows at a time.
 //!
-//! One file per op: `conv` (im2col + GEMM convolution), `direct` (the direct AVX-512
-//! convolutions), `conv_pool` (the fused convolution + ReLU + pooling), `pool`, `linear`,
-//! `gemm_glue` (the kernel choice, the GEMM call and the batch split); `tests` checks each
-//! against burn's ops.
+//! One file per op: `conv` (im2col + GEMM convolution), `direct` (the direct convolutions),
+//! `conv_pool` (the fused convolution + ReLU + pooling), `pool`, `linear`, `few_rows` (the
+//! few-row linear products), `gemm_glue` (the kernel choice, the GEMM call and the batch
+//! split), `simd` (the vector type the own kernels are written over, per instruction set);
+//! `tests` checks each against burn's ops.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
