@@ -97,29 +97,34 @@ pub(super) fn forward(x: &[f32], w: &[f32], y: &mut [f32], [n, i, o]: [usize; 3]
     assert!(x.len() >= n * i && w.len() >= i * o && y.len() >= n * o);
     let (lanes, width) = (simd.lanes(), column_vectors(simd) * simd.lanes());
     let y_out = SharedOut(y.as_mut_ptr());
-    // One block per `width` columns of y: every row, every chunk of W's rows in order.
-    each_block(o.div_ceil(width), |b| {
-        let (c0, y_out) = (b * width, &y_out);
-        let cols = (o - c0).min(width);
+    // A block of columns per thread (all of them on one thread), each walking W's rows in
+    // chunks, so that every chunk is read as contiguous row segments.
+    let per_block = o.div_ceil(threads()).div_ceil(width) * width;
+    each_block(o.div_ceil(per_block), |b| {
+        let y_out = &y_out;
+        let (first, last) = (b * per_block, ((b + 1) * per_block).min(o));
         for i0 in (0..i).step_by(CHUNK) {
             let depth = (i - i0).min(CHUNK);
-            for r0 in (0..n).step_by(6) {
-                let tile = FwdTile {
-                    // In bounds: r0 < n, i0 < i, c0 < o (the asserts above).
-                    x: x[r0 * i + i0..].as_ptr(),
-                    x_row: i,
-                    w: w[i0 * o + c0..].as_ptr(),
-                    // SAFETY: r0 < n and c0 < o: inside y's n·o values.
-                    y: unsafe { y_out.0.add(r0 * o + c0) },
-                    o,
-                    depth,
-                    cols,
-                };
-                // SAFETY: the CPU runs `simd` (checked); the tile reads rows r0..r0+rows of x
-                // at columns i0..i0+depth, rows i0..i0+depth of w, and rows r0..r0+rows of y
-                // at columns c0..c0+cols, all inside the slices (asserted above); only this
-                // block touches those columns of y.
-                unsafe { by_shape!(tile, simd, (n - r0).min(6), cols.div_ceil(lanes)) };
+            for c0 in (first..last).step_by(width) {
+                let cols = (last - c0).min(width);
+                for r0 in (0..n).step_by(6) {
+                    let tile = FwdTile {
+                        // In bounds: r0 < n, i0 < i, c0 < o (the asserts above).
+                        x: x[r0 * i + i0..].as_ptr(),
+                        x_row: i,
+                        w: w[i0 * o + c0..].as_ptr(),
+                        // SAFETY: r0 < n and c0 < o: inside y's n·o values.
+                        y: unsafe { y_out.0.add(r0 * o + c0) },
+                        o,
+                        depth,
+                        cols,
+                    };
+                    // SAFETY: the CPU runs `simd` (checked); the tile reads rows r0..r0+rows
+                    // of x at columns i0..i0+depth, rows i0..i0+depth of w, and rows
+                    // r0..r0+rows of y at columns c0..c0+cols, all inside the slices (asserted
+                    // above); only this block touches those columns of y.
+                    unsafe { by_shape!(tile, simd, (n - r0).min(6), cols.div_ceil(lanes)) };
+                }
             }
         }
     });
