@@ -353,8 +353,12 @@ pub(super) fn conv_backward(
         let dyb: &[f32] = match dy {
             DySource::Dense(dy) => &dy[i * out_len..(i + 1) * out_len],
             DySource::Pooled { dpool, arg } => {
-                dy_buf.clear();
+                // Zeroed when first sized; again per sample only where the scatter leaves
+                // some values unwritten.
                 dy_buf.resize(out_len, 0.0);
+                if !unpool_writes_all(g.ho, g.wo) {
+                    dy_buf.fill(0.0);
+                }
                 let range = i * pooled_len..(i + 1) * pooled_len;
                 unpool_sample(&dpool[range.clone()], &arg[range], g.ho, g.wo, dy_buf);
                 dy_buf

@@ -353,6 +353,17 @@ mod avx2 {
     }
 }
 
+/// Whether [`unpool_plane`] writes every value of an `[h, w]` plane (the vector kernels write
+/// each window whole, and even sides leave no row or column outside the windows), so that
+/// its output buffer need not be zeroed first.
+pub(super) fn unpool_writes_all(h: usize, w: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    let vector = Simd::chosen().is_some();
+    #[cfg(not(target_arch = "x86_64"))]
+    let vector = false;
+    vector && h.is_multiple_of(2) && w.is_multiple_of(2)
+}
+
 /// One sample's `[C, h, w]` gradient from its pooled gradient, into a zeroed `dx`.
 pub(super) fn unpool_sample(g: &[f32], a: &[u8], h: usize, w: usize, dx: &mut [f32]) {
     let plen = (h / 2) * (w / 2);
@@ -525,6 +536,22 @@ mod tests {
                         Simd::Avx2 => unsafe { avx2::unpool_row(&g, &a1, top, bottom) },
                     }
                     assert_eq!(got, want, "{simd:?} unpool, {wo} windows");
+                    // Even sides: every value is written, over whatever the buffer held.
+                    let w = 2 * wo;
+                    let mut want = vec![0f32; 2 * w];
+                    for j in 0..wo {
+                        let (q, v) = (a1[j], g[j]);
+                        let r = (q & 3) as usize;
+                        want[(r >> 1) * w + 2 * j + (r & 1)] = if q == NO_GRAD { 0.0 } else { v };
+                    }
+                    let mut got = vec![f32::NAN; 2 * w];
+                    let (top, bottom) = got.split_at_mut(w);
+                    // SAFETY: as above; rows of 2·wo values.
+                    match simd {
+                        Simd::Avx512 => unsafe { avx512::unpool_row(&g, &a1, top, bottom) },
+                        Simd::Avx2 => unsafe { avx2::unpool_row(&g, &a1, top, bottom) },
+                    }
+                    assert_eq!(got, want, "{simd:?} unpool over stale values, {wo} windows");
                 }
             }
         }
