@@ -161,9 +161,14 @@ pub(super) fn sample(
     assert!(dw.data.len() == g.cout * g.ckk() && bias.is_none_or(|b| b.len() >= g.cout));
     assert!(hp >= g.ho + g.k - 1 && wp >= g.wo + g.k - 1);
     let padded = g.cin * hp * wp;
-    scratch.clear();
-    scratch.resize(padded + hw * block(simd), 0.0);
-    let (xpad, block_out) = scratch.split_at_mut(padded);
+    // Grown (zeroed) only when too short: the output block is written before it is read, and
+    // only the padded input's borders need their zeros back.
+    let need = padded + hw * block(simd);
+    if scratch.len() < need {
+        scratch.resize(need, 0.0);
+    }
+    let (xpad, block_out) = scratch[..need].split_at_mut(padded);
+    xpad.fill(0.0);
     pad(xb, g, xpad);
     let (ckk, kk) = (g.ckk(), g.k * g.k);
     for (c0, width) in blocks(g.cout, simd) {
@@ -641,6 +646,9 @@ mod tests {
 
     fn direct_matches_on(simd: Simd) {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        // One scratch buffer for every case, as a worker reuses it: stale values from a
+        // larger case must not leak into a smaller one. It starts full of NaN.
+        let mut scratch = vec![f32::NAN; 1 << 16];
         // (cin, h, w, cout, k, p): W1's two convolutions, a tail block of 16 channels, odd
         // widths that take every tile size, no padding, a kernel as large as the input, and
         // input channels split into chunks.
@@ -718,7 +726,7 @@ mod tests {
                     &DirectWeights::new(&wt, &g, simd),
                     b,
                     &g,
-                    &mut Vec::new(),
+                    &mut scratch,
                     &mut got,
                 );
                 for (i, (a, e)) in got.iter().zip(&want).enumerate() {
