@@ -27,6 +27,11 @@ pub(super) fn conv_pool_forward(
     let sample =
         |xb: &[f32], ob: &mut [f32], ab: &mut [u8], bufs: &mut (Vec<f32>, Vec<f32>), par| {
             let (cols, y) = (&mut bufs.0, &mut bufs.1);
+            if let Some(dw) = direct.as_ref() {
+                // Pooled in the direct kernel's own layout; no full output is transposed.
+                super::direct::sample_pooled(xb, dw, Some(bias), g, cols, ob, ab);
+                return;
+            }
             y.clear();
             y.reserve(g.cout * hw);
             let y = conv_sample(

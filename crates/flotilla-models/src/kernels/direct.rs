@@ -152,22 +152,90 @@ pub(super) fn sample(
     scratch: &mut Vec<f32>,
     y: &mut [f32],
 ) {
+    let hw = g.hw_out();
+    assert!(y.len() >= g.cout * hw);
+    blocks_of_sample(xb, dw, bias, g, scratch, 0, |c0, width, out, _| {
+        // [position][channel] back to the output's [channel][position].
+        transpose(out, width, hw, width, &mut y[c0 * hw..], hw, dw.simd);
+    });
+}
+
+/// One sample's convolution, ReLU and 2×2 max pool: `pooled` and `arg` (`[cout, ho/2, wo/2]`
+/// each) as `pool::pool_plane` leaves them with the ReLU, bit for bit. Each block of channels
+/// is pooled in the kernel's own [position][channel] layout (a window is the lane-wise maximum
+/// of four vectors), so only the pooled quarter goes back to [channel][position].
+pub(super) fn sample_pooled(
+    xb: &[f32],
+    dw: &DirectWeights,
+    bias: Option<&[f32]>,
+    g: &Geom,
+    scratch: &mut Vec<f32>,
+    pooled: &mut [f32],
+    arg: &mut [u8],
+) {
+    let (hq, wq) = (g.ho / 2, g.wo / 2);
+    let pp = hq * wq;
+    assert!(pooled.len() >= g.cout * pp && arg.len() >= g.cout * pp);
+    let simd = dw.simd;
+    blocks_of_sample(xb, dw, bias, g, scratch, 2 * pp, |c0, width, out, spare| {
+        let (values, positions) = spare.split_at_mut(pp * width);
+        let tile = PoolTile {
+            out,
+            wo: g.wo,
+            hq,
+            wq,
+            values,
+            positions: &mut positions[..pp * width],
+        };
+        // SAFETY: the CPU runs `simd` (checked by `blocks_of_sample`); `PoolTile::run` checks
+        // its bounds.
+        unsafe {
+            if width == block(simd) {
+                tile.run::<2, 1>(simd)
+            } else {
+                tile.run::<1, 1>(simd)
+            }
+        }
+        transpose(values, width, pp, width, &mut pooled[c0 * pp..], pp, simd);
+        // The positions (0..=4 as the bits of an f32: blends and transposes move bits only)
+        // the same way, then to bytes; `values` is free again.
+        transpose(positions, width, pp, width, values, pp, simd);
+        for (a, p) in arg[c0 * pp..(c0 + width) * pp].iter_mut().zip(&values[..]) {
+            *a = p.to_bits() as u8;
+        }
+    });
+}
+
+/// The direct convolution of one sample, block of output channels by block: `each(c0, width,
+/// out, spare)` receives the block's output as [position][channel] (`ho·wo` rows of `width`)
+/// and `spare_per_channel · width` floats of scratch. `scratch` holds the zero-padded input, the
+/// block being accumulated and the spare floats.
+fn blocks_of_sample(
+    xb: &[f32],
+    dw: &DirectWeights,
+    bias: Option<&[f32]>,
+    g: &Geom,
+    scratch: &mut Vec<f32>,
+    spare_per_channel: usize,
+    mut each: impl FnMut(usize, usize, &[f32], &mut [f32]),
+) {
     let simd = dw.simd;
     simd.check();
     assert!(supported(g), "direct convolution outside its shapes");
     let (hp, wp) = (g.h + 2 * g.p, g.w + 2 * g.p);
     let hw = g.hw_out();
-    assert!(xb.len() >= g.in_len() && y.len() >= g.cout * hw);
+    assert!(xb.len() >= g.in_len());
     assert!(dw.data.len() == g.cout * g.ckk() && bias.is_none_or(|b| b.len() >= g.cout));
     assert!(hp >= g.ho + g.k - 1 && wp >= g.wo + g.k - 1);
     let padded = g.cin * hp * wp;
-    // Grown (zeroed) only when too short: the output block is written before it is read, and
-    // only the padded input's borders need their zeros back.
-    let need = padded + hw * block(simd);
+    // Grown (zeroed) only when too short: the output block and the spare floats are written
+    // before they are read, and only the padded input's borders need their zeros back.
+    let need = padded + (hw + spare_per_channel) * block(simd);
     if scratch.len() < need {
         scratch.resize(need, 0.0);
     }
-    let (xpad, block_out) = scratch[..need].split_at_mut(padded);
+    let (xpad, rest) = scratch[..need].split_at_mut(padded);
+    let (block_out, spare) = rest.split_at_mut(hw * block(simd));
     xpad.fill(0.0);
     pad(xb, g, xpad);
     let (ckk, kk) = (g.ckk(), g.k * g.k);
@@ -223,8 +291,7 @@ pub(super) fn sample(
                 }
             }
         }
-        // [position][channel] back to the output's [channel][position].
-        transpose(out, width, hw, width, &mut y[c0 * hw..], hw, simd);
+        each(c0, width, out, &mut spare[..spare_per_channel * width]);
     }
 }
 
@@ -473,6 +540,106 @@ pub(super) fn standard_layout(direct: &[f32], g: &Geom, simd: Simd) -> Vec<f32> 
     out
 }
 
+/// ReLU + 2×2 max pooling of one block's output in [position][channel] layout: for each
+/// window, the lane-wise maximum of its four position vectors, clamped at 0, and the position
+/// of the first maximum (4 where clamped; the bits of an f32), both as [window][channel]. A
+/// window holding a NaN takes `pool::window_max` lane by lane, as the scalar rows do.
+struct PoolTile<'a> {
+    out: &'a [f32],
+    /// Output columns of the convolution.
+    wo: usize,
+    /// Windows down and across.
+    hq: usize,
+    wq: usize,
+    values: &'a mut [f32],
+    positions: &'a mut [f32],
+}
+
+per_simd!(PoolTile<'_>);
+
+impl PoolTile<'_> {
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn body<V: Vector, const CB: usize, const UNUSED: usize>(self) {
+        use super::pool::{NO_GRAD, window_max};
+        let width = CB * V::LANES;
+        let wo = self.wo;
+        assert!(self.hq * 2 <= self.out.len() / width / wo.max(1) && self.wq * 2 <= wo);
+        assert!(self.values.len() >= self.hq * self.wq * width);
+        assert!(self.positions.len() >= self.hq * self.wq * width);
+        let (out, values, positions) = (
+            self.out.as_ptr(),
+            self.values.as_mut_ptr(),
+            self.positions.as_mut_ptr(),
+        );
+        // SAFETY (every vector operation below): the caller enabled V's instruction set, and
+        // every offset lies within the asserted bounds.
+        let zero = unsafe { V::zero() };
+        // Positions as the bits of an f32, which blends and stores carry unchanged.
+        let position = |p: u8| f32::from_bits(u32::from(p));
+        let (one, two, three, four) = unsafe {
+            (
+                V::splat(position(1)),
+                V::splat(position(2)),
+                V::splat(position(3)),
+                V::splat(position(NO_GRAD)),
+            )
+        };
+        for i in 0..self.hq {
+            for j in 0..self.wq {
+                let top = (2 * i * wo + 2 * j) * width;
+                let q = (i * self.wq + j) * width;
+                for c in 0..CB {
+                    let at = |p: usize| unsafe { out.add(p + c * V::LANES) };
+                    let (a, b, cc, d) = unsafe {
+                        (
+                            V::load(at(top)),
+                            V::load(at(top + width)),
+                            V::load(at(top + wo * width)),
+                            V::load(at(top + (wo + 1) * width)),
+                        )
+                    };
+                    let (vq, pq) = unsafe {
+                        (
+                            values.add(q + c * V::LANES),
+                            positions.add(q + c * V::LANES),
+                        )
+                    };
+                    if unsafe { a.has_nan() | b.has_nan() | cc.has_nan() | d.has_nan() } {
+                        for lane in 0..V::LANES {
+                            let v = |p: usize| unsafe { *at(p).add(lane) };
+                            let (m, pos) = window_max([
+                                v(top),
+                                v(top + width),
+                                v(top + wo * width),
+                                v(top + (wo + 1) * width),
+                            ]);
+                            let clamped = m <= 0.0 || m.is_nan();
+                            unsafe {
+                                *vq.add(lane) = if clamped && !m.is_nan() { 0.0 } else { m };
+                                *pq.add(lane) = position(if clamped { NO_GRAD } else { pos });
+                            }
+                        }
+                        continue;
+                    }
+                    unsafe {
+                        let m = a.max(b).max(cc.max(d));
+                        // The first position holding the maximum: later tests override.
+                        let mut pos = three;
+                        pos = cc.select_eq(m, two, pos);
+                        pos = b.select_eq(m, one, pos);
+                        pos = a.select_eq(m, zero, pos);
+                        // ReLU: a window whose maximum is not positive gives 0, no gradient.
+                        pos = m.select_le(zero, four, pos);
+                        m.select_le(zero, zero, m).store(vq);
+                        pos.store(pq);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// One register tile of the weight gradient: `NW` consecutive kernel columns of one (input
 /// channel, kernel row), `CB` vectors of output channels, summed over every output position.
 struct DwTile<'a> {
@@ -619,6 +786,64 @@ mod tests {
                     for r in 0..dr {
                         let want = if r < rows { src[r * sr + c] } else { -1.0 };
                         assert_eq!(dst[c * dr + r], want, "{simd:?} {rows}×{cols} [{c}][{r}]");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Convolution + ReLU + pool in the kernel's layout against the convolution then the
+    /// pooling rows, bit for bit: integer values make ties and non-positive windows common,
+    /// and a NaN in the input spreads to the windows that see it.
+    #[test]
+    fn pooled_matches_convolution_then_pooling() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12);
+        for simd in sets() {
+            for (cin, h, w, cout, k, p) in [
+                (1, 28, 28, 32, 5, 2),
+                (32, 14, 14, 64, 5, 2),
+                (3, 9, 13, 48, 3, 1),
+                (2, 7, 3, 16, 3, 1),
+            ] {
+                for nan in [false, true] {
+                    let g = Geom::new([1, cin, h, w], [cout, cin, k, k], 1, p).expect("valid");
+                    let mut int = |n: usize, r: i32| -> Vec<f32> {
+                        (0..n).map(|_| rng.random_range(-r..=r) as f32).collect()
+                    };
+                    let mut x = int(g.in_len(), 2);
+                    if nan {
+                        x[g.in_len() / 2] = f32::NAN;
+                    }
+                    let (wt, bias) = (int(cout * g.ckk(), 1), int(cout, 1));
+                    let dw = DirectWeights::new(&wt, &g, simd);
+                    let mut y = vec![0f32; cout * g.hw_out()];
+                    sample(&x, &dw, Some(&bias), &g, &mut Vec::new(), &mut y);
+                    let pp = (g.ho / 2) * (g.wo / 2);
+                    let (mut want, mut want_arg) = (vec![0f32; cout * pp], vec![0u8; cout * pp]);
+                    for c in 0..cout {
+                        let (o, a) = (&mut want[c * pp..], &mut want_arg[c * pp..]);
+                        let plane = &y[c * g.hw_out()..(c + 1) * g.hw_out()];
+                        super::super::pool::pool_plane(plane, o, a, g.ho, g.wo, true);
+                    }
+                    let (mut got, mut got_arg) = (vec![7f32; cout * pp], vec![9u8; cout * pp]);
+                    let mut scratch = vec![f32::NAN; 1 << 16];
+                    sample_pooled(
+                        &x,
+                        &dw,
+                        Some(&bias),
+                        &g,
+                        &mut scratch,
+                        &mut got,
+                        &mut got_arg,
+                    );
+                    let what = format!("{simd:?} {cin}×{h}×{w}→{cout} k{k} nan {nan}");
+                    assert_eq!(want.iter().any(|v| v.is_nan()), nan, "{what}: NaN windows");
+                    assert_eq!(got_arg, want_arg, "{what}: positions");
+                    for (i, (a, e)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            a == e || (a.is_nan() && e.is_nan()),
+                            "{what}: [{i}] {a} vs {e}"
+                        );
                     }
                 }
             }

@@ -67,6 +67,14 @@ pub(super) trait Vector: Copy {
     unsafe fn add(self, b: Self) -> Self;
     /// Lane j of the result is the sum of the lanes of `v[j]` (`v` holds LANES vectors).
     unsafe fn sum_each(v: &[Self]) -> Self;
+    /// The lane-wise maximum (either operand where a lane holds a NaN: callers rule them out).
+    unsafe fn max(self, b: Self) -> Self;
+    /// `then` in the lanes where `self == b` (ordered), `other` elsewhere.
+    unsafe fn select_eq(self, b: Self, then: Self, other: Self) -> Self;
+    /// `then` in the lanes where `self <= b` (ordered), `other` elsewhere.
+    unsafe fn select_le(self, b: Self, then: Self, other: Self) -> Self;
+    /// Whether any lane is NaN.
+    unsafe fn has_nan(self) -> bool;
 
     /// `n` values from `p` (all lanes when `n ≥ LANES`).
     #[inline(always)]
@@ -139,6 +147,31 @@ impl Vector for V16 {
     #[inline(always)]
     unsafe fn add(self, b: Self) -> Self {
         V16(unsafe { std::arch::x86_64::_mm512_add_ps(self.0, b.0) })
+    }
+    #[inline(always)]
+    unsafe fn max(self, b: Self) -> Self {
+        V16(unsafe { std::arch::x86_64::_mm512_max_ps(self.0, b.0) })
+    }
+    #[inline(always)]
+    unsafe fn select_eq(self, b: Self, then: Self, other: Self) -> Self {
+        use std::arch::x86_64::*;
+        unsafe {
+            let m = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(self.0, b.0);
+            V16(_mm512_mask_blend_ps(m, other.0, then.0))
+        }
+    }
+    #[inline(always)]
+    unsafe fn select_le(self, b: Self, then: Self, other: Self) -> Self {
+        use std::arch::x86_64::*;
+        unsafe {
+            let m = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(self.0, b.0);
+            V16(_mm512_mask_blend_ps(m, other.0, then.0))
+        }
+    }
+    #[inline(always)]
+    unsafe fn has_nan(self) -> bool {
+        use std::arch::x86_64::*;
+        unsafe { _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(self.0, self.0) != 0 }
     }
     /// In 45 shuffles and adds rather than 16 reductions of 8: each level halves the vectors
     /// (pairs of lanes within 128-bit groups, pairs of pairs, then the groups).
@@ -231,6 +264,31 @@ impl Vector for V8 {
     #[inline(always)]
     unsafe fn add(self, b: Self) -> Self {
         V8(unsafe { std::arch::x86_64::_mm256_add_ps(self.0, b.0) })
+    }
+    #[inline(always)]
+    unsafe fn max(self, b: Self) -> Self {
+        V8(unsafe { std::arch::x86_64::_mm256_max_ps(self.0, b.0) })
+    }
+    #[inline(always)]
+    unsafe fn select_eq(self, b: Self, then: Self, other: Self) -> Self {
+        use std::arch::x86_64::*;
+        unsafe {
+            let m = _mm256_cmp_ps::<_CMP_EQ_OQ>(self.0, b.0);
+            V8(_mm256_blendv_ps(other.0, then.0, m))
+        }
+    }
+    #[inline(always)]
+    unsafe fn select_le(self, b: Self, then: Self, other: Self) -> Self {
+        use std::arch::x86_64::*;
+        unsafe {
+            let m = _mm256_cmp_ps::<_CMP_LE_OQ>(self.0, b.0);
+            V8(_mm256_blendv_ps(other.0, then.0, m))
+        }
+    }
+    #[inline(always)]
+    unsafe fn has_nan(self) -> bool {
+        use std::arch::x86_64::*;
+        unsafe { _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_UNORD_Q>(self.0, self.0)) != 0 }
     }
     /// Horizontal adds within 128-bit halves, then the halves added across.
     #[inline(always)]
