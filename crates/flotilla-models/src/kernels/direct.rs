@@ -23,6 +23,29 @@ use super::conv::Geom;
 use super::simd::Vector;
 use super::simd::{Simd, per_simd};
 
+/// `$tile.run::<CB, NW>($simd)`: two vectors of channels (`$wide`) or one, by `$n` (1..=7)
+/// columns.
+macro_rules! by_columns {
+    ($tile:expr, $simd:expr, $wide:expr, $n:expr) => {
+        match ($wide, $n) {
+            (true, 7) => $tile.run::<2, 7>($simd),
+            (true, 6) => $tile.run::<2, 6>($simd),
+            (true, 5) => $tile.run::<2, 5>($simd),
+            (true, 4) => $tile.run::<2, 4>($simd),
+            (true, 3) => $tile.run::<2, 3>($simd),
+            (true, 2) => $tile.run::<2, 2>($simd),
+            (true, _) => $tile.run::<2, 1>($simd),
+            (false, 7) => $tile.run::<1, 7>($simd),
+            (false, 6) => $tile.run::<1, 6>($simd),
+            (false, 5) => $tile.run::<1, 5>($simd),
+            (false, 4) => $tile.run::<1, 4>($simd),
+            (false, 3) => $tile.run::<1, 3>($simd),
+            (false, 2) => $tile.run::<1, 2>($simd),
+            (false, _) => $tile.run::<1, 1>($simd),
+        }
+    };
+}
+
 /// Output channels per block of the weights' layout: two vectors.
 fn block(simd: Simd) -> usize {
     2 * simd.lanes()
@@ -269,24 +292,7 @@ fn blocks_of_sample(
                         out: &mut out[(oh * g.wo + ow) * width..],
                     };
                     // SAFETY: the CPU runs `simd` (checked); `Tile::run` checks its bounds.
-                    unsafe {
-                        match (wide, n) {
-                            (true, 7) => at.run::<2, 7>(simd),
-                            (true, 6) => at.run::<2, 6>(simd),
-                            (true, 5) => at.run::<2, 5>(simd),
-                            (true, 4) => at.run::<2, 4>(simd),
-                            (true, 3) => at.run::<2, 3>(simd),
-                            (true, 2) => at.run::<2, 2>(simd),
-                            (true, _) => at.run::<2, 1>(simd),
-                            (false, 7) => at.run::<1, 7>(simd),
-                            (false, 6) => at.run::<1, 6>(simd),
-                            (false, 5) => at.run::<1, 5>(simd),
-                            (false, 4) => at.run::<1, 4>(simd),
-                            (false, 3) => at.run::<1, 3>(simd),
-                            (false, 2) => at.run::<1, 2>(simd),
-                            (false, _) => at.run::<1, 1>(simd),
-                        }
-                    }
+                    unsafe { by_columns!(at, simd, wide, n) };
                     ow += n;
                 }
             }
@@ -352,22 +358,7 @@ pub(super) fn sample_dw(
                         out: &mut block[((ci * k + kh) * k + kw) * width..],
                     };
                     // SAFETY: the CPU runs `simd` (checked); `DwTile::run` checks its bounds.
-                    unsafe {
-                        match (wide, n) {
-                            (true, 7) => at.run::<2, 7>(simd),
-                            (true, 5) => at.run::<2, 5>(simd),
-                            (true, 4) => at.run::<2, 4>(simd),
-                            (true, 3) => at.run::<2, 3>(simd),
-                            (true, 2) => at.run::<2, 2>(simd),
-                            (true, _) => at.run::<2, 1>(simd),
-                            (false, 7) => at.run::<1, 7>(simd),
-                            (false, 5) => at.run::<1, 5>(simd),
-                            (false, 4) => at.run::<1, 4>(simd),
-                            (false, 3) => at.run::<1, 3>(simd),
-                            (false, 2) => at.run::<1, 2>(simd),
-                            (false, _) => at.run::<1, 1>(simd),
-                        }
-                    }
+                    unsafe { by_columns!(at, simd, wide, n) };
                     kw += n;
                 }
             }

@@ -1,8 +1,9 @@
 //! 2×2 stride-2 max pooling (with a fused ReLU) forward and backward, with a one-byte argmax
 //! per output.
 
+use super::simd::per_simd;
 #[cfg(target_arch = "x86_64")]
-use super::simd::Simd;
+use super::simd::{Simd, Vector};
 use super::*;
 
 /// Planes per pooling task: a whole tensor on one thread under [`serial`].
@@ -43,8 +44,7 @@ pub(super) fn pool_plane(xp: &[f32], o: &mut [f32], a: &mut [u8], h: usize, w: u
         // each.
         #[cfg(target_arch = "x86_64")]
         match Simd::chosen() {
-            Some(Simd::Avx512) => unsafe { avx512::pool_row(r0, r1, o, a, relu) },
-            Some(Simd::Avx2) => unsafe { avx2::pool_row(r0, r1, o, a, relu) },
+            Some(simd) => unsafe { PoolRow { r0, r1, o, a, relu }.run::<1, 1>(simd) },
             None => pool_row(r0, r1, o, a, relu),
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -81,10 +81,7 @@ pub(super) fn unpool_plane(g: &[f32], a: &[u8], h: usize, w: usize, dxp: &mut [f
             let (g, a) = (&g[q.clone()], &a[q]);
             // SAFETY: the CPU runs the chosen set; each row holds w ≥ 2·wo values, g and a
             // wo each.
-            match simd {
-                Simd::Avx512 => unsafe { avx512::unpool_row(g, a, top, bottom) },
-                Simd::Avx2 => unsafe { avx2::unpool_row(g, a, top, bottom) },
-            }
+            unsafe { UnpoolRow { g, a, top, bottom }.run::<1, 1>(simd) };
         }
         return;
     }
@@ -97,256 +94,134 @@ pub(super) fn unpool_plane(g: &[f32], a: &[u8], h: usize, w: usize, dxp: &mut [f
     }
 }
 
-/// The pooling kernels on 512-bit vectors: 16 windows of one row at a time, the even and odd
-/// columns of two input rows separated by permutes.
-#[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use super::NO_GRAD;
-    use std::arch::x86_64::*;
+/// One row of windows, `o.len()` of them, from input rows `r0` and `r1`: [`pool_row`] a vector
+/// of windows at a time, with the same values and positions. A run of windows holding a NaN
+/// takes the scalar row (NaN wins, the last one's position).
+struct PoolRow<'a> {
+    r0: &'a [f32],
+    r1: &'a [f32],
+    o: &'a mut [f32],
+    a: &'a mut [u8],
+    relu: bool,
+}
 
-    /// Lanes 0..n set.
-    fn first(n: usize) -> u16 {
-        if n >= 16 { u16::MAX } else { (1u16 << n) - 1 }
-    }
+per_simd!(PoolRow<'_>);
 
-    /// The even and odd values of `2n` (≤ 32) from `row`, and whether any is NaN.
-    ///
-    /// # Safety
-    /// AVX-512F is available; `row` starts 2n readable values.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn split(row: *const f32, n: usize) -> (__m512, __m512, bool) {
-        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-        let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-        // SAFETY: the masks cover the first 2n values from `row`, no more.
-        let (lo, hi) = unsafe {
+impl PoolRow<'_> {
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn body<V: Vector, const UNUSED_A: usize, const UNUSED_B: usize>(self) {
+        let wo = self.o.len();
+        assert!(self.r0.len() >= 2 * wo && self.r1.len() >= 2 * wo && self.a.len() >= wo);
+        // Positions as the bits of an f32, which blends and stores carry unchanged.
+        let position = |p: u8| f32::from_bits(u32::from(p));
+        // SAFETY (every vector operation below): the caller enabled V's instruction set, and
+        // every offset lies within the asserted bounds (loads and stores of n windows read
+        // and write 2n values of a row, n of the output).
+        let zero = unsafe { V::zero() };
+        let (one, two, three, no_grad) = unsafe {
             (
-                _mm512_maskz_loadu_ps(first(2 * n), row),
-                _mm512_maskz_loadu_ps(first(2 * n.saturating_sub(8)), row.add(16)),
+                V::splat(position(1)),
+                V::splat(position(2)),
+                V::splat(position(3)),
+                V::splat(position(NO_GRAD)),
             )
         };
-        let nan =
-            _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(lo, lo) | _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(hi, hi);
-        (
-            _mm512_permutex2var_ps(lo, even, hi),
-            _mm512_permutex2var_ps(lo, odd, hi),
-            nan != 0,
-        )
-    }
-
-    /// `super::pool_row` sixteen windows at a time, with the same values and positions; a run
-    /// of windows holding a NaN takes the scalar path (NaN wins, the last one's position).
-    ///
-    /// # Safety
-    /// AVX-512F is available; `r0` and `r1` hold at least 2·`o.len()` values, `a` `o.len()`.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn pool_row(r0: &[f32], r1: &[f32], o: &mut [f32], a: &mut [u8], relu: bool) {
-        let wo = o.len();
-        for j0 in (0..wo).step_by(16) {
-            let n = (wo - j0).min(16);
-            // SAFETY: windows j0..j0+n read values 2·j0..2·(j0+n) of each row.
-            let ((a0, b0, nan0), (c0, d0, nan1)) = unsafe {
-                (
-                    split(r0.as_ptr().add(2 * j0), n),
-                    split(r1.as_ptr().add(2 * j0), n),
-                )
-            };
+        for j0 in (0..wo).step_by(V::LANES) {
+            let n = (wo - j0).min(V::LANES);
+            let (((a0, b0), nan0), ((c0, d0), nan1)) =
+                unsafe { (split::<V>(self.r0, j0, n), split::<V>(self.r1, j0, n)) };
             if nan0 | nan1 {
-                let (r0, r1) = (&r0[2 * j0..], &r1[2 * j0..]);
-                super::pool_row(r0, r1, &mut o[j0..j0 + n], &mut a[j0..j0 + n], relu);
+                let (r0, r1) = (&self.r0[2 * j0..], &self.r1[2 * j0..]);
+                let (o, a) = (&mut self.o[j0..j0 + n], &mut self.a[j0..j0 + n]);
+                pool_row(r0, r1, o, a, self.relu);
                 continue;
             }
-            let m = _mm512_max_ps(_mm512_max_ps(a0, b0), _mm512_max_ps(c0, d0));
-            // The first position holding the maximum: later tests override earlier ones.
-            let is_max = |v| _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(v, m);
-            let mut at = _mm512_set1_epi32(3);
-            at = _mm512_mask_mov_epi32(at, is_max(c0), _mm512_set1_epi32(2));
-            at = _mm512_mask_mov_epi32(at, is_max(b0), _mm512_set1_epi32(1));
-            at = _mm512_mask_mov_epi32(at, is_max(a0), _mm512_setzero_si512());
-            let mut out = m;
-            if relu {
-                let clamped = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(m, _mm512_setzero_ps());
-                out = _mm512_mask_mov_ps(m, clamped, _mm512_setzero_ps());
-                let no_grad = _mm512_set1_epi32(i32::from(NO_GRAD));
-                at = _mm512_mask_mov_epi32(at, clamped, no_grad);
-            }
-            // SAFETY: n values of o and a from j0.
+            let mut positions = [0f32; 16];
             unsafe {
-                _mm512_mask_storeu_ps(o.as_mut_ptr().add(j0), first(n), out);
-                _mm512_mask_cvtepi32_storeu_epi8(a.as_mut_ptr().add(j0).cast(), first(n), at);
-            }
-        }
-    }
-
-    /// One row of windows' gradient: `g` and `a` (one value and position per window) into the
-    /// two input rows `top` and `bottom`, every position of the windows written.
-    ///
-    /// # Safety
-    /// AVX-512F is available; `top` and `bottom` hold at least 2·`g.len()` values, `a`
-    /// `g.len()`.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn unpool_row(g: &[f32], a: &[u8], top: &mut [f32], bottom: &mut [f32]) {
-        let wo = g.len();
-        // Interleaving two registers of 16: the first and the second half of the 32.
-        let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-        let hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
-        for j0 in (0..wo).step_by(16) {
-            let n = (wo - j0).min(16);
-            let mut bytes = [0u8; 16];
-            bytes[..n].copy_from_slice(&a[j0..j0 + n]);
-            // SAFETY: the 16 bytes of `bytes`; n values of g from j0.
-            let (pos, v) = unsafe {
-                (
-                    _mm512_cvtepu8_epi32(_mm_loadu_si128(bytes.as_ptr().cast())),
-                    _mm512_maskz_loadu_ps(first(n), g.as_ptr().add(j0)),
-                )
-            };
-            // The gradient where the window's winner is position p, else 0 (NO_GRAD: all 0).
-            let winner =
-                |p| _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(pos, _mm512_set1_epi32(p)), v);
-            for (row, p) in [(&mut *top, 0), (&mut *bottom, 2)] {
-                let (even, odd) = (winner(p), winner(p + 1));
-                // SAFETY: values 2·j0..2·(j0+n) of the row.
-                unsafe {
-                    let out = row.as_mut_ptr().add(2 * j0);
-                    let (first_half, second_half) = (
-                        _mm512_permutex2var_ps(even, lo, odd),
-                        _mm512_permutex2var_ps(even, hi, odd),
-                    );
-                    _mm512_mask_storeu_ps(out, first(2 * n), first_half);
-                    _mm512_mask_storeu_ps(out.add(16), first(2 * n.saturating_sub(8)), second_half);
+                let m = a0.max(b0).max(c0.max(d0));
+                // The first position holding the maximum: later tests override earlier ones.
+                let mut pos = three;
+                pos = c0.select_eq(m, two, pos);
+                pos = b0.select_eq(m, one, pos);
+                pos = a0.select_eq(m, zero, pos);
+                let mut out = m;
+                if self.relu {
+                    // A window whose maximum is not positive gives 0 and no gradient.
+                    pos = m.select_le(zero, no_grad, pos);
+                    out = m.select_le(zero, zero, m);
                 }
+                out.store_n(self.o.as_mut_ptr().add(j0), n);
+                pos.store(positions.as_mut_ptr());
+            }
+            for (d, p) in self.a[j0..j0 + n].iter_mut().zip(positions) {
+                *d = p.to_bits() as u8;
             }
         }
     }
 }
 
-/// The pooling kernels on 256-bit vectors (AVX2): 8 windows of one row at a time, as
-/// [`avx512`] does 16.
+/// The even and odd values of windows `j0..j0 + n` of `row` (≤ LANES windows), and whether any
+/// is NaN. (A function, not a closure, so that it inlines into the caller's instruction set.)
+///
+/// # Safety
+/// V's instruction set is enabled; `row` holds at least 2·(j0 + n) values.
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::NO_GRAD;
-    use std::arch::x86_64::*;
-
-    /// Lanes 0..n of a mask vector set.
-    #[target_feature(enable = "avx2")]
-    fn first(n: usize) -> __m256i {
-        _mm256_cmpgt_epi32(
-            _mm256_set1_epi32(n as i32),
-            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-        )
+#[inline(always)]
+unsafe fn split<V: Vector>(row: &[f32], j0: usize, n: usize) -> ((V, V), bool) {
+    // SAFETY: forwarded from the caller; the loads cover values 2·j0..2·(j0 + n).
+    unsafe {
+        let p = row.as_ptr().add(2 * j0);
+        let (lo, hi) = (
+            V::load_n(p, 2 * n),
+            V::load_n(p.add(V::LANES), (2 * n).saturating_sub(V::LANES)),
+        );
+        (V::deinterleave(lo, hi), lo.has_nan() | hi.has_nan())
     }
+}
 
-    /// The even and odd values of `2n` (≤ 16) from `row`, and whether any is NaN.
-    ///
-    /// # Safety
-    /// AVX2 is available; `row` starts 2n readable values.
-    #[target_feature(enable = "avx2")]
-    unsafe fn split(row: *const f32, n: usize) -> (__m256, __m256, bool) {
-        // SAFETY: the masks cover the first 2n values from `row`, no more.
-        let (lo, hi) = unsafe {
-            (
-                _mm256_maskload_ps(row, first(2 * n)),
-                _mm256_maskload_ps(row.add(8), first(2 * n.saturating_sub(4))),
-            )
-        };
-        let nan = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_UNORD_Q>(lo, lo))
-            | _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_UNORD_Q>(hi, hi));
-        // Per 128-bit half [lo0 lo2 hi0 hi2 | lo4 lo6 hi4 hi6], then the 64-bit pairs in order.
-        let order = |v: __m256| {
-            _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(v)))
-        };
-        (
-            order(_mm256_shuffle_ps::<0b10_00_10_00>(lo, hi)),
-            order(_mm256_shuffle_ps::<0b11_01_11_01>(lo, hi)),
-            nan != 0,
-        )
-    }
+/// One row of windows' gradient: `g` and `a` (one value and position per window) into the two
+/// input rows `top` and `bottom`, a vector of windows at a time, every position of each window
+/// written (the winner's gradient or zero).
+struct UnpoolRow<'a> {
+    g: &'a [f32],
+    a: &'a [u8],
+    top: &'a mut [f32],
+    bottom: &'a mut [f32],
+}
 
-    /// `super::pool_row` eight windows at a time, with the same values and positions; a run
-    /// of windows holding a NaN takes the scalar path.
-    ///
-    /// # Safety
-    /// AVX2 is available; `r0` and `r1` hold at least 2·`o.len()` values, `a` `o.len()`.
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn pool_row(r0: &[f32], r1: &[f32], o: &mut [f32], a: &mut [u8], relu: bool) {
-        let wo = o.len();
-        for j0 in (0..wo).step_by(8) {
-            let n = (wo - j0).min(8);
-            // SAFETY: windows j0..j0+n read values 2·j0..2·(j0+n) of each row.
-            let ((a0, b0, nan0), (c0, d0, nan1)) = unsafe {
-                (
-                    split(r0.as_ptr().add(2 * j0), n),
-                    split(r1.as_ptr().add(2 * j0), n),
-                )
-            };
-            if nan0 | nan1 {
-                let (r0, r1) = (&r0[2 * j0..], &r1[2 * j0..]);
-                super::pool_row(r0, r1, &mut o[j0..j0 + n], &mut a[j0..j0 + n], relu);
-                continue;
-            }
-            let m = _mm256_max_ps(_mm256_max_ps(a0, b0), _mm256_max_ps(c0, d0));
-            // The first position holding the maximum: later tests override earlier ones.
-            let is_max = |v| _mm256_castps_si256(_mm256_cmp_ps::<_CMP_EQ_OQ>(v, m));
-            let mut at = _mm256_set1_epi32(3);
-            at = _mm256_blendv_epi8(at, _mm256_set1_epi32(2), is_max(c0));
-            at = _mm256_blendv_epi8(at, _mm256_set1_epi32(1), is_max(b0));
-            at = _mm256_blendv_epi8(at, _mm256_setzero_si256(), is_max(a0));
-            let mut out = m;
-            if relu {
-                let clamped = _mm256_cmp_ps::<_CMP_LE_OQ>(m, _mm256_setzero_ps());
-                out = _mm256_blendv_ps(m, _mm256_setzero_ps(), clamped);
-                let no_grad = _mm256_set1_epi32(i32::from(NO_GRAD));
-                at = _mm256_blendv_epi8(at, no_grad, _mm256_castps_si256(clamped));
-            }
-            let mut positions = [0i32; 8];
-            // SAFETY: n values of o from j0; the 8 of `positions`.
-            unsafe {
-                _mm256_maskstore_ps(o.as_mut_ptr().add(j0), first(n), out);
-                _mm256_storeu_si256(positions.as_mut_ptr().cast(), at);
-            }
-            for (d, p) in a[j0..j0 + n].iter_mut().zip(positions) {
-                *d = p as u8;
-            }
-        }
-    }
+per_simd!(UnpoolRow<'_>);
 
-    /// One row of windows' gradient, as `avx512::unpool_row`, eight windows at a time.
-    ///
-    /// # Safety
-    /// AVX2 is available; `top` and `bottom` hold at least 2·`g.len()` values, `a`
-    /// `g.len()`.
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn unpool_row(g: &[f32], a: &[u8], top: &mut [f32], bottom: &mut [f32]) {
-        let wo = g.len();
-        for j0 in (0..wo).step_by(8) {
-            let n = (wo - j0).min(8);
-            let mut bytes = [0u8; 16];
-            bytes[..n].copy_from_slice(&a[j0..j0 + n]);
-            // SAFETY: the first 8 of the 16 bytes of `bytes`; n values of g from j0.
+impl UnpoolRow<'_> {
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn body<V: Vector, const UNUSED_A: usize, const UNUSED_B: usize>(self) {
+        let wo = self.g.len();
+        assert!(self.a.len() >= wo && self.top.len() >= 2 * wo && self.bottom.len() >= 2 * wo);
+        // SAFETY (every vector operation below): the caller enabled V's instruction set, and
+        // every offset lies within the asserted bounds.
+        let zero = unsafe { V::zero() };
+        for j0 in (0..wo).step_by(V::LANES) {
+            let n = (wo - j0).min(V::LANES);
+            // Positions as small whole floats, compared exactly (NO_GRAD matches none of 0..4).
+            let mut positions = [f32::from(NO_GRAD); 16];
+            for (p, a) in positions.iter_mut().zip(&self.a[j0..j0 + n]) {
+                *p = f32::from(*a);
+            }
             let (pos, v) = unsafe {
                 (
-                    _mm256_cvtepu8_epi32(_mm_loadl_epi64(bytes.as_ptr().cast())),
-                    _mm256_maskload_ps(g.as_ptr().add(j0), first(n)),
+                    V::load(positions.as_ptr()),
+                    V::load_n(self.g.as_ptr().add(j0), n),
                 )
             };
-            // The gradient where the window's winner is position p, else 0 (NO_GRAD: all 0).
-            let winner = |p| {
-                let hit = _mm256_cmpeq_epi32(pos, _mm256_set1_epi32(p));
-                _mm256_and_ps(_mm256_castsi256_ps(hit), v)
-            };
-            for (row, p) in [(&mut *top, 0), (&mut *bottom, 2)] {
-                let (even, odd) = (winner(p), winner(p + 1));
-                // Per half [e0 o0 e1 o1 | e4 o4 e5 o5] and [e2 o2 e3 o3 | e6 o6 e7 o7].
-                let (lo, hi) = (_mm256_unpacklo_ps(even, odd), _mm256_unpackhi_ps(even, odd));
-                let (first_half, second_half) = (
-                    _mm256_permute2f128_ps::<0x20>(lo, hi),
-                    _mm256_permute2f128_ps::<0x31>(lo, hi),
-                );
-                // SAFETY: values 2·j0..2·(j0+n) of the row.
+            for (row, p) in [(&mut *self.top, 0.0), (&mut *self.bottom, 2.0)] {
                 unsafe {
+                    let even = pos.select_eq(V::splat(p), v, zero);
+                    let odd = pos.select_eq(V::splat(p + 1.0), v, zero);
+                    let (first, second) = V::interleave(even, odd);
                     let out = row.as_mut_ptr().add(2 * j0);
-                    _mm256_maskstore_ps(out, first(2 * n), first_half);
-                    _mm256_maskstore_ps(out.add(8), first(2 * n.saturating_sub(4)), second_half);
+                    first.store_n(out, 2 * n);
+                    second.store_n(out.add(V::LANES), (2 * n).saturating_sub(V::LANES));
                 }
             }
         }
@@ -508,12 +383,14 @@ mod tests {
                     pool_row(&r0, &r1, &mut o1, &mut a1, relu);
                     // SAFETY: the CPU runs `simd` (checked by the caller); rows of 2·wo + 1
                     // values.
-                    match simd {
-                        Simd::Avx512 => unsafe {
-                            avx512::pool_row(&r0, &r1, &mut o2, &mut a2, relu)
-                        },
-                        Simd::Avx2 => unsafe { avx2::pool_row(&r0, &r1, &mut o2, &mut a2, relu) },
-                    }
+                    let row = PoolRow {
+                        r0: &r0,
+                        r1: &r1,
+                        o: &mut o2,
+                        a: &mut a2,
+                        relu,
+                    };
+                    unsafe { row.run::<1, 1>(simd) };
                     assert_eq!(a1, a2, "{simd:?} argmax, {wo} windows, relu {relu}");
                     for (x, y) in o1.iter().zip(&o2) {
                         // Equal, or both NaN; a zero's sign may differ (max of ±0).
@@ -521,37 +398,28 @@ mod tests {
                     }
                     // The gradient scattered back, against the scalar scatter.
                     let g: Vec<f32> = (0..wo).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-                    let (h, w) = (2, 2 * wo + 1);
-                    let mut want = vec![0f32; h * w];
-                    for j in 0..wo {
-                        let (q, v) = (a1[j], g[j]);
-                        let r = (q & 3) as usize;
-                        want[(r >> 1) * w + 2 * j + (r & 1)] = if q == NO_GRAD { 0.0 } else { v };
+                    // An odd width (its last column outside every window) into zeros, and an
+                    // even one over stale values: every value must then be written.
+                    for (w, fill) in [(2 * wo + 1, 0.0), (2 * wo, f32::NAN)] {
+                        let mut want = vec![0f32; 2 * w];
+                        for j in 0..wo {
+                            let (q, v) = (a1[j], g[j]);
+                            let r = (q & 3) as usize;
+                            want[(r >> 1) * w + 2 * j + (r & 1)] =
+                                if q == NO_GRAD { 0.0 } else { v };
+                        }
+                        let mut got = vec![fill; 2 * w];
+                        let (top, bottom) = got.split_at_mut(w);
+                        let row = UnpoolRow {
+                            g: &g,
+                            a: &a1,
+                            top,
+                            bottom,
+                        };
+                        // SAFETY: as above; rows of at least 2·wo values.
+                        unsafe { row.run::<1, 1>(simd) };
+                        assert_eq!(got, want, "{simd:?} unpool, {wo} windows, width {w}");
                     }
-                    let mut got = vec![0f32; h * w];
-                    let (top, bottom) = got.split_at_mut(w);
-                    // SAFETY: as above; rows of 2·wo + 1 values.
-                    match simd {
-                        Simd::Avx512 => unsafe { avx512::unpool_row(&g, &a1, top, bottom) },
-                        Simd::Avx2 => unsafe { avx2::unpool_row(&g, &a1, top, bottom) },
-                    }
-                    assert_eq!(got, want, "{simd:?} unpool, {wo} windows");
-                    // Even sides: every value is written, over whatever the buffer held.
-                    let w = 2 * wo;
-                    let mut want = vec![0f32; 2 * w];
-                    for j in 0..wo {
-                        let (q, v) = (a1[j], g[j]);
-                        let r = (q & 3) as usize;
-                        want[(r >> 1) * w + 2 * j + (r & 1)] = if q == NO_GRAD { 0.0 } else { v };
-                    }
-                    let mut got = vec![f32::NAN; 2 * w];
-                    let (top, bottom) = got.split_at_mut(w);
-                    // SAFETY: as above; rows of 2·wo values.
-                    match simd {
-                        Simd::Avx512 => unsafe { avx512::unpool_row(&g, &a1, top, bottom) },
-                        Simd::Avx2 => unsafe { avx2::unpool_row(&g, &a1, top, bottom) },
-                    }
-                    assert_eq!(got, want, "{simd:?} unpool over stale values, {wo} windows");
                 }
             }
         }

@@ -75,6 +75,10 @@ pub(super) trait Vector: Copy {
     unsafe fn select_le(self, b: Self, then: Self, other: Self) -> Self;
     /// Whether any lane is NaN.
     unsafe fn has_nan(self) -> bool;
+    /// The even and the odd values of the 2·LANES values `lo` then `hi`.
+    unsafe fn deinterleave(lo: Self, hi: Self) -> (Self, Self);
+    /// `even` and `odd` interleaved, as 2·LANES values: the first LANES, then the rest.
+    unsafe fn interleave(even: Self, odd: Self) -> (Self, Self);
 
     /// `n` values from `p` (all lanes when `n ≥ LANES`).
     #[inline(always)]
@@ -172,6 +176,30 @@ impl Vector for V16 {
     unsafe fn has_nan(self) -> bool {
         use std::arch::x86_64::*;
         unsafe { _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(self.0, self.0) != 0 }
+    }
+    #[inline(always)]
+    unsafe fn deinterleave(lo: Self, hi: Self) -> (Self, Self) {
+        use std::arch::x86_64::*;
+        unsafe {
+            let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+            let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+            (
+                V16(_mm512_permutex2var_ps(lo.0, even, hi.0)),
+                V16(_mm512_permutex2var_ps(lo.0, odd, hi.0)),
+            )
+        }
+    }
+    #[inline(always)]
+    unsafe fn interleave(even: Self, odd: Self) -> (Self, Self) {
+        use std::arch::x86_64::*;
+        unsafe {
+            let first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+            let second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+            (
+                V16(_mm512_permutex2var_ps(even.0, first, odd.0)),
+                V16(_mm512_permutex2var_ps(even.0, second, odd.0)),
+            )
+        }
     }
     /// In 45 shuffles and adds rather than 16 reductions of 8: each level halves the vectors
     /// (pairs of lanes within 128-bit groups, pairs of pairs, then the groups).
@@ -289,6 +317,36 @@ impl Vector for V8 {
     unsafe fn has_nan(self) -> bool {
         use std::arch::x86_64::*;
         unsafe { _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_UNORD_Q>(self.0, self.0)) != 0 }
+    }
+    /// Within 128-bit halves, then the 64-bit quarters put in order.
+    #[inline(always)]
+    unsafe fn deinterleave(lo: Self, hi: Self) -> (Self, Self) {
+        use std::arch::x86_64::*;
+        unsafe {
+            // Per half [lo0 lo2 hi0 hi2 | lo4 lo6 hi4 hi6], then quarters 0, 2, 1, 3.
+            let order = |v: __m256| {
+                _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(v)))
+            };
+            (
+                V8(order(_mm256_shuffle_ps::<0b10_00_10_00>(lo.0, hi.0))),
+                V8(order(_mm256_shuffle_ps::<0b11_01_11_01>(lo.0, hi.0))),
+            )
+        }
+    }
+    #[inline(always)]
+    unsafe fn interleave(even: Self, odd: Self) -> (Self, Self) {
+        use std::arch::x86_64::*;
+        unsafe {
+            // Per half [e0 o0 e1 o1 | e4 o4 e5 o5] and [e2 o2 e3 o3 | e6 o6 e7 o7].
+            let (lo, hi) = (
+                _mm256_unpacklo_ps(even.0, odd.0),
+                _mm256_unpackhi_ps(even.0, odd.0),
+            );
+            (
+                V8(_mm256_permute2f128_ps::<0x20>(lo, hi)),
+                V8(_mm256_permute2f128_ps::<0x31>(lo, hi)),
+            )
+        }
     }
     /// Horizontal adds within 128-bit halves, then the halves added across.
     #[inline(always)]
