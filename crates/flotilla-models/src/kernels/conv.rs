@@ -238,8 +238,8 @@ pub(super) fn direct_weights(w: &[f32], g: &Geom, b: usize) -> Option<DirectWeig
 /// The instruction set of the direct kernel when it runs convolution `g` over a batch of `b`.
 fn direct_runs(g: &Geom, b: usize) -> Option<Simd> {
     let (split, threads) = split_batch(b);
-    ((split || threads == 1) && direct::applies(g))
-        .then(Simd::chosen)
+    (split || threads == 1)
+        .then(|| direct::applies(g))
         .flatten()
 }
 

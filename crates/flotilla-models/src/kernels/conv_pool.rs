@@ -39,7 +39,7 @@ pub(super) fn conv_pool_forward(
                 w,
                 Some(bias),
                 g,
-                direct.as_ref(),
+                None,
                 cols,
                 &mut y.spare_capacity_mut()[..g.cout * hw],
                 par,

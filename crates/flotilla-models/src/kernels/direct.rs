@@ -90,9 +90,10 @@ pub(super) struct DirectWeights {
     simd: Simd,
 }
 
-/// Whether the direct kernel runs this convolution (see the module docs).
-pub(super) fn applies(g: &Geom) -> bool {
-    Simd::chosen().is_some() && supported(g)
+/// The instruction set the direct kernel runs this convolution on, if it does (see the module
+/// docs).
+pub(super) fn applies(g: &Geom) -> Option<Simd> {
+    supported(g).then(Simd::chosen).flatten()
 }
 
 fn supported(g: &Geom) -> bool {
@@ -533,8 +534,9 @@ pub(super) fn standard_layout(direct: &[f32], g: &Geom, simd: Simd) -> Vec<f32> 
 
 /// ReLU + 2×2 max pooling of one block's output in [position][channel] layout: for each
 /// window, the lane-wise maximum of its four position vectors, clamped at 0, and the position
-/// of the first maximum (4 where clamped; the bits of an f32), both as [window][channel]. A
-/// window holding a NaN takes `pool::window_max` lane by lane, as the scalar rows do.
+/// of the first maximum (4 where clamped; the bits of an f32), both as [window][channel]
+/// (`pool::VectorWindows`). A window holding a NaN takes `pool::relu_window` lane by lane, as
+/// the scalar rows do.
 struct PoolTile<'a> {
     out: &'a [f32],
     /// Output columns of the convolution.
@@ -552,7 +554,7 @@ impl PoolTile<'_> {
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn body<V: Vector, const CB: usize, const UNUSED: usize>(self) {
-        use super::pool::{NO_GRAD, window_max};
+        use super::pool::{VectorWindows, relu_window};
         let width = CB * V::LANES;
         let wo = self.wo;
         assert!(self.hq * 2 <= self.out.len() / width / wo.max(1) && self.wq * 2 <= wo);
@@ -565,17 +567,7 @@ impl PoolTile<'_> {
         );
         // SAFETY (every vector operation below): the caller enabled V's instruction set, and
         // every offset lies within the asserted bounds.
-        let zero = unsafe { V::zero() };
-        // Positions as the bits of an f32, which blends and stores carry unchanged.
-        let position = |p: u8| f32::from_bits(u32::from(p));
-        let (one, two, three, four) = unsafe {
-            (
-                V::splat(position(1)),
-                V::splat(position(2)),
-                V::splat(position(3)),
-                V::splat(position(NO_GRAD)),
-            )
-        };
+        let rule = unsafe { VectorWindows::<V>::new() };
         for i in 0..self.hq {
             for j in 0..self.wq {
                 let top = (2 * i * wo + 2 * j) * width;
@@ -599,30 +591,23 @@ impl PoolTile<'_> {
                     if unsafe { a.has_nan() | b.has_nan() | cc.has_nan() | d.has_nan() } {
                         for lane in 0..V::LANES {
                             let v = |p: usize| unsafe { *at(p).add(lane) };
-                            let (m, pos) = window_max([
+                            let window = [
                                 v(top),
                                 v(top + width),
                                 v(top + wo * width),
                                 v(top + (wo + 1) * width),
-                            ]);
-                            let clamped = m <= 0.0 || m.is_nan();
+                            ];
+                            let (value, pos) = relu_window(window, true);
                             unsafe {
-                                *vq.add(lane) = if clamped && !m.is_nan() { 0.0 } else { m };
-                                *pq.add(lane) = position(if clamped { NO_GRAD } else { pos });
+                                *vq.add(lane) = value;
+                                *pq.add(lane) = f32::from_bits(u32::from(pos));
                             }
                         }
                         continue;
                     }
                     unsafe {
-                        let m = a.max(b).max(cc.max(d));
-                        // The first position holding the maximum: later tests override.
-                        let mut pos = three;
-                        pos = cc.select_eq(m, two, pos);
-                        pos = b.select_eq(m, one, pos);
-                        pos = a.select_eq(m, zero, pos);
-                        // ReLU: a window whose maximum is not positive gives 0, no gradient.
-                        pos = m.select_le(zero, four, pos);
-                        m.select_le(zero, zero, m).store(vq);
+                        let (value, pos) = rule.apply([a, b, cc, d], true);
+                        value.store(vq);
                         pos.store(pq);
                     }
                 }

@@ -29,12 +29,25 @@ pub(super) fn window_max(v: [f32; 4]) -> (f32, u8) {
 /// The window position that takes no gradient: the fused ReLU clamped the window's maximum.
 pub(super) const NO_GRAD: u8 = 4;
 
+/// [`window_max`] with the fused ReLU when `relu`: a window whose maximum is not positive (or
+/// NaN) takes no gradient ([`NO_GRAD`]) and gives 0 (NaN stays NaN, like burn's ReLU).
+/// Arithmetic selects keep a loop over it free of branches.
+#[inline(always)]
+pub(super) fn relu_window(v: [f32; 4], relu: bool) -> (f32, u8) {
+    let (m, at) = window_max(v);
+    let clamp = (relu & ((m <= 0.0) | m.is_nan())) as u8;
+    let value = if (clamp == 1) & !m.is_nan() { 0.0 } else { m };
+    (value, at + clamp * (NO_GRAD - at))
+}
+
 /// One plane `[h, w]` pooled into `o` (`[h/2, w/2]`) with its argmax in `a`; see
 /// [`pool_forward`]. Sixteen windows at a time on AVX-512, eight on AVX2 (the set of
 /// [`Simd::chosen`]), with the same values and positions.
 #[inline]
 pub(super) fn pool_plane(xp: &[f32], o: &mut [f32], a: &mut [u8], h: usize, w: usize, relu: bool) {
     let (ho, wo) = (h / 2, w / 2);
+    #[cfg(target_arch = "x86_64")]
+    let simd = Simd::chosen();
     for i in 0..ho {
         let r0 = &xp[2 * i * w..(2 * i + 1) * w];
         let r1 = &xp[(2 * i + 1) * w..(2 * i + 2) * w];
@@ -43,7 +56,7 @@ pub(super) fn pool_plane(xp: &[f32], o: &mut [f32], a: &mut [u8], h: usize, w: u
         // SAFETY: the CPU runs the chosen set; each row holds w ≥ 2·wo values, o and a wo
         // each.
         #[cfg(target_arch = "x86_64")]
-        match Simd::chosen() {
+        match simd {
             Some(simd) => unsafe { PoolRow { r0, r1, o, a, relu }.run::<1, 1>(simd) },
             None => pool_row(r0, r1, o, a, relu),
         }
@@ -56,12 +69,7 @@ pub(super) fn pool_plane(xp: &[f32], o: &mut [f32], a: &mut [u8], h: usize, w: u
 #[inline]
 fn pool_row(r0: &[f32], r1: &[f32], o: &mut [f32], a: &mut [u8], relu: bool) {
     for j in 0..o.len() {
-        let (m, at) = window_max([r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1]]);
-        // A clamped window (and NaN, which stays NaN like burn's ReLU) takes no
-        // gradient. Arithmetic selects keep the loop free of branches.
-        let clamp = (relu & ((m <= 0.0) | m.is_nan())) as u8;
-        o[j] = if (clamp == 1) & !m.is_nan() { 0.0 } else { m };
-        a[j] = at + clamp * (NO_GRAD - at);
+        (o[j], a[j]) = relu_window([r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1]], relu);
     }
 }
 
@@ -94,6 +102,65 @@ pub(super) fn unpool_plane(g: &[f32], a: &[u8], h: usize, w: usize, dxp: &mut [f
     }
 }
 
+/// [`relu_window`] on vectors: lane j of `apply`'s four vectors is one window's values, in
+/// the order of [`window_max`]. The position is carried as the bits of an f32 (blends, stores
+/// and transposes move bits unchanged; read it back with `to_bits() as u8`). The caller rules
+/// out NaN (the lanes' maximum would not follow burn's rule).
+#[cfg(target_arch = "x86_64")]
+pub(super) struct VectorWindows<V> {
+    zero: V,
+    one: V,
+    two: V,
+    three: V,
+    no_grad: V,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<V: Vector> VectorWindows<V> {
+    /// # Safety
+    /// V's instruction set is enabled.
+    #[inline(always)]
+    pub(super) unsafe fn new() -> Self {
+        let position = |p: u8| f32::from_bits(u32::from(p));
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            Self {
+                zero: V::zero(),
+                one: V::splat(position(1)),
+                two: V::splat(position(2)),
+                three: V::splat(position(3)),
+                no_grad: V::splat(position(NO_GRAD)),
+            }
+        }
+    }
+
+    /// The windows' values (clamped at 0 with `relu`) and positions.
+    ///
+    /// # Safety
+    /// V's instruction set is enabled.
+    #[inline(always)]
+    pub(super) unsafe fn apply(&self, [a, b, c, d]: [V; 4], relu: bool) -> (V, V) {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            let m = a.max(b).max(c.max(d));
+            // The first position holding the maximum: later tests override earlier ones.
+            let mut pos = self.three;
+            pos = c.select_eq(m, self.two, pos);
+            pos = b.select_eq(m, self.one, pos);
+            pos = a.select_eq(m, self.zero, pos);
+            if !relu {
+                return (m, pos);
+            }
+            // A window whose maximum is not positive gives 0 and no gradient.
+            let zero = self.zero;
+            (
+                m.select_le(zero, zero, m),
+                m.select_le(zero, self.no_grad, pos),
+            )
+        }
+    }
+}
+
 /// One row of windows, `o.len()` of them, from input rows `r0` and `r1`: [`pool_row`] a vector
 /// of windows at a time, with the same values and positions. A run of windows holding a NaN
 /// takes the scalar row (NaN wins, the last one's position).
@@ -113,20 +180,10 @@ impl PoolRow<'_> {
     unsafe fn body<V: Vector, const UNUSED_A: usize, const UNUSED_B: usize>(self) {
         let wo = self.o.len();
         assert!(self.r0.len() >= 2 * wo && self.r1.len() >= 2 * wo && self.a.len() >= wo);
-        // Positions as the bits of an f32, which blends and stores carry unchanged.
-        let position = |p: u8| f32::from_bits(u32::from(p));
         // SAFETY (every vector operation below): the caller enabled V's instruction set, and
         // every offset lies within the asserted bounds (loads and stores of n windows read
         // and write 2n values of a row, n of the output).
-        let zero = unsafe { V::zero() };
-        let (one, two, three, no_grad) = unsafe {
-            (
-                V::splat(position(1)),
-                V::splat(position(2)),
-                V::splat(position(3)),
-                V::splat(position(NO_GRAD)),
-            )
-        };
+        let rule = unsafe { VectorWindows::<V>::new() };
         for j0 in (0..wo).step_by(V::LANES) {
             let n = (wo - j0).min(V::LANES);
             let (((a0, b0), nan0), ((c0, d0), nan1)) =
@@ -139,18 +196,7 @@ impl PoolRow<'_> {
             }
             let mut positions = [0f32; 16];
             unsafe {
-                let m = a0.max(b0).max(c0.max(d0));
-                // The first position holding the maximum: later tests override earlier ones.
-                let mut pos = three;
-                pos = c0.select_eq(m, two, pos);
-                pos = b0.select_eq(m, one, pos);
-                pos = a0.select_eq(m, zero, pos);
-                let mut out = m;
-                if self.relu {
-                    // A window whose maximum is not positive gives 0 and no gradient.
-                    pos = m.select_le(zero, no_grad, pos);
-                    out = m.select_le(zero, zero, m);
-                }
+                let (out, pos) = rule.apply([a0, b0, c0, d0], self.relu);
                 out.store_n(self.o.as_mut_ptr().add(j0), n);
                 pos.store(positions.as_mut_ptr());
             }
